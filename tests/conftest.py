@@ -1,0 +1,71 @@
+"""Shared fixtures: one local Ray per session, demo shards (good and bad), the tiny model zoo.
+
+Everything is built once per test session under pytest's temp dir, so tests never touch the
+user's `runs/` and never need the network.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Nothing in the suite may reach a hub: fail loudly instead of hanging on a download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+try:  # the suite runs on GPU-less CI; gpu tests are skipped there
+    import torch
+
+    HAS_GPU = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    HAS_GPU = False
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (2 CPUs) for the whole session; tests that need Ray take this fixture."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """The tiny model zoo (`pipeline.zoo.ZooPaths`): SD 1.5 / 2.1 layouts, open_clip, aesthetic head."""
+    from pipeline.zoo import build_tiny_zoo
+
+    return build_tiny_zoo(tmp_path_factory.mktemp("tiny-zoo"))
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory):
+    """Two WebVid-format video shards, 4 good + one of each bad kind per shard; returns the manifest dir."""
+    from pipeline.synth import write_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(out, shards=2, per_shard=4, frames=24, fps=8, height=64, width=64, seed=0, bad=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def image_shards(tmp_path_factory):
+    """One image shard (jpg + txt + json) for joint image-video training."""
+    from pipeline.synth import write_shards
+
+    out = tmp_path_factory.mktemp("image-shards")
+    write_shards(out, shards=1, per_shard=6, kind="image", height=64, width=64, seed=1)
+    return out

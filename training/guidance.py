@@ -1,0 +1,57 @@
+"""Guidance during sampling: time-dependent CFG (HARIVO 4.1) and mitigating-gradient sampling.
+
+Pure tensor functions; the sampler in `training.sample` calls them once per reverse step.
+Layout everywhere: `(B, C, F, H, W)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def cfg_scale(progress: float, early: float = 12.5, late: float = 7.5, switch: float = 0.7) -> float:
+    """HARIVO's time-dependent classifier-free guidance scale.
+
+    `progress` is the fraction of reverse steps done (0 at pure noise). HARIVO uses 10-15 while
+    t > 0.7T, i.e. for the first 30% of the reverse process, then 7.5.
+    """
+    if not 0.0 <= progress <= 1.0:
+        raise ValueError(f"progress must be in [0, 1], got {progress}")
+    return early if 1.0 - progress > switch else late  # t/T = 1 - progress
+
+
+def mg_guidance(
+    eps: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: float | torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Mitigating-gradient sampling, HARIVO Algorithm 1 lines 2-5, for one reverse step.
+
+    `eps` is the (already classifier-free-guided) noise prediction for `x_t`, both `(B, C, F, H, W)`;
+    `alpha_bar_t` the cumulative alpha at this step; `scale` is Algorithm 1's alpha (HARIVO: 40).
+    Returns the corrected eps. Frame 1 is unchanged; frame j > 1 is pulled towards frame j - 1 with
+    weight `exp(-||D_j||^2 / S)`, so large jumps (outliers beyond the median difference) are pulled
+    least and small flicker most.
+
+    Reading of the pseudo-code: `norm(D, 2)` is the L2 norm of each frame difference D_j over
+    (C, H, W) per video, `median()` is `torch.median` over the F - 1 differences (the lower median
+    when F - 1 is even), S is per video.
+    """
+    if eps.shape != x_t.shape or eps.dim() != 5:
+        raise ValueError(
+            f"eps and x_t must both be (B, C, F, H, W); got {tuple(eps.shape)} and {tuple(x_t.shape)}"
+        )
+    num_frames = eps.shape[2]
+    if num_frames < 3:
+        raise ValueError(f"MG sampling needs at least 3 frames (S divides by log(F - 1)), got F={num_frames}")
+    a = torch.as_tensor(alpha_bar_t, dtype=torch.float32, device=eps.device)
+    x0 = (x_t.float() - (1 - a).sqrt() * eps.float()) / a.sqrt()  # line 2: predicted x0
+    diff = x0[:, :, 1:] - x0[:, :, :-1]  # (B, C, F-1, H, W): D_j = x0^(j+1) - x0^(j)
+    norms = diff.flatten(3).transpose(1, 2).flatten(2).norm(dim=-1)  # (B, F-1): ||D_j||_2 over (C, H, W)
+    s = norms.median(dim=1).values.pow(2) / math.log(num_frames - 1)  # (B,): line 3
+    s = s.clamp_min(torch.finfo(torch.float32).tiny)  # a frozen video has S = 0 and G = 0
+    w = ((1 - a) / a).sqrt()
+    weight = 2 * torch.exp(-norms.pow(2) / s[:, None]) / s[:, None] * w  # (B, F-1): line 4 scalar part
+    grad = diff * weight[:, None, :, None, None]  # (B, C, F-1, H, W)
+    grad = torch.cat([torch.zeros_like(grad[:, :, :1]), grad], dim=2)  # line 5: concat(0, G)
+    return (eps.float() + scale * grad).to(eps.dtype)

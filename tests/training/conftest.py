@@ -1,0 +1,41 @@
+"""Fixtures for the video-model tests: tiny video UNets built from the session's tiny model zoo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from training.config import TrainConfig
+from training.model import VideoUNet
+
+
+def tiny_train_config(zoo, flavor: str = "sd", **overrides) -> TrainConfig:
+    """TrainConfig for the tiny zoo: 8x8 latents, the given dotted overrides on top."""
+    base = {"model.pretrained": str(getattr(zoo, flavor)), "model.latent_size": 8, "model.num_frames": 4}
+    return load_config(TrainConfig, None, {**base, **overrides})
+
+
+@pytest.fixture
+def make_video_model(tiny_zoo):
+    """make_video_model(flavor="sd", **dotted_overrides) -> (VideoUNet, TrainConfig), seeded."""
+
+    def make(flavor: str = "sd", **overrides) -> tuple[VideoUNet, TrainConfig]:
+        cfg = tiny_train_config(tiny_zoo, flavor, **overrides)
+        torch.manual_seed(0)
+        return VideoUNet.from_pretrained(cfg.model, cfg.harivo), cfg
+
+    return make
+
+
+@pytest.fixture
+def perturb_temporal():
+    """perturb_temporal(model): give the zero-initialised temporal layers non-zero weights ("trained")."""
+
+    def perturb(model: VideoUNet, std: float = 0.05, seed: int = 1) -> None:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.motion_adapter.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * std)
+
+    return perturb

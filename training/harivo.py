@@ -1,0 +1,134 @@
+"""HARIVO's trainable components besides the temporal layers (sec. 3.2, 3.4, 3.5, App. A, pseudo-code).
+
+- `MappingNetwork` l^M: in front of the UNet, on the noisy latent (B, C, F, H, W).
+- `FrameTokenGenerator` t_theta: (M x D) text tokens -> (F x K x D) frame-wise tokens.
+- `ContrastiveHead` g_theta: h-space (mid-block output) -> z for L_DC; training only.
+
+Where the paper's text and its pseudo-code differ we follow the pseudo-code, and say so below.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+
+class TemporalConvBranch(nn.Module):
+    """Conv1d -> SiLU -> Conv1d over frames, last conv zero-initialised (outputs zeros at init).
+
+    The pseudo-code calls a `TemporalConv3d_Residual(query_dim)` it does not define, on a
+    `(b h w) c f` tensor, i.e. a convolution over f only; the text says "3D convolutions over f, h, w".
+    We follow the pseudo-code (temporal kernel). We read it as the residual *branch*: the mapping
+    layer adds its input back at the end (`return h + input_x`); had the block also added its own
+    input, the layer would return twice the latent at init. Its inner layout is ours.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3):
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"mapping kernel_size must be odd and positive, got {kernel_size}")
+        self.conv1 = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2)
+        self.act = nn.SiLU()
+        self.conv2 = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, F) -> (N, C, F)
+        return self.conv2(self.act(self.conv1(x)))
+
+
+class MappingNetwork(nn.Module):
+    """l^M (HARIVO sec. 3.2, pseudo-code `MappingLayer`): maps the i.i.d. noisy latent towards video.
+
+    Per pixel: a temporal conv branch r, then r + proj_out(attention over frames of LayerNorm(r)) with
+    8 heads x 64 and a zero-initialised `proj_out`, plus the input. The
+    pseudo-code keeps this layer when temporal modules are skipped (`pass_motion_module`), so the
+    video model's image mode keeps it too. Identity at init (both residual branches end in zeros).
+    """
+
+    def __init__(self, channels: int, heads: int = 8, head_dim: int = 64, kernel_size: int = 3):
+        super().__init__()
+        self.temporal_conv = TemporalConvBranch(channels, kernel_size)
+        self.temporal_norm = nn.LayerNorm(channels)
+        self.temporal_attn = Attention(query_dim=channels, heads=heads, dim_head=head_dim)
+        self.proj_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        b, c, f, h, w = latents.shape  # (B, C, F, H, W)
+        x = latents.permute(0, 3, 4, 1, 2).reshape(b * h * w, c, f)  # (B H W, C, F)
+        x = self.temporal_conv(x)
+        x = x.transpose(1, 2)  # (B H W, F, C)
+        out = self.proj_out(self.temporal_attn(self.temporal_norm(x))) + x  # (B H W, F, C)
+        out = out.reshape(b, h, w, f, c).permute(0, 4, 3, 1, 2)  # (B, C, F, H, W)
+        return out + latents
+
+
+class FrameTokenGenerator(nn.Module):
+    """t_theta: (B, M, D) text tokens -> (B, F, K, D) frame-wise tokens (HARIVO sec. 3.5, `Frame_wise_token`).
+
+    Layers exactly as the pseudo-code: Linear+SiLU, SiLU (the pseudo-code applies SiLU twice here),
+    Conv1d over the M token positions to K*F channels (kernel 1, no bias), SiLU, 3 x (Linear+SiLU).
+    The Conv1d ties the generator to the F it was built for.
+    """
+
+    def __init__(
+        self, text_dim: int, max_text_len: int = 77, tokens_per_frame: int = 3, num_frames: int = 24
+    ):
+        super().__init__()
+        self.num_frames = num_frames
+        self.tokens_per_frame = tokens_per_frame
+        self.max_text_len = max_text_len
+
+        def linear_silu() -> nn.Sequential:
+            return nn.Sequential(nn.Linear(text_dim, text_dim), nn.SiLU())
+
+        self.layers = nn.Sequential(
+            linear_silu(),
+            nn.SiLU(),
+            nn.Conv1d(max_text_len, tokens_per_frame * num_frames, kernel_size=1, bias=False),
+            nn.SiLU(),
+            linear_silu(),
+            linear_silu(),
+            linear_silu(),
+        )
+
+    def forward(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        b, m, d = encoder_hidden_states.shape  # (B, M, D)
+        if m != self.max_text_len:
+            raise ValueError(f"frame-token generator expects {self.max_text_len} text tokens, got {m}")
+        tokens = self.layers(encoder_hidden_states)  # (B, F K, D)
+        return tokens.reshape(b, self.num_frames, self.tokens_per_frame, d)  # (B, F, K, D)
+
+
+class ContrastiveHead(nn.Module):
+    """g_theta (HARIVO sec. 3.4, `Contrastive_projection`): h-space (N, ch, s, s) -> z (N, ch).
+
+    Conv2d(ch, ch, kernel = s = latent_size / downsampling, no bias) collapses the map to 1 x 1, then
+    SiLU, Flatten and three Linear(ch, ch) with SiLU between. The text's "(c h w) -> c -> c -> c" MLP
+    is the same map (a full-size conv is a linear layer on the flattened map).
+    """
+
+    def __init__(self, channels: int, spatial_size: int):
+        super().__init__()
+        self.spatial_size = spatial_size
+        self.layers = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size=spatial_size, stride=1, padding=0, bias=False),
+            nn.SiLU(),
+            nn.Flatten(),
+            nn.Linear(channels, channels),
+            nn.SiLU(),
+            nn.Linear(channels, channels),
+            nn.SiLU(),
+            nn.Linear(channels, channels),
+        )
+
+    def forward(self, hspace: torch.Tensor) -> torch.Tensor:
+        if hspace.shape[-2:] != (self.spatial_size, self.spatial_size):
+            raise ValueError(
+                f"contrastive head was built for a {self.spatial_size}x{self.spatial_size} h-space "
+                f"(model.latent_size), got {tuple(hspace.shape[-2:])}"
+            )
+        return self.layers(hspace)  # (N, ch)

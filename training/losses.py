@@ -1,0 +1,176 @@
+"""HARIVO's loss terms (eq. 1-5) as small pure functions, plus the negative queue of L_DC.
+
+    L_all = L_simple + lambda_TRS L_TRS + lambda_reg L_reg + lambda_DC L_DC            (eq. 5)
+
+Reductions (the paper writes norms without saying how they are normalised; our reading):
+- L_simple, L_reg: mean over elements, like diffusers' `F.mse_loss`; L_reg weighted per sample.
+- L_TRS: |A^(j) - A^(j-1)| is the L1 distance between the two frames' attention distributions
+  (sum over keys), averaged over queries, heads and batch; summed over frames j and layers i (eq. 3).
+- L_DC: z L2-normalised (cosine similarity); mean over the videos of the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.config import LossConfig
+
+
+def simple_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L_simple = ||target - model_pred||^2 (eq. 1), target = noise (epsilon) or velocity (v-prediction)."""
+    return F.mse_loss(model_pred.float(), target.float())
+
+
+def reg_weight(timesteps: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+    """lambda_t = 1 - t / T (HARIVO sec. 3.2): soft near t = T, where the image model's frames disagree."""
+    return 1.0 - timesteps.float() / num_train_timesteps
+
+
+def reg_loss(
+    model_pred: torch.Tensor, image_pred: torch.Tensor, timesteps: torch.Tensor, num_train_timesteps: int
+) -> torch.Tensor:
+    """L_reg = lambda_t ||f_{M,theta,phi} - f_{M,phi}||^2 (eq. 2): video model vs. its image mode, (B, ...) in."""
+    per_sample = (model_pred.float() - image_pred.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
+    return (reg_weight(timesteps, num_train_timesteps).to(per_sample.device) * per_sample).mean()
+
+
+def trs_loss(attention_maps: list[torch.Tensor]) -> torch.Tensor:
+    """L_TRS = sum_i sum_{j=2..F} lambda_i |A_i^(j) - A_i^(j-1)|, lambda_i = i / N (eq. 3).
+
+    `attention_maps`: the N decoder self-attention maps in forward order, each (B, F, heads, HW, HW).
+    """
+    if not attention_maps:
+        raise ValueError("trs_loss needs at least one decoder self-attention map; was the forward captured?")
+    n = len(attention_maps)
+    total = attention_maps[0].new_zeros((), dtype=torch.float32)
+    for i, maps in enumerate(attention_maps, start=1):
+        diff = (maps[:, 1:] - maps[:, :-1]).float().abs()  # (B, F-1, heads, HW, HW)
+        per_frame = diff.sum(dim=-1).mean(dim=(0, 2, 3))  # L1 over keys; mean over B, heads, queries: (F-1,)
+        total = total + (i / n) * per_frame.sum()
+    return total
+
+
+def decoupled_contrastive_loss(
+    z1: torch.Tensor, z2: torch.Tensor, negatives: torch.Tensor, tau: float = 0.1
+) -> torch.Tensor:
+    """L_DC = -<z1, z2>/tau + log sum_{q in Q} exp(<z1, z_q>/tau) (eq. 4), mean over the batch.
+
+    z1, z2: (B, D) projected positives (two frames of one video); negatives: (Q, D) or (B, Q, D)
+    per-sample. The positive is not in the denominator (decoupled contrastive learning). With no
+    negatives at all the second term is 0.
+    """
+    z1, z2 = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)
+    positive = (z1 * z2).sum(dim=-1) / tau  # (B,)
+    if negatives.numel() == 0:
+        return (-positive).mean()
+    negatives = F.normalize(negatives.float(), dim=-1)
+    if negatives.ndim == 2:
+        logits = z1 @ negatives.T / tau  # (B, Q)
+    else:
+        logits = torch.einsum("bd,bqd->bq", z1, negatives) / tau  # (B, Q)
+    return (-positive + torch.logsumexp(logits, dim=-1)).mean()
+
+
+def positive_frames(
+    num_videos: int, num_frames: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Two distinct random frame indices per video, (B, 2): HARIVO's positive pair (sec. 3.4)."""
+    if num_frames < 2:
+        raise ValueError(f"L_DC needs at least 2 frames per video, got {num_frames}")
+    device = generator.device if generator is not None else None
+    first = torch.randint(0, num_frames, (num_videos,), generator=generator, device=device)
+    offset = torch.randint(
+        1, num_frames, (num_videos,), generator=generator, device=device
+    )  # 0 never: distinct
+    return torch.stack([first, (first + offset) % num_frames], dim=1)
+
+
+class NegativeQueue(nn.Module):
+    """FIFO queue of earlier positives' projections z (detached), the negatives Q of L_DC.
+
+    A buffer, so it travels with `state_dict()` and resumes with the run.
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"negative queue size must be >= 1, got {size}")
+        self.register_buffer("items", torch.zeros(size, dim))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def negatives(self) -> torch.Tensor:
+        """The filled part, (Q, D) with Q <= size."""
+        return self.items[: int(self.count)]
+
+    @torch.no_grad()
+    def push(self, z: torch.Tensor) -> None:
+        """Enqueue (N, D), overwriting the oldest entries once full."""
+        size = self.items.shape[0]
+        z = z.detach().to(self.items.dtype)[-size:]
+        idx = (int(self.ptr) + torch.arange(z.shape[0])) % size
+        self.items[idx.to(self.items.device)] = z
+        self.ptr.fill_((int(self.ptr) + z.shape[0]) % size)
+        self.count.fill_(min(size, int(self.count) + z.shape[0]))
+
+
+def dc_loss_from_hspace(
+    head: nn.Module,
+    hspace: torch.Tensor,
+    queue: NegativeQueue,
+    tau: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """L_DC on the h-space (B, F, ch, h, w): two random frames per video are the positive pair.
+
+    Negatives: the queue of earlier positives plus the other videos of this batch (whose pairs
+    are also "other videos"; with one video per device only the queue remains). Afterwards this
+    step's positives enter the queue (HARIVO sec. 3.4).
+    """
+    b, f = hspace.shape[:2]  # (B, F, ch, h, w)
+    pairs = positive_frames(b, f, generator).to(hspace.device)  # (B, 2)
+    rows = torch.arange(b, device=hspace.device)
+    z1 = head(hspace[rows, pairs[:, 0]])  # (B, D)
+    z2 = head(hspace[rows, pairs[:, 1]])  # (B, D)
+    queued = queue.negatives().to(z1.dtype)  # (Q, D)
+    in_batch = torch.stack([z1, z2], dim=1)  # (B, 2, D)
+    negatives = [
+        torch.cat([queued, in_batch[torch.arange(b, device=hspace.device) != i].reshape(-1, z1.shape[1])])
+        for i in range(b)
+    ]
+    loss = decoupled_contrastive_loss(z1, z2, torch.stack(negatives), tau)  # negatives (B, Q + 2(B-1), D)
+    queue.push(F.normalize(torch.cat([z1, z2]), dim=-1))
+    return loss
+
+
+@dataclass
+class LossTerms:
+    """Each term of eq. 5 (0-d tensors) and their weighted sum; `total` is what to backpropagate."""
+
+    total: torch.Tensor
+    simple: torch.Tensor
+    reg: torch.Tensor
+    trs: torch.Tensor
+    dc: torch.Tensor
+
+    def detached(self) -> dict[str, torch.Tensor]:
+        """{"loss": ..., "loss_simple": ..., ...} detached for logging (call .item() where a sync is fine)."""
+        return {
+            "loss": self.total.detach(),
+            "loss_simple": self.simple.detach(),
+            "loss_reg": self.reg.detach(),
+            "loss_trs": self.trs.detach(),
+            "loss_dc": self.dc.detach(),
+        }
+
+
+def weighted_total(
+    simple: torch.Tensor, reg: torch.Tensor, trs: torch.Tensor, dc: torch.Tensor, cfg: LossConfig
+) -> LossTerms:
+    """L_all = L_simple + lambda_TRS L_TRS + lambda_reg L_reg + lambda_DC L_DC (eq. 5)."""
+    total = simple + cfg.lambda_trs * trs + cfg.lambda_reg * reg + cfg.lambda_dc * dc
+    return LossTerms(total=total, simple=simple, reg=reg, trs=trs, dc=dc)

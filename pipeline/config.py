@@ -94,6 +94,18 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Over
     return obj  # type: ignore[return-value]
 
 
+def from_dict(schema: type[T], tree: Mapping[str, Any]) -> T:
+    """Rebuild a config from `to_dict`'s nested dict (e.g. after crossing a Ray boundary), re-validated."""
+    try:
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), tree))
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, "a config dict") from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj  # type: ignore[return-value]
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A plain nested dict of a config dataclass (for JSON, checkpoints and Ray boundaries)."""
     return dataclasses.asdict(cfg)

@@ -1,0 +1,201 @@
+"""Encode stage: decoded frames -> Stable Diffusion VAE latents (x vae.config.scaling_factor), per view.
+
+Frames of a batch of clips are folded into one frame batch `(N F) 3 H W`, encoded `frames_per_batch`
+at a time, and unfolded to `(N, F, C, H/8, W/8)`. `latent_dist` "mean" stores the posterior mean;
+"sample" draws with a generator seeded by (key, clip) so re-runs give the same latents. Optionally the SD
+text encoder's last hidden states of the caption are stored as `prompt_embeds` (77 x D).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import stream
+from pipeline.filters import frames_of
+from pipeline.schema import Reason, Stage
+from pipeline.settings import EncodeConfig
+
+
+def model_info(cfg: EncodeConfig) -> dict:
+    """What the output metadata records about the VAE (and text encoder), without loading weights.
+
+    Local directory: sha256 over the VAE folder's files. Hub id: the resolved commit of its config.
+    """
+    from diffusers import AutoencoderKL
+
+    local = Path(cfg.model)
+    revision, digest = "", hashlib.sha256()
+    if local.is_dir():
+        folder = local / cfg.vae_subfolder
+        if not folder.is_dir():
+            raise FileNotFoundError(f"encode.model {cfg.model} has no {cfg.vae_subfolder}/ folder")
+        for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(f.relative_to(folder).as_posix().encode())
+            digest.update(f.read_bytes())
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = Path(
+            hf_hub_download(cfg.model, f"{cfg.vae_subfolder}/config.json", revision=cfg.revision or None)
+        )
+        revision = path.parent.parent.name  # .../snapshots/<commit>/vae/config.json
+        digest.update(path.read_bytes())
+    config = AutoencoderKL.load_config(cfg.model, subfolder=cfg.vae_subfolder, revision=cfg.revision or None)
+    info = {
+        "vae": cfg.model,
+        "vae_revision": revision,
+        "vae_hash": digest.hexdigest(),
+        "scaling_factor": float(config.get("scaling_factor", _default_scaling_factor())),
+        "latent_channels": int(config["latent_channels"]),
+        "downsample": 2 ** (len(config["block_out_channels"]) - 1),
+        "prompt_embeds_shape": None,
+    }
+    if cfg.text_embeds:
+        from transformers import AutoConfig
+
+        text = AutoConfig.from_pretrained(cfg.model, subfolder="text_encoder", revision=cfg.revision or None)
+        info["prompt_embeds_shape"] = [int(text.max_position_embeddings), int(text.hidden_size)]
+    return info
+
+
+def _default_scaling_factor() -> float:
+    """diffusers' own default, for old VAE configs that do not spell it out."""
+    import inspect
+
+    from diffusers import AutoencoderKL
+
+    return inspect.signature(AutoencoderKL.__init__).parameters["scaling_factor"].default
+
+
+def _clip_seed(key: str, clip_index: int) -> int:
+    return zlib.crc32(f"{key}#{clip_index}".encode()) & 0x7FFFFFFF
+
+
+class VaeEncoder(stream.RowStage):
+    """Ray Data actor: `frames__<view>` -> `latents__<view>` ((F, C, h, w) bytes); frames are dropped."""
+
+    name = Stage.ENCODE
+
+    def added_columns(self) -> list[str]:
+        cols = [f"latents__{v}" for v in self.cfg.views]
+        return cols + (["prompt_embeds"] if self.cfg.encode.text_embeds else []) + [f"t_{self.name}"]
+
+    def dropped_columns(self) -> tuple[str, ...]:
+        return ("frames__",)
+
+    def setup(self) -> None:
+        import torch
+        from diffusers import AutoencoderKL
+
+        e = self.cfg.encode
+        self.device = "cuda" if e.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(e.torch_threads)
+        name = (
+            e.compute_dtype
+            if e.compute_dtype != "auto"
+            else ("float16" if self.device == "cuda" else "float32")
+        )
+        self.dtype = getattr(torch, name)
+        revision = e.revision or None
+        self.vae = (
+            AutoencoderKL.from_pretrained(
+                e.model, subfolder=e.vae_subfolder, revision=revision, torch_dtype=self.dtype
+            )
+            .to(self.device)
+            .eval()
+        )
+        self.scaling_factor = self.vae.config.scaling_factor
+        self.text_encoder = None
+        if e.text_embeds:
+            from transformers import CLIPTextModel, CLIPTokenizer
+
+            self.tokenizer = CLIPTokenizer.from_pretrained(e.model, subfolder="tokenizer", revision=revision)
+            self.text_encoder = (
+                CLIPTextModel.from_pretrained(
+                    e.model, subfolder="text_encoder", revision=revision, torch_dtype=self.dtype
+                )
+                .to(self.device)
+                .eval()
+            )
+
+    def encode_frames(self, frames: np.ndarray, seeds: list[int], per_clip: int) -> np.ndarray:
+        """(N*F, H, W, 3) uint8 -> (N*F, C, H/8, W/8) float32 latents x scaling_factor."""
+        import torch
+
+        e, out = self.cfg.encode, []
+        with torch.inference_mode():
+            for i in range(0, len(frames), e.frames_per_batch):
+                x = torch.from_numpy(frames[i : i + e.frames_per_batch]).to(self.device)
+                x = x.permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+                dist = self.vae.encode(x).latent_dist
+                out.append(
+                    dist.mean.float().cpu()
+                    if e.latent_dist == "mean"
+                    else torch.stack([dist.mean.float().cpu(), dist.std.float().cpu()])
+                )
+        if e.latent_dist == "mean":
+            z = torch.cat(out)
+        else:  # one generator per clip, so a clip's latents do not depend on its batch
+            mean, std = torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+            noise = torch.cat(
+                [
+                    torch.randn(
+                        mean[j * per_clip : (j + 1) * per_clip].shape,
+                        generator=torch.Generator().manual_seed(s),
+                    )
+                    for j, s in enumerate(seeds)
+                ]
+            )
+            z = mean + std * noise
+        return (z * self.scaling_factor).numpy()
+
+    def encode_rows(self, rows: list[dict]) -> None:
+        import torch
+
+        e = self.cfg.encode
+        for view, v in self.cfg.views.items():
+            by_len: dict[int, list[dict]] = {}  # images (1 frame) and videos do not share a frame batch
+            for row in rows:
+                by_len.setdefault(len(row[f"frames__{view}"]) // (v.height * v.width * 3), []).append(row)
+            for f, group in by_len.items():
+                frames = np.concatenate(
+                    [frames_of(r, view, v.height, v.width) for r in group]
+                )  # (N*F, H, W, 3)
+                seeds = [_clip_seed(r["key"], r["clip_index"]) for r in group]
+                z = self.encode_frames(frames, seeds, f).astype(e.latents_dtype)
+                z = z.reshape(len(group), f, *z.shape[1:])  # (N, F, C, h, w)
+                for r, zi in zip(group, z):
+                    r[f"latents__{view}"] = zi.tobytes()
+        if self.text_encoder is not None:
+            tokens = self.tokenizer(
+                [r["caption"] for r in rows],
+                padding="max_length",
+                truncation=True,
+                max_length=self.tokenizer.model_max_length,
+                return_tensors="pt",
+            )
+            with torch.inference_mode():
+                h = self.text_encoder(tokens.input_ids.to(self.device)).last_hidden_state  # (N, 77, D)
+            for r, hi in zip(rows, h.float().cpu().numpy().astype(np.float16)):
+                r["prompt_embeds"] = hi.tobytes()
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        live = [r for r in rows if stream.alive(r)]
+        if live:
+            try:
+                self.encode_rows(live)
+            except Exception:  # find the clip that fails; the others are encoded
+                for row in live:
+                    try:
+                        self.encode_rows([row])
+                    except Exception as exc:
+                        stream.reject(row, self.name, Reason.ENCODE_ERROR, f"{type(exc).__name__}: {exc}")
+        for row in rows:
+            for view in self.cfg.views:
+                row.pop(f"frames__{view}", None)
+        return rows

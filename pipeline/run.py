@@ -1,0 +1,317 @@
+"""Curate WebVid-style shards into VAE-latent Parquet for training.
+
+    python -m pipeline.run --config pipeline/configs/demo.yaml --input data/demo --output runs/curated
+    ray job submit -- python -m pipeline.run --config pipeline/configs/webvid_sd15.yaml \\
+        --input 's3://bucket/webvid/*.tar' --output s3://bucket/curated clip.min_score=0.25
+
+Read (tasks) -> metadata filter (fused) -> decode (actors, crash-isolated decoder) -> motion filter ->
+CLIP + aesthetic (actors) -> VAE encode (actors) -> the driver writes one clips and one rejected Parquet
+per shard as each shard completes. Streams: nothing is materialised. Re-running with the same config skips
+complete shards and redoes partial ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from pipeline import schema as S
+from pipeline import stream
+from pipeline.config import ConfigError, add_config_args, load_config, to_dict
+from pipeline.settings import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+# Config fields that only change speed or placement, not the output (left out of the config hash).
+_RUNTIME_FIELDS = {
+    "batch_size",
+    "concurrency",
+    "num_cpus",
+    "num_gpus",
+    "torch_threads",
+    "timeout_s",
+    "max_samples_per_process",
+    "samples_per_block",
+    "frames_per_batch",
+}
+
+
+def config_hash(cfg: PipelineConfig) -> str:
+    """Hash of every config field that changes what is written (not input/output/ray/write/speed knobs)."""
+    tree = to_dict(cfg)
+    for k in ("input", "output", "ray", "write"):
+        tree.pop(k)
+
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in _RUNTIME_FIELDS}
+        return node
+
+    return hashlib.sha256(json.dumps(strip(tree), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_models(cfg: PipelineConfig) -> None:
+    """Build the tiny zoo if the config points into it and it is missing; make local paths absolute."""
+    from pipeline.zoo import DEFAULT_ZOO_DIR, ensure_tiny_zoo
+
+    zoo = DEFAULT_ZOO_DIR.resolve()
+    clip_dir = cfg.clip.model[len("local-dir:") :] if cfg.clip.model.startswith("local-dir:") else None
+    wanted = [p for p in (cfg.encode.model, clip_dir, cfg.aesthetic.head) if p]
+    if any(Path(p).resolve().is_relative_to(zoo) and not Path(p).exists() for p in wanted):
+        ensure_tiny_zoo(DEFAULT_ZOO_DIR)
+    # Ray workers may not share the driver's working directory.
+    if Path(cfg.encode.model).exists():
+        cfg.encode.model = str(Path(cfg.encode.model).resolve())
+    if clip_dir and Path(clip_dir).exists():
+        cfg.clip.model = f"local-dir:{Path(clip_dir).resolve()}"
+    if Path(cfg.aesthetic.head).exists():
+        cfg.aesthetic.head = str(Path(cfg.aesthetic.head).resolve())
+
+
+def file_metadata(cfg: PipelineConfig, info: dict) -> dict:
+    views = {
+        name: {
+            "num_frames": v.num_frames,
+            "fps": v.fps,
+            "frame_stride": v.frame_stride,
+            "height": v.height,
+            "width": v.width,
+            "latents_shape": S.latents_shape(
+                v.num_frames, v.height, v.width, info["latent_channels"], info["downsample"]
+            ),
+            "columns": {c: S.view_column(c, name, cfg.primary_view) for c in S.PER_VIEW},
+        }
+        for name, v in cfg.views.items()
+    }
+    filters = {
+        "metadata": to_dict(cfg.metadata),
+        "motion": {"enabled": cfg.motion.enabled, "min_score": cfg.motion.min_score, "size": cfg.motion.size},
+        "clip": {
+            "enabled": cfg.clip.enabled,
+            "model": cfg.clip.model,
+            "pretrained": cfg.clip.pretrained,
+            "num_frames": cfg.clip.num_frames,
+            "min_score": cfg.clip.min_score,
+        },
+        "aesthetic": {
+            "enabled": cfg.aesthetic.enabled,
+            "head": cfg.aesthetic.head,
+            "min_score": cfg.aesthetic.min_score,
+        },
+    }
+    return {
+        S.META_SCHEMA_VERSION: S.SCHEMA_VERSION,
+        S.META_PIPELINE_VERSION: S.PIPELINE_VERSION,
+        S.META_CONFIG_HASH: config_hash(cfg),
+        S.META_VAE: info["vae"],
+        S.META_VAE_REVISION: info["vae_revision"],
+        S.META_VAE_HASH: info["vae_hash"],
+        S.META_SCALING_FACTOR: info["scaling_factor"],
+        S.META_LATENT_DIST: cfg.encode.latent_dist,
+        S.META_LATENTS_DTYPE: cfg.encode.latents_dtype,
+        S.META_VIEWS: views,
+        S.META_DECODE: {
+            "clips_per_video": cfg.decode.clips_per_video,
+            "start": cfg.decode.start,
+            "seed": cfg.decode.seed,
+            "resize": "shorter side, bicubic, center crop",
+            "primary_view": cfg.primary_view,
+        },
+        S.META_FILTERS: filters,
+        S.META_TEXT_ENCODER: f"{cfg.encode.model}/text_encoder" if cfg.encode.text_embeds else None,
+    }
+
+
+def init_ray(cfg: PipelineConfig) -> None:
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        if cfg.ray.address:
+            ray.init(address=cfg.ray.address)
+        else:  # inside `ray job submit` RAY_ADDRESS points at the cluster; otherwise a local Ray
+            ray.init(num_cpus=cfg.ray.num_cpus or None)
+    ctx = DataContext.get_current()
+    ctx.target_max_block_size = int(cfg.ray.max_block_mb * 2**20)
+    ctx.enable_progress_bars = cfg.ray.progress_bars
+
+
+def build_dataset(cfg: PipelineConfig, shards, fs):
+    """The lazy Ray Data pipeline over `shards` (nothing runs until it is iterated)."""
+    import ray
+
+    from pipeline.decode import DecodeStage
+    from pipeline.encode import VaeEncoder
+    from pipeline.filters import ClipScorer, MetadataFilter, MotionFilter
+    from pipeline.read import ShardDatasource
+
+    # max_retries / max_restarts go through `**ray_remote_args`, deprecated for Ray 2.64 but the only way
+    # to bound retries in 2.60 (the pinned minor); the warning is silenced in `run`.
+    d, retries = to_dict(cfg), cfg.ray.max_retries
+    task = dict(batch_format="pyarrow", max_retries=retries)
+    # Actors are restarted a finite number of times: Ray Data's default would retry a crash loop forever.
+    actor = dict(
+        batch_format="pyarrow", max_restarts=retries, max_task_retries=retries, fn_constructor_args=(d,)
+    )
+    # The metadata filter is fused into the read tasks, and its finite max_retries with them.
+    ds = ray.data.read_datasource(
+        ShardDatasource(shards, fs, cfg.read),
+        num_cpus=cfg.read.num_cpus,
+        concurrency=cfg.read.concurrency or None,
+    )
+    ds = ds.map_batches(
+        stream.task_fn(MetadataFilter, d), batch_size=None, num_cpus=cfg.read.num_cpus, **task
+    )
+    ds = ds.map_batches(
+        DecodeStage,
+        batch_size=cfg.decode.batch_size,
+        concurrency=cfg.decode.concurrency,
+        num_cpus=cfg.decode.num_cpus,
+        **actor,
+    )
+    ds = ds.map_batches(
+        stream.task_fn(MotionFilter, d), batch_size=cfg.score.batch_size, num_cpus=cfg.score.num_cpus, **task
+    )
+    ds = ds.map_batches(
+        ClipScorer,
+        batch_size=cfg.score.batch_size,
+        concurrency=cfg.score.concurrency,
+        num_cpus=cfg.score.num_cpus,
+        num_gpus=cfg.score.num_gpus or None,
+        **actor,
+    )
+    ds = ds.map_batches(
+        VaeEncoder,
+        batch_size=cfg.encode.batch_size,
+        concurrency=cfg.encode.concurrency,
+        num_cpus=cfg.encode.num_cpus,
+        num_gpus=cfg.encode.num_gpus or None,
+        **actor,
+    )
+    return ds
+
+
+def run(cfg: PipelineConfig) -> dict:
+    """Run the pipeline over `cfg.input` into `cfg.output`; returns the summary (also in summary.json)."""
+    from pipeline.encode import model_info
+    from pipeline.read import list_shards
+    from pipeline.summary import summarize
+    from pipeline.write import OutputStore, ShardProgress, ShardWriter
+
+    t_start = time.perf_counter()
+    if not cfg.input or not cfg.output:
+        raise ConfigError("both --input and --output are required")
+    prepare_models(cfg)
+    fs, shards = list_shards(cfg.input)
+    store = OutputStore(cfg.output)
+    info = model_info(cfg.encode)
+    meta = file_metadata(cfg, info)
+    info_views = meta[S.META_VIEWS]
+
+    done = store.complete_stems()
+    stale = [
+        s
+        for s in sorted(done)
+        if S.decode_metadata(store.read_schema(s)).get(S.META_CONFIG_HASH) != meta[S.META_CONFIG_HASH]
+    ]
+    if stale and not cfg.write.overwrite:
+        raise ConfigError(
+            f"{cfg.output} holds shards written with another config (e.g. {stale[0]}); "
+            "use a new --output, or write.overwrite=true to redo them"
+        )
+    done -= set(stale)
+    for s in stale:
+        for kind in ("clips", "rejected"):
+            store.fs.delete_file(store.path(kind, s))
+    removed = store.remove_partials()
+    if removed:
+        log.info("removed %d partial files from an interrupted run", len(removed))
+    todo = [s for s in shards if s.stem not in done]
+    log.info("%d shards: %d complete, %d to do", len(shards), len(shards) - len(todo), len(todo))
+
+    by_stem = {s.stem: s for s in todo}
+    stage_t: dict[str, list[float]] = {}
+    written: list[str] = []
+    if todo:
+        init_ray(cfg)
+        writer = ShardWriter(
+            store,
+            info_views,
+            cfg.primary_view,
+            cfg.encode.latents_dtype,
+            info["prompt_embeds_shape"],
+            meta,
+            cfg.write.row_group_size,
+            cfg.write.compression,
+        )
+        progress: dict[str, ShardProgress] = {}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            ds = build_dataset(cfg, todo, fs)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for row in batch.to_pylist():
+                for k, v in row.items():
+                    if k.startswith("t_") and v:
+                        acc = stage_t.setdefault(k[2:], [0, 0.0])
+                        acc[0], acc[1] = acc[0] + 1, acc[1] + v
+                p = progress.setdefault(row["shard"], ShardProgress())
+                p.add(row)
+                if p.complete:
+                    writer.write(row["shard"], progress.pop(row["shard"]))
+                    written.append(row["shard"])
+        if progress:
+            raise RuntimeError(f"shards ended incomplete (a pipeline bug): {sorted(progress)}")
+        missing = set(by_stem) - set(written)
+        if missing:
+            raise RuntimeError(f"shards produced no rows (a pipeline bug): {sorted(missing)}")
+    summary = summarize(store, cfg, [s.stem for s in shards], written, stage_t, time.perf_counter() - t_start)
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> PipelineConfig:
+    p = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__.split("\n\n")[0])
+    add_config_args(p, default_preset=None)
+    p.add_argument("--input", help="shards: a directory, a glob or a URI (s3://, gs://)")
+    p.add_argument("--output", help="output directory or URI: clips/, rejected/, summary.json")
+    a = p.parse_args(argv)
+    cfg = load_config(PipelineConfig, a.config, a.overrides)
+    # Set directly, not as overrides: a glob or URI is not always a valid YAML scalar.
+    cfg.input, cfg.output = a.input or cfg.input, a.output or cfg.output
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = parse_args(argv)
+        summary = run(cfg)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in (
+                    "samples_in",
+                    "clips_out",
+                    "rejected",
+                    "rejected_by_reason",
+                    "clips_per_s",
+                    "output",
+                )
+            },
+            indent=1,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

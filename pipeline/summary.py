@@ -1,0 +1,123 @@
+"""Run summary: samples in, clips out, rejections per reason, clips/s per stage -> summary.json (+ PNG).
+
+Counts come from the output files (all shards, including those an earlier run wrote), timings from this
+run. The PNG shows the CLIP, aesthetic and motion score distributions of every scored clip (accepted
+and rejected) with the thresholds marked: how to pick thresholds for a new dataset.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import Counter
+
+import numpy as np
+
+from pipeline import schema as S
+from pipeline.config import to_dict
+
+log = logging.getLogger(__name__)
+
+
+def summarize(
+    store, cfg, stems: list[str], written: list[str], stage_t: dict[str, list[float]], wall_s: float
+) -> dict:
+    reasons, stages = Counter(), Counter()
+    samples_in = clips_out = rejected = 0
+    unaccounted: dict[str, int] = {}
+    truncated = []
+    scores: dict[str, list[np.ndarray]] = {s: [] for s in S.SCORES}
+    for stem in stems:
+        clips = store.read("clips", stem, [S.KEY, *S.SCORES])
+        rej = store.read("rejected", stem, [S.KEY, S.STAGE, S.REASON, *S.SCORES])
+        n_in = S.decode_metadata(store.read_schema(stem)).get(S.META_SHARD_SAMPLES, 0)
+        samples_in += n_in
+        clips_out += clips.num_rows
+        rejected += rej.num_rows
+        reasons.update(rej.column(S.REASON).to_pylist())
+        stages.update(rej.column(S.STAGE).to_pylist())
+        if S.Reason.SHARD_TRUNCATED in rej.column(S.REASON).to_pylist():
+            truncated.append(stem)
+        keys = set(clips.column(S.KEY).to_pylist()) | set(rej.column(S.KEY).to_pylist())
+        if len(keys) != n_in:
+            unaccounted[stem] = n_in - len(keys)
+        for s in S.SCORES:
+            for t in (clips, rej):
+                scores[s].append(t.column(s).to_numpy(zero_copy_only=False))
+    per_stage = {
+        stage: {
+            "rows": int(n),
+            "busy_s": round(sec, 3),
+            "rows_per_busy_s": round(n / sec, 2) if sec else None,
+        }
+        for stage, (n, sec) in stage_t.items()
+    }
+    written_clips = sum(store.read("clips", s, [S.KEY]).num_rows for s in written)
+    summary = {
+        "output": store.root,
+        "input": cfg.input,
+        "config_hash": None,
+        "shards": len(stems),
+        "shards_written": len(written),
+        "shards_skipped": len(stems) - len(written),
+        "shards_truncated": truncated,
+        "samples_in": samples_in,
+        "clips_out": clips_out,
+        "rejected": rejected,
+        "rejected_by_reason": dict(reasons.most_common()),
+        "rejected_by_stage": dict(stages.most_common()),
+        "unaccounted_samples": unaccounted,
+        "wall_s": round(wall_s, 2),
+        "clips_written_this_run": written_clips,
+        "clips_per_s": round(written_clips / wall_s, 3) if wall_s else None,
+        "stages": per_stage,
+        "thresholds": {
+            "motion": cfg.motion.min_score if cfg.motion.enabled else None,
+            "clip": cfg.clip.min_score if cfg.clip.enabled else None,
+            "aesthetic": cfg.aesthetic.min_score if cfg.aesthetic.enabled else None,
+        },
+        "config": to_dict(cfg),
+    }
+    from pipeline.run import config_hash
+
+    summary["config_hash"] = config_hash(cfg)
+    store.write_text("summary.json", json.dumps(summary, indent=1, sort_keys=False))
+    if cfg.write.plot:
+        try:
+            store.write_text(
+                "summary.png",
+                plot_scores(
+                    {k: np.concatenate(v) if v else np.zeros(0) for k, v in scores.items()},
+                    summary["thresholds"],
+                ),
+            )
+        except Exception as exc:  # a missing plot must not fail a finished run
+            log.warning("summary.png not written: %s", exc)
+    if unaccounted:
+        log.error("samples not accounted for: %s", unaccounted)
+    return summary
+
+
+def plot_scores(scores: dict[str, np.ndarray], thresholds: dict[str, float | None]) -> bytes:
+    """PNG bytes: one histogram per score with its threshold as a red line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [("clip_score", "clip"), ("aesthetic_score", "aesthetic"), ("motion_score", "motion")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (col, key) in zip(axes, names):
+        x = scores[col][np.isfinite(scores[col])]
+        ax.hist(x, bins=40, color="#4a7bd0") if len(x) else ax.text(0.5, 0.5, "not computed", ha="center")
+        if thresholds[key] is not None:
+            ax.axvline(thresholds[key], color="red", lw=2, label=f"min {thresholds[key]:g}")
+            ax.legend()
+        kept = int((x >= thresholds[key]).sum()) if thresholds[key] is not None else len(x)
+        ax.set_title(f"{col}: {kept}/{len(x)} clips pass")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()

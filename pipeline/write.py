@@ -1,0 +1,235 @@
+"""Write stage (driver side): one clips file and one rejected file per input shard, atomically.
+
+A shard's rows are collected until its `end` row and every clip of every sample has arrived; then its
+files are written to a temp name and renamed: `rejected/<stem>.parquet` first, `clips/<stem>.parquet`
+last. A shard is complete when both exist, so a run killed at any point leaves either a complete shard
+(skipped on re-run) or a partial one (redone; its leftovers are removed first). Rows are sorted by
+(key, clip_index) so a re-run writes the same files.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline import schema as S
+from pipeline import stream
+
+log = logging.getLogger(__name__)
+
+CLIPS_DIR, REJECTED_DIR = "clips", "rejected"
+
+
+class ShardProgress:
+    """Rows of one shard seen so far, and whether all of them have arrived."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.expected: int | None = None  # samples in the shard, known from its `end` row
+        self.end_message = ""
+        self.shard_uri = ""
+        self._clips_seen: Counter[int] = Counter()
+        self.samples_done = 0
+
+    def add(self, row: dict) -> None:
+        self.shard_uri = row["shard_uri"]
+        if row["row_kind"] == stream.END:
+            self.expected, self.end_message = row["shard_samples"], row["message"] or ""
+            return
+        self.rows.append(row)
+        idx = row["sample_index"]
+        self._clips_seen[idx] += 1
+        if self._clips_seen[idx] == (row.get("clips_in_sample") or 1):
+            self.samples_done += 1
+
+    @property
+    def complete(self) -> bool:
+        return self.expected is not None and self.samples_done == self.expected
+
+
+class OutputStore:
+    """`OUTPUT/clips/`, `OUTPUT/rejected/` on a local path or any pyarrow filesystem URI."""
+
+    def __init__(self, output: str):
+        if "://" in output:
+            self.fs, self.root = pafs.FileSystem.from_uri(output)
+        else:
+            import os
+
+            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(output)
+        for d in (CLIPS_DIR, REJECTED_DIR):
+            self.fs.create_dir(posixpath.join(self.root, d), recursive=True)
+
+    def path(self, kind: str, stem: str, suffix: str = "") -> str:
+        return posixpath.join(self.root, kind, f"{stem}.parquet{suffix}")
+
+    def _list(self, kind: str) -> list[str]:
+        entries = self.fs.get_file_info(
+            pafs.FileSelector(posixpath.join(self.root, kind), allow_not_found=True)
+        )
+        return [e.base_name for e in entries if e.is_file]
+
+    def complete_stems(self) -> set[str]:
+        clips = {n[: -len(".parquet")] for n in self._list(CLIPS_DIR) if n.endswith(".parquet")}
+        rejected = {n[: -len(".parquet")] for n in self._list(REJECTED_DIR) if n.endswith(".parquet")}
+        return clips & rejected
+
+    def remove_partials(self) -> list[str]:
+        """Delete temp files and half-written shards (rejected file without its clips file)."""
+        done, removed = self.complete_stems(), []
+        for kind in (CLIPS_DIR, REJECTED_DIR):
+            for name in self._list(kind):
+                if not name.endswith(".parquet") or name[: -len(".parquet")] not in done:
+                    self.fs.delete_file(posixpath.join(self.root, kind, name))
+                    removed.append(f"{kind}/{name}")
+        return removed
+
+    def read_schema(self, stem: str) -> pa.Schema:
+        with self.fs.open_input_file(self.path(CLIPS_DIR, stem)) as f:
+            return pq.read_schema(f)
+
+    def read(self, kind: str, stem: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open_input_file(self.path(kind, stem)) as f:
+            return pq.read_table(f, columns=columns)
+
+    def write_atomic(
+        self, table: pa.Table, kind: str, stem: str, row_group_size: int, compression: str
+    ) -> None:
+        tmp, final = self.path(kind, stem, ".tmp"), self.path(kind, stem)
+        with self.fs.open_output_stream(tmp) as f:
+            pq.write_table(table, f, row_group_size=row_group_size, compression=compression)
+        self.fs.move(tmp, final)
+
+    def write_text(self, name: str, text: str | bytes) -> None:
+        tmp, final = posixpath.join(self.root, name + ".tmp"), posixpath.join(self.root, name)
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(text.encode() if isinstance(text, str) else text)
+        self.fs.move(tmp, final)
+
+
+def _nan(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+class ShardWriter:
+    """Turns a complete shard's rows into its clips and rejected tables (see `pipeline.schema`)."""
+
+    def __init__(
+        self,
+        store: OutputStore,
+        views: dict[str, dict],
+        primary: str,
+        latents_dtype: str,
+        prompt_embeds_shape: list[int] | None,
+        metadata: dict,
+        row_group_size: int,
+        compression: str,
+    ):
+        self.store, self.views, self.primary = store, views, primary
+        self.latents_dtype, self.pe_shape, self.metadata = latents_dtype, prompt_embeds_shape, metadata
+        self.row_group_size, self.compression = row_group_size, compression
+
+    def _clip_frames(self, row: dict) -> int:
+        return len(row[f"frame_indices__{self.primary}"] or b"") // 4
+
+    def write(self, stem: str, progress: ShardProgress) -> tuple[int, int]:
+        """Write one shard; returns (clips, rejected)."""
+        rows = sorted(
+            progress.rows,
+            key=lambda r: (
+                r["key"],
+                -1 if r.get("clip_index") is None else r["clip_index"],
+                r["sample_index"],
+            ),
+        )
+        ok = [r for r in rows if not r["reason"]]
+        if ok:  # a shard mixing images (1 frame) and videos: keep the majority latent shape
+            frames = Counter(self._clip_frames(r) for r in ok).most_common(1)[0][0]
+            for r in ok:
+                if self._clip_frames(r) != frames:
+                    stream.reject(
+                        r,
+                        S.Stage.WRITE,
+                        S.Reason.MIXED_SHAPES,
+                        f"{self._clip_frames(r)} frames; this shard's clips have {frames}",
+                    )
+            ok = [r for r in ok if not r["reason"]]
+        else:
+            frames = None
+        rejected = [r for r in rows if r["reason"]]
+        meta = dict(
+            self.metadata, **{S.META_SHARD: progress.shard_uri, S.META_SHARD_SAMPLES: progress.expected}
+        )
+        self.store.write_atomic(
+            self.rejected_table(rejected), REJECTED_DIR, stem, self.row_group_size, self.compression
+        )
+        self.store.write_atomic(
+            self.clips_table(ok, frames, meta), CLIPS_DIR, stem, self.row_group_size, self.compression
+        )
+        return len(ok), len(rejected)
+
+    def rejected_table(self, rows: list[dict]) -> pa.Table:
+        cols = {
+            S.KEY: [r["key"] for r in rows],
+            S.SHARD: [r["shard_uri"] for r in rows],
+            S.CLIP_INDEX: [-1 if r.get("clip_index") is None else r["clip_index"] for r in rows],
+            S.STAGE: [r["stage"] for r in rows],
+            S.REASON: [r["reason"] for r in rows],
+            S.MESSAGE: [r["message"] or "" for r in rows],
+        }
+        for score in S.SCORES:
+            cols[score] = [_nan(r.get(score)) for r in rows]
+        return pa.table(cols, schema=S.REJECTED_SCHEMA)
+
+    def clips_table(self, rows: list[dict], frames: int | None, meta: dict) -> pa.Table:
+        views = {}
+        for name, v in self.views.items():
+            f = 1 if frames == 1 else v["num_frames"]  # image shards: one frame in every view
+            views[name] = dict(v, latents_shape=[f, *v["latents_shape"][1:]])
+        sch = S.clips_schema(views, self.primary, self.latents_dtype, self.pe_shape, meta)
+        cols: dict[str, pa.Array | list] = {
+            S.KEY: [r["key"] for r in rows],
+            S.SHARD: [r["shard_uri"] for r in rows],
+            S.CLIP_INDEX: [r["clip_index"] for r in rows],
+            S.MEDIA: [r["media"] for r in rows],
+            S.CAPTION: [r["caption"] for r in rows],
+            S.START_S: [r["start_s"] for r in rows],
+            S.SOURCE_FPS: [r["source_fps"] for r in rows],
+            S.SOURCE_HEIGHT: [r["source_height"] for r in rows],
+            S.SOURCE_WIDTH: [r["source_width"] for r in rows],
+        }
+        for score in S.SCORES:
+            cols[score] = [_nan(r.get(score)) for r in rows]
+        for name, v in views.items():
+            col = lambda n, name=name: S.view_column(n, name, self.primary)  # noqa: E731
+            indices = [np.frombuffer(r[f"frame_indices__{name}"], np.int32).tolist() for r in rows]
+            cols[col(S.FRAME_INDICES)] = indices
+            cols[col(S.FPS)] = [r[f"fps__{name}"] for r in rows]
+            cols[col(S.NUM_FRAMES)] = [len(i) for i in indices]
+            cols[col(S.HEIGHT)] = [v["height"]] * len(rows)
+            cols[col(S.WIDTH)] = [v["width"]] * len(rows)
+            cols[col(S.LATENTS)] = self._tensor(
+                rows, f"latents__{name}", self.latents_dtype, v["latents_shape"]
+            )
+        if self.pe_shape is not None:
+            cols[S.PROMPT_EMBEDS] = self._tensor(rows, "prompt_embeds", "float16", self.pe_shape)
+        arrays = [
+            cols[f.name] if isinstance(cols[f.name], pa.Array) else pa.array(cols[f.name], f.type)
+            for f in sch
+        ]
+        return pa.Table.from_arrays(arrays, schema=sch)
+
+    @staticmethod
+    def _tensor(rows: list[dict], column: str, dtype: str, shape: list[int]) -> pa.Array:
+        """Arrow fixed-shape tensor column (N, *shape) from per-row bytes (also for N = 0)."""
+        flat = np.concatenate([np.frombuffer(r[column], dtype) for r in rows]) if rows else np.zeros(0, dtype)
+        if flat.size != len(rows) * int(np.prod(shape)):
+            raise ValueError(f"{column}: {flat.size} values for {len(rows)} rows of shape {shape}")
+        storage = pa.FixedSizeListArray.from_arrays(pa.array(flat), int(np.prod(shape)))
+        return pa.ExtensionArray.from_storage(S.tensor_type(dtype, shape), storage)

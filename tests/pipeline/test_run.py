@@ -1,0 +1,155 @@
+"""End to end on the session's local Ray with the tiny zoo: accounting, output contract, damaged input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import schema as S
+
+# What each bad demo sample must be rejected for (pipeline/synth.py BAD_KINDS).
+EXPECTED_REASON = {
+    "truncated": S.Reason.TRUNCATED_FILE,
+    "zero_bytes": S.Reason.EMPTY_FILE,
+    "not_video": S.Reason.NOT_VIDEO,
+    "missing_txt": S.Reason.MISSING_CAPTION,
+    "non_utf8_caption": S.Reason.CAPTION_NOT_UTF8,
+    "empty_caption": S.Reason.EMPTY_CAPTION,
+    "one_frame": S.Reason.TOO_SHORT,
+    "too_short": S.Reason.TOO_SHORT,
+    "huge_resolution": S.Reason.TOO_LARGE,
+}
+
+
+@pytest.fixture(scope="module")
+def demo_run(run_pipeline, demo_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo-out")
+    return out, run_pipeline(demo_shards, out)
+
+
+def test_every_bad_sample_rejected_with_its_reason(demo_run, demo_shards):
+    out, summary = demo_run
+    manifest = json.loads((demo_shards / "manifest.json").read_text())
+    assert set(EXPECTED_REASON) == {s["bad"] for e in manifest["shards"].values() for s in e["samples"]} - {
+        None
+    }
+    for name, entry in manifest["shards"].items():
+        stem = name[: -len(".tar")]
+        clips = pq.read_table(out / "clips" / f"{stem}.parquet")
+        rejected = pq.read_table(out / "rejected" / f"{stem}.parquet")
+        assert clips.num_rows + rejected.num_rows == len(entry["samples"])
+        got = dict(zip(rejected["key"].to_pylist(), rejected["reason"].to_pylist()))
+        for sample in entry["samples"]:
+            if sample["bad"] is None:
+                assert sample["key"] in clips["key"].to_pylist()
+            else:
+                assert got.get(sample["key"]) == EXPECTED_REASON[sample["bad"]], sample
+        assert all(rejected["message"].to_pylist())  # every rejection says why
+    assert summary["samples_in"] == 26 and summary["clips_out"] == 8 and summary["rejected"] == 18
+    assert summary["unaccounted_samples"] == {}
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["rejected_by_reason"][S.Reason.TOO_SHORT] == 4
+    assert {"decode", "score", "encode"} <= set(on_disk["stages"])
+    assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_output_opens_with_plain_pyarrow(demo_run):
+    out, _ = demo_run
+    # A fresh interpreter that imports nothing from this project.
+    code = (
+        "import sys, json, pyarrow.parquet as pq\n"
+        "t = pq.read_table(sys.argv[1])\n"
+        "z = t.column('latents').combine_chunks().to_numpy_ndarray()\n"
+        "e = t.column('prompt_embeds').combine_chunks().to_numpy_ndarray()\n"
+        "m = {k.decode(): json.loads(v) for k, v in t.schema.metadata.items() if k.startswith(b't2v.')}\n"
+        "print(json.dumps({'latents': list(z.shape), 'dtype': str(z.dtype), 'embeds': list(e.shape),"
+        " 'rows': t.num_rows, 'meta': m}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(out / "clips" / "00000.parquet")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    got = json.loads(proc.stdout)
+    assert got["latents"] == [4, 8, 4, 8, 8] and got["dtype"] == "float16"  # (N, F, C, H/8, W/8)
+    assert got["embeds"] == [4, 77, 32]
+    meta = got["meta"]
+    assert set(S.META_KEYS) <= set(meta)
+    assert meta[S.META_SCALING_FACTOR] == pytest.approx(0.18215) and len(meta[S.META_VAE_HASH]) == 64
+    assert meta[S.META_VIEWS]["main"]["latents_shape"] == [8, 4, 8, 8] and meta[S.META_SHARD_SAMPLES] == 13
+    assert meta[S.META_PIPELINE_VERSION] == S.PIPELINE_VERSION
+
+
+def test_latents_are_the_vae_encoding_of_the_sampled_frames(demo_run, demo_shards, tiny_zoo):
+    """Decode the stored frame indices independently and re-encode: the stored latents must match."""
+    import io
+    import tarfile
+
+    import decord
+    import torch
+    from diffusers import AutoencoderKL
+
+    out, _ = demo_run
+    t = pq.read_table(out / "clips" / "00000.parquet")
+    row = t.slice(0, 1).to_pylist()[0]
+    with tarfile.open(demo_shards / "00000.tar") as tar:
+        mp4 = tar.extractfile(f"{row['key']}.mp4").read()
+    frames = decord.VideoReader(io.BytesIO(mp4)).get_batch(row["frame_indices"]).asnumpy()  # (F, 64, 64, 3)
+    vae = AutoencoderKL.from_pretrained(tiny_zoo.sd, subfolder="vae").eval()
+    with torch.no_grad():
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
+        want = vae.encode(x).latent_dist.mean * vae.config.scaling_factor  # (F, 4, 8, 8)
+    got = S.latents_array(t)[0].astype(np.float32)
+    assert got.shape == tuple(want.shape)
+    np.testing.assert_allclose(got, want.numpy(), atol=2e-2, rtol=1e-2)
+
+
+def test_damaged_inputs_do_not_fail_the_job(run_pipeline, crash_shard_dir, image_shards, tmp_path):
+    """A decoder-killing video, a cut shard and an image shard in one run: good samples all come out."""
+    from pipeline.synth import write_shards
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(crash_shard_dir / "crash.tar", src / "crash.tar")
+    shutil.copy(image_shards / "00000.tar", src / "images.tar")
+    manifest = write_shards(tmp_path / "cut", shards=1, per_shard=6, frames=24, fps=8, cut_last=True)
+    shutil.copy(tmp_path / "cut" / "00000.tar", src / "cut.tar")
+    out = tmp_path / "out"
+    summary = run_pipeline(src, out, "decode.timeout_s=120")
+
+    rej = pq.read_table(out / "rejected" / "crash.parquet").to_pylist()
+    assert [(r["key"].endswith("_decoder_killer"), r["reason"]) for r in rej] == [
+        (True, S.Reason.DECODER_CRASH)
+    ]
+    assert "SIGSEGV" in rej[0]["message"]
+    assert pq.read_table(out / "clips" / "crash.parquet").num_rows == 3
+
+    entry = manifest["shards"]["00000.tar"]
+    clips = pq.read_table(out / "clips" / "cut.parquet")
+    cut_rej = pq.read_table(out / "rejected" / "cut.parquet")
+    assert clips["key"].to_pylist() == [
+        s["key"] for s in entry["samples"] if s["key"] not in entry["cut_keys"]
+    ]
+    assert set(cut_rej["reason"].to_pylist()) <= {S.Reason.SHARD_TRUNCATED}
+    assert summary["shards_truncated"] == ["cut"]
+
+    images = pq.read_table(out / "clips" / "images.parquet")
+    assert images.num_rows == 6 and set(images["media"].to_pylist()) == {"image"}
+    assert S.latents_array(images).shape == (6, 1, 4, 8, 8)
+    assert summary["unaccounted_samples"] == {}
+
+
+def test_rerun_with_another_config_is_refused(run_pipeline, demo_run, demo_shards):
+    from pipeline.config import ConfigError
+
+    out, _ = demo_run
+    with pytest.raises(ConfigError, match="another config"):
+        run_pipeline(demo_shards, out, "clip.min_score=0.5")

@@ -7,8 +7,11 @@ user's `runs/` and never need the network.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+
+DEMO_PIPELINE = Path(__file__).resolve().parents[1] / "pipeline" / "configs" / "demo.yaml"
 
 # Nothing in the suite may reach a hub: fail loudly instead of hanging on a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,3 +72,32 @@ def image_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("image-shards")
     write_shards(out, shards=1, per_shard=6, kind="image", height=64, width=64, seed=1)
     return out
+
+
+def zoo_overrides(zoo) -> list[str]:
+    """Point the pipeline's demo preset at a zoo built elsewhere than runs/tiny-zoo."""
+    return [f"clip.model={zoo.clip}", f"aesthetic.head={zoo.aesthetic}", f"encode.model={zoo.sd}"]
+
+
+@pytest.fixture(scope="session")
+def run_pipeline(ray_local, tiny_zoo):
+    """run_pipeline(input, output, *overrides) -> summary, in-process on the session's local Ray."""
+    from pipeline.config import load_config
+    from pipeline.run import run
+    from pipeline.settings import PipelineConfig
+
+    def _run(input, output, *overrides):
+        cfg = load_config(
+            PipelineConfig, DEMO_PIPELINE, [*zoo_overrides(tiny_zoo), "ray.progress_bars=false", *overrides]
+        )
+        cfg.input, cfg.output = str(input), str(output)
+        return run(cfg)
+
+    return _run
+
+
+@pytest.fixture(scope="session")
+def demo_latents(run_pipeline, demo_shards, tmp_path_factory):
+    """(output dir, summary) of the demo pipeline on `demo_shards`: the training tests' latent store."""
+    out = tmp_path_factory.mktemp("demo-latents")
+    return out, run_pipeline(demo_shards, out)

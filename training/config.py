@@ -122,8 +122,105 @@ class EDMConfig:
 
 
 @dataclass
+class OptimConfig:
+    """AdamW on the trainable parameters only, linear warmup then cosine decay (HARIVO: 1e-4 -> 1e-5)."""
+
+    lr: float = 1e-4
+    """Peak learning rate (HARIVO sec. 4: 1e-4)."""
+    min_lr: float = 1e-5
+    """Learning rate at `max_steps` after cosine decay (HARIVO sec. 4: 1e-5)."""
+    warmup_steps: int = 500
+    """Linear warmup from 0 to `lr` over this many optimiser steps."""
+    max_steps: int = 100_000
+    """Optimiser steps of the whole run (the schedule's length; training stops here)."""
+    batch_size: int = 1
+    """Clips per worker per micro-batch (DeepSpeed's train_micro_batch_size_per_gpu)."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step (DeepSpeed gradient_accumulation_steps)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (AnimateDiff: 0.01)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+
+@dataclass
+class DataConfig:
+    """The pipeline's Parquet latents (pipeline/schema.py), streamed by Ray Data, one shard per worker."""
+
+    path: str | None = None
+    """Pipeline output dir (its clips/ is read) or a clips dir; local path or URI. Set by `--data`."""
+    view: str | None = None
+    """Which pipeline view's latents to train on (None: the primary view)."""
+    frame_stride: int = 1
+    """Take every k-th stored latent frame (e.g. 5 turns 76 stored frames into PYoCo's 16 keyframes)."""
+    random_start: bool = True
+    """Random first frame when the stored clip is longer than needed (else start at frame 0)."""
+    val_fraction: float = 0.1
+    """Share of clips (chosen by a hash of the key, so stable across runs) held out for validation loss."""
+    val_batches: int = 4
+    """Validation batches per worker per evaluation (fixed seeds and noise levels)."""
+    shuffle_buffer: int = 64
+    """Rows in each worker's local shuffle buffer (reseeded every epoch)."""
+    image_mode_every: int = 0
+    """Joint image-video training: every k-th step trains single frames in image mode (0: never)."""
+    cache: Literal["auto", "always", "never"] = "auto"
+    """Keep the store in Ray's object store after the first read ('auto': when its files total < 1 GiB),
+    so later epochs skip the Parquet read; large stores always stream."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed engine settings; `training/deepspeed.py` turns them into DeepSpeed's JSON config."""
+
+    zero_stage: int = 2
+    """ZeRO stage 0 (plain DDP), 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """'auto': bf16 on GPU, fp32 on CPU."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload the optimizer states to CPU memory (stage >= 1)."""
+
+
+@dataclass
+class RunConfig:
+    """Ray Train: workers, storage, checkpoints, faults and logging."""
+
+    name: str | None = None
+    """Run name; checkpoints live under storage_path/name. Set by `--output` (its last path part)."""
+    storage_path: str | None = None
+    """Local dir or URI (s3://, gs://) holding runs. Set by `--output` (its parent)."""
+    num_workers: int = 2
+    """Ray Train workers (one per GPU on a GPU cluster)."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Extra custom resources per worker, e.g. {train_gpu: 1} to land on training nodes (cluster/resources.yaml)."""
+    seed: int = 0
+    """Seeds the identical initialisation on all ranks and (with the rank) each rank's noise stream."""
+    checkpoint_every: int = 100
+    """Optimiser steps between checkpoints (every rank saves its DeepSpeed shard)."""
+    keep_last: int = 3
+    """Checkpoints kept (older ones are deleted)."""
+    resume_from: str | None = None
+    """Explicit checkpoint dir to resume from; otherwise a run with the same name resumes its latest."""
+    max_failures: int = 0
+    """Worker crashes tolerated; each restarts the workers from the last checkpoint."""
+    log_every: int = 10
+    """Steps between metric reports (ray.train.report + TensorBoard) and progress lines."""
+    val_every: int = 100
+    """Steps between validation-loss evaluations (0: only at the end)."""
+    fail_at_step: int | None = None
+    """Fault injection for tests: rank 0 calls os._exit(1) once when it reaches this step."""
+
+
+@dataclass
 class TrainConfig:
-    """Everything the single-device model and objective read; the runner extends it (optim, data, ...)."""
+    """A training run: the single-device model and objective, then optimiser, data, DeepSpeed and Ray Train."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     harivo: HarivoConfig = field(default_factory=HarivoConfig)
@@ -131,6 +228,10 @@ class TrainConfig:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     edm: EDMConfig = field(default_factory=EDMConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
         """Cross-field checks; raises ValueError naming the field and its value."""
@@ -162,4 +263,24 @@ class TrainConfig:
         if self.edm.sigma_data <= 0 or self.edm.p_std <= 0:
             raise ValueError(
                 f"edm.sigma_data={self.edm.sigma_data} and edm.p_std={self.edm.p_std} must be positive"
+            )
+        o = self.optim
+        if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+            raise ValueError(f"need 0 <= optim.min_lr={o.min_lr} <= optim.lr={o.lr}, optim.lr > 0")
+        for name in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(o, name) < 1:
+                raise ValueError(f"optim.{name}={getattr(o, name)} must be >= 1")
+        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(
+                f"deepspeed.zero_stage={self.deepspeed.zero_stage}: expected one of [0, 1, 2, 3]"
+            )
+        if not 0 <= self.data.val_fraction < 1:
+            raise ValueError(f"data.val_fraction={self.data.val_fraction} must be in [0, 1)")
+        if self.data.frame_stride < 1:
+            raise ValueError(f"data.frame_stride={self.data.frame_stride} must be >= 1")
+        r = self.run
+        if r.num_workers < 1 or r.checkpoint_every < 1 or r.keep_last < 1 or r.log_every < 1:
+            raise ValueError(
+                f"run.num_workers={r.num_workers}, run.checkpoint_every={r.checkpoint_every}, "
+                f"run.keep_last={r.keep_last} and run.log_every={r.log_every} must be >= 1"
             )

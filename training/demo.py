@@ -2,11 +2,13 @@
 
     python -m training.demo --output runs/demo
 
-Runs, in order, every stage that exists and says plainly what it ran:
+Runs, in order, and says plainly what it ran:
 1. demo shards: WebVid-format webdataset tars with bad samples mixed in (`pipeline.synth`);
 2. the tiny model zoo (`pipeline.zoo`), built once under runs/tiny-zoo;
-3. the curation pipeline on those shards with the tiny models (`pipeline.run`, demo preset).
-Training, sampling and the cascade join this list as they land (see the README's status table).
+3. the curation pipeline on those shards with the tiny models (`pipeline.run`, demo preset);
+4. HARIVO training with Ray Train + DeepSpeed ZeRO-2 on 2 local CPU workers (`training.run`, demo preset);
+5. one short video from the trained model (`training.sample`), once the sampler exists.
+The tiny models are random: the video shows the machinery working, not quality.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -35,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     ran: list[str] = []
     skipped: list[str] = []
 
-    t = _step("1/3 demo shards (pipeline.synth)")
+    t = _step("1/5 demo shards (pipeline.synth)")
     shards = out / "shards"
     if (shards / "manifest.json").exists():
         print(f"reusing {shards}")
@@ -48,27 +52,55 @@ def main(argv: list[str] | None = None) -> None:
         f"[{time.perf_counter() - t:.1f}s]"
     )
 
-    t = _step("2/3 tiny model zoo (pipeline.zoo)")
+    t = _step("2/5 tiny model zoo (pipeline.zoo)")
     zoo = ensure_tiny_zoo(a.zoo)
     ran.append(f"tiny model zoo -> {zoo.root} [{time.perf_counter() - t:.1f}s]")
 
-    t = _step("3/3 curation pipeline (pipeline.run, demo preset)")
-    if importlib.util.find_spec("pipeline.run") is not None:
-        from pipeline import run as pipeline_run
+    t = _step("3/5 curation pipeline (pipeline.run, demo preset)")
+    from pipeline import run as pipeline_run
 
-        latents = out / "latents"
-        pipeline_run.main(
-            ["--config", "pipeline/configs/demo.yaml", "--input", str(shards), "--output", str(latents)]
+    latents = out / "latents"
+    env_zoo = {"T2V_TINY_ZOO": str(zoo.root)}
+    os.environ.update(env_zoo)  # the demo presets find the zoo through ${oc.env:T2V_TINY_ZOO}
+    code = pipeline_run.main(
+        ["--config", "pipeline/configs/demo.yaml", "--input", str(shards), "--output", str(latents)]
+    )
+    if code:
+        sys.exit(f"make demo: the pipeline failed (exit {code})")
+    ran.append(
+        f"pipeline: clips, rejected table, summary.json/png -> {latents} [{time.perf_counter() - t:.1f}s]"
+    )
+
+    t = _step("4/5 HARIVO training: Ray Train + DeepSpeed ZeRO-2, 2 CPU workers (training.run, demo preset)")
+    from training import run as training_run
+
+    run_dir = out / "train"
+    training_run.main(
+        ["--config", "training/configs/demo.yaml", "--data", str(latents), "--output", str(run_dir)]
+    )
+    ran.append(
+        f"training: checkpoints, export (trainable.safetensors, motion_adapter/), tensorboard -> {run_dir} "
+        f"[{time.perf_counter() - t:.1f}s]"
+    )
+
+    t = _step("5/5 sample a video (training.sample)")
+    if importlib.util.find_spec("training.sample") is not None:
+        from training import sample
+
+        videos = out / "videos"
+        sample.main(
+            [
+                "--checkpoint",
+                str(run_dir),
+                "--prompt",
+                "a red circle moves from left to right on a dark blue background",
+                "--output",
+                str(videos),
+            ]
         )
-        ran.append(
-            f"pipeline: clips, rejected table and summary -> {latents} [{time.perf_counter() - t:.1f}s]"
-        )
+        ran.append(f"sampling: mp4 + gif + settings json -> {videos} [{time.perf_counter() - t:.1f}s]")
     else:
-        skipped.append("curation pipeline (pipeline.run) is not implemented yet")
-    skipped += [
-        "HARIVO training with Ray Train + DeepSpeed (training.run) is not implemented yet",
-        "sampling a demo video (training.sample) is not implemented yet",
-    ]
+        skipped.append("sampling a demo video (training.sample) is not implemented yet")
 
     print("\n=== make demo: what ran")
     for line in ran:

@@ -17,8 +17,9 @@ def p_video(progress: float, t_v: float, t_e: float, p_e: float, p_f: float) -> 
     """Probability that the video model denoises at `progress` (fraction of reverse steps done).
 
     1 for the first `t_v` of the reverse process, linear 1 -> `p_e` until `t_e`, then linear
-    `p_e` -> `p_f` until the end. The paper's printed inequalities (`t >= t_v` -> 1) contradict its
-    Table 6 (`t_v < t_e`); following SPEC we read `t` as the fraction of reverse steps done.
+    `p_e` -> `p_f` until the end (P_V(t_v) = 1, P_V(t_e) = p_e). The paper's printed inequalities
+    (`t >= t_v` -> 1) contradict its Table 6 (`t_v < t_e`); following SPEC we read `t` as the fraction
+    of reverse steps done.
     """
     if not 0.0 <= progress <= 1.0:
         raise ValueError(f"progress must be in [0, 1], got {progress}")
@@ -27,9 +28,11 @@ def p_video(progress: float, t_v: float, t_e: float, p_e: float, p_f: float) -> 
     for name, p in (("p_e", p_e), ("p_f", p_f)):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{name} must be a probability, got {p}")
-    if progress <= t_v:
+    # Strict inequalities: each piece is continuous at its breakpoints, and t_v = t_e = 0 means no
+    # video-only warm-up at all (P_V(0) = p_e), so p_e = p_f = 0 is a pure image-model schedule.
+    if progress < t_v:
         return 1.0
-    if progress <= t_e:
+    if progress < t_e:
         return 1.0 + (p_e - 1.0) * (progress - t_v) / (t_e - t_v)
     if t_e >= 1.0:
         return p_e

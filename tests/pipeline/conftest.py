@@ -8,28 +8,8 @@ from pathlib import Path
 
 import pytest
 
-DEMO = Path(__file__).resolve().parents[2] / "pipeline" / "configs" / "demo.yaml"
-
-
-def zoo_overrides(zoo) -> list[str]:
-    return [f"clip.model={zoo.clip}", f"aesthetic.head={zoo.aesthetic}", f"encode.model={zoo.sd}"]
-
-
-@pytest.fixture(scope="session")
-def run_pipeline(ray_local, tiny_zoo):
-    """run_pipeline(input, output, *overrides) -> summary, in-process on the session's local Ray."""
-    from pipeline.config import load_config
-    from pipeline.run import run
-    from pipeline.settings import PipelineConfig
-
-    def _run(input, output, *overrides):
-        cfg = load_config(
-            PipelineConfig, DEMO, [*zoo_overrides(tiny_zoo), "ray.progress_bars=false", *overrides]
-        )
-        cfg.input, cfg.output = str(input), str(output)
-        return run(cfg)
-
-    return _run
+from tests.conftest import DEMO_PIPELINE as DEMO  # noqa: F401 (imported by the pipeline tests)
+from tests.conftest import zoo_overrides  # noqa: F401
 
 
 def decoder_killing_mp4(index: int = 0) -> bytes:

@@ -28,9 +28,8 @@ EXPECTED_REASON = {
 
 
 @pytest.fixture(scope="module")
-def demo_run(run_pipeline, demo_shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo-out")
-    return out, run_pipeline(demo_shards, out)
+def demo_run(demo_latents):
+    return demo_latents  # the session's demo pipeline run, shared with the training tests
 
 
 def test_every_bad_sample_rejected_with_its_reason(demo_run, demo_shards):

@@ -39,3 +39,21 @@ def perturb_temporal():
                 p.add_(torch.randn(p.shape, generator=g) * std)
 
     return perturb
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_zoo, tmp_path_factory):
+    """A run dir as `training.run` leaves it (RUN/export/...), from a tiny 4-frame HARIVO model with
+    perturbed ("trained") temporal layers; for the sampler and evaluation tests. Returns RUN."""
+    from training.checkpoint import export_weights
+
+    cfg = tiny_train_config(tiny_zoo, **{"harivo.mapping_heads": 2, "harivo.mapping_head_dim": 16})
+    torch.manual_seed(0)
+    model = VideoUNet.from_pretrained(cfg.model, cfg.harivo)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.motion_adapter.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    run = tmp_path_factory.mktemp("tiny-run")
+    export_weights(model.trainable_state_dict(), dict(model.motion_adapter.config), cfg, str(run / "export"))
+    return run

@@ -1,0 +1,66 @@
+"""`python -m training.evaluate` end to end on the tiny models, with the tiny TorchScript I3D stand-in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from training import evaluate
+from training.metrics import load_i3d
+from training.sample import read_prompts
+from training.tiny_i3d import build_tiny_i3d
+from training.video_io import write_gif, write_mp4
+
+PROMPTS = Path(__file__).parents[2] / "training" / "prompts" / "harivo_a3.txt"
+
+
+def test_harivo_prompt_file_has_the_100_prompts():
+    prompts = read_prompts(PROMPTS)
+    assert len(prompts) == 100 and len(set(prompts)) == 100
+    assert prompts[0] == "A black man is walking left to right."
+    assert prompts[99] == "The cat is transforming into a human."
+
+
+def test_tiny_i3d_has_the_stylegan_v_signature(tmp_path):
+    detector = load_i3d(build_tiny_i3d(tmp_path / "i3d.pt"))
+    x = torch.rand(3, 3, 4, 64, 64) * 2 - 1  # (B, 3, F, H, W) in [-1, 1]
+    feats = detector(x, rescale=False, resize=True, return_features=True)
+    assert feats.shape == (3, 32)
+
+
+def test_evaluate_cli_writes_its_report(tiny_zoo, tiny_checkpoint, tmp_path):
+    i3d = build_tiny_i3d(tmp_path / "i3d.pt")
+    reference = tmp_path / "real"
+    reference.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for k in range(3):  # real videos may be longer and larger: the first F frames are resized
+        frames = torch.rand(6, 3, 72, 72, generator=gen)
+        (write_mp4 if k % 2 else write_gif)(frames, reference / f"real{k}.{'mp4' if k % 2 else 'gif'}", fps=6)
+    out = tmp_path / "eval"
+    report = evaluate.main(
+        [
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--prompts",
+            str(PROMPTS),
+            "--output",
+            str(out),
+            "sampler.steps=2",
+            "eval.max_prompts=2",
+            "output.mp4=false",
+            "output.device=cpu",
+            f"eval.clip_model={tiny_zoo.clip}",
+            f"eval.i3d_path={i3d}",
+            f"eval.reference={reference}",
+        ]
+    )
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["num_videos"] == 2 and saved["frames"] == 4 and (saved["height"], saved["width"]) == (64, 64)
+    assert saved["fps"] == 6.0
+    assert set(saved["metrics"]) == {"latent_flicker", "clipsim", "frame_consistency", "fvd"}
+    assert saved["fvd"]["num_videos_real"] == 3 and saved["fvd"]["num_videos_fake"] == 2
+    assert saved["fvd"]["frames"] == 4 and saved["fvd"]["fps"] == 6.0
+    assert report["metrics"] == saved["metrics"]
+    assert len(list((out / "videos").glob("*.gif"))) == 2

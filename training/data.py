@@ -1,0 +1,210 @@
+"""Training data: the pipeline's Parquet latents (pipeline/schema.py) as Ray Datasets, and batch collation.
+
+The driver calls `build_datasets` (train / held-out val split by a hash of the key, checked against the
+model config); each worker streams its shard with `iter_batches` and turns numpy batches into
+`(B, C, F, h, w)` latents with `collate`. Training never decodes video or runs the VAE encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from pipeline import schema
+from training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class LatentStoreError(ValueError):
+    """The latent store is missing, empty, or was made with another VAE / scaling factor / text encoder."""
+
+
+CACHE_LIMIT_BYTES = 1 << 30
+
+
+@dataclass
+class StoreInfo:
+    """What the driver learned from the store's first file: where, which columns, what shape."""
+
+    clips_path: str
+    latents_column: str
+    latents_shape: list[int]  # (F_stored, C, h, w)
+    has_prompt_embeds: bool
+    metadata: dict[str, Any]
+    total_bytes: int = 0  # of all Parquet files in the store
+
+
+def _clips_path(path: str) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, fs path, user-facing path) of the clips directory given the pipeline output or clips dir."""
+    fs, fs_path = (
+        pafs.FileSystem.from_uri(path)
+        if "://" in path
+        else (pafs.LocalFileSystem(), str(Path(path).resolve()))
+    )
+    info = fs.get_file_info(fs_path)
+    if info.type == pafs.FileType.NotFound:
+        raise LatentStoreError(
+            f"data.path not found: {path} (run `python -m pipeline.run ... --output {path}` first)"
+        )
+    sub = fs_path.rstrip("/") + "/clips"
+    if fs.get_file_info(sub).type == pafs.FileType.Directory:
+        fs_path = sub
+        path = path.rstrip("/") + "/clips"
+    return fs, fs_path, path
+
+
+def _vae_scaling_factor(pretrained: str) -> float:
+    from diffusers import AutoencoderKL
+
+    return float(AutoencoderKL.load_config(pretrained, subfolder="vae")["scaling_factor"])
+
+
+def _same_model(recorded: str, configured: str) -> bool:
+    """Hub ids compare as strings; local directories by their resolved path."""
+    if recorded == configured:
+        return True
+    a, b = Path(recorded), Path(configured)
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
+def inspect_store(cfg: TrainConfig) -> StoreInfo:
+    """Open the store's first Parquet file and refuse it if it does not fit `cfg` (clear error, no training)."""
+    if not cfg.data.path:
+        raise LatentStoreError(
+            "no training data: pass --data LATENTS (the pipeline's --output dir) or set data.path"
+        )
+    fs, fs_path, path = _clips_path(cfg.data.path)
+    infos = [f for f in fs.get_file_info(pafs.FileSelector(fs_path)) if f.path.endswith(".parquet")]
+    files = sorted(f.path for f in infos)
+    if not files:
+        raise LatentStoreError(f"no .parquet files in {path}")
+    with fs.open_input_file(files[0]) as f:
+        file_schema = pq.read_schema(f)
+    meta = schema.decode_metadata(file_schema)
+    if not meta:
+        raise LatentStoreError(f"{files[0]} has no t2v.* metadata: not written by pipeline.run")
+    views = meta.get(schema.META_VIEWS, {})
+    primary = next(iter(views), None)
+    view = cfg.data.view or primary
+    if view not in views:
+        raise LatentStoreError(f"data.view={view!r} not in the store's views {sorted(views)}")
+    column = schema.view_column(schema.LATENTS, view, primary)
+    shape = list(views[view]["latents_shape"])
+
+    vae = meta.get(schema.META_VAE)
+    if not _same_model(str(vae), cfg.model.pretrained):
+        raise LatentStoreError(
+            f"latents in {path} were encoded with the VAE of {vae!r}, but model.pretrained="
+            f"{cfg.model.pretrained!r}; re-run the pipeline with that model or train on the matching base"
+        )
+    expected = _vae_scaling_factor(cfg.model.pretrained)
+    recorded = meta.get(schema.META_SCALING_FACTOR)
+    if recorded is None or abs(float(recorded) - expected) > 1e-6:
+        raise LatentStoreError(
+            f"latents in {path} were scaled by {recorded}, but {cfg.model.pretrained}'s vae.config.scaling_factor "
+            f"is {expected}"
+        )
+    needed = (cfg.model.num_frames - 1) * cfg.data.frame_stride + 1
+    if shape[0] < needed:
+        raise LatentStoreError(
+            f"view {view!r} stores {shape[0]} frames; model.num_frames={cfg.model.num_frames} with "
+            f"data.frame_stride={cfg.data.frame_stride} needs {needed}"
+        )
+    # Precomputed prompt embeddings are used only if they come from this base's text encoder.
+    text_encoder = str(meta.get(schema.META_TEXT_ENCODER))
+    has_embeds = schema.PROMPT_EMBEDS in file_schema.names and any(
+        _same_model(text_encoder, c) for c in (cfg.model.pretrained, f"{cfg.model.pretrained}/text_encoder")
+    )
+    return StoreInfo(path, column, shape, has_embeds, meta, sum(f.size for f in infos))
+
+
+def is_validation(key: str, fraction: float) -> bool:
+    """Stable held-out membership: a hash of the key, independent of order, workers and runs."""
+    bucket = int.from_bytes(hashlib.sha1(key.encode()).digest()[:4], "big") / 2**32
+    return bucket < fraction
+
+
+def build_datasets(cfg: TrainConfig, info: StoreInfo) -> dict[str, Any]:
+    """{"train": ds, "val": ds} Ray Datasets of key, caption, latents (+ prompt_embeds)."""
+    import ray.data
+
+    columns = [schema.KEY, schema.CAPTION, info.latents_column]
+    if info.has_prompt_embeds:
+        columns.append(schema.PROMPT_EMBEDS)
+    # Reading latents is light work: small CPU slices, so data tasks fit beside the training workers.
+    # Ordered execution makes each worker's shard, and so a resumed run, deterministic.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    light = {"num_cpus": 0.25}
+    ds = ray.data.read_parquet(info.clips_path, file_extensions=["parquet"], **light).select_columns(columns)
+    frac = cfg.data.val_fraction
+
+    def split(batch: dict[str, np.ndarray], val: bool) -> dict[str, np.ndarray]:
+        keep = np.array([is_validation(str(k), frac) == val for k in batch[schema.KEY]], dtype=bool)
+        return {k: v[keep] for k, v in batch.items()}
+
+    train = ds.map_batches(split, fn_kwargs={"val": False}, batch_format="numpy", **light)
+    val = ds.map_batches(split, fn_kwargs={"val": True}, batch_format="numpy", **light)
+    cache = cfg.data.cache == "always" or (cfg.data.cache == "auto" and info.total_bytes < CACHE_LIMIT_BYTES)
+    if cache:  # every epoch re-executes a lazy dataset; a small store is cheaper to keep in memory
+        train, val = train.materialize(), val.materialize()
+    return {"train": train, "val": val}
+
+
+def collate(
+    batch: dict[str, np.ndarray],
+    info: StoreInfo,
+    num_frames: int,
+    frame_stride: int,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+    """(latents (B, C, F, h, w) float32, captions, prompt_embeds (B, 77, D) or None) from a numpy batch.
+
+    Picks `num_frames` frames every `frame_stride` from the stored clip, starting at a random frame drawn
+    from `generator` (frame 0 when `generator` is None).
+    """
+    stored = torch.from_numpy(np.array(batch[info.latents_column], dtype=np.float32))  # (B, F_s, C, h, w)
+    span = (num_frames - 1) * frame_stride + 1
+    slack = stored.shape[1] - span
+    start = (
+        int(torch.randint(0, slack + 1, (1,), generator=generator)) if generator is not None and slack else 0
+    )
+    latents = stored[:, start : start + span : frame_stride]  # (B, F, C, h, w)
+    latents = latents.permute(0, 2, 1, 3, 4).contiguous().to(device)  # (B, C, F, h, w)
+    captions = [str(c) for c in batch[schema.CAPTION]]
+    embeds = None
+    if schema.PROMPT_EMBEDS in batch:
+        embeds = torch.from_numpy(np.array(batch[schema.PROMPT_EMBEDS], dtype=np.float32)).to(device)
+    return latents, captions, embeds
+
+
+class TextEncoder:
+    """The base model's frozen CLIP text encoder, for stores without precomputed prompt embeddings."""
+
+    def __init__(self, pretrained: str, device: torch.device, revision: str | None = None):
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", revision=revision)
+        self.model = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", revision=revision)
+        self.model.requires_grad_(False).eval().to(device)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.model(ids)[0].float()  # (B, 77, D): last hidden state, as SD conditions on

@@ -1,0 +1,186 @@
+"""`python -m training.run`: train the video model with Ray Train + DeepSpeed ZeRO.
+
+    python -m training.run --config training/configs/demo.yaml --data LATENTS --output RUN_DIR [a.b=value ...]
+    ray job submit --working-dir . -- python -m training.run --config ... --data s3://... --output s3://...
+
+`--data` is the pipeline's output (dir or URI); `--output` is the run directory (checkpoints, exports,
+TensorBoard). Running again with the same `--output` resumes from its latest checkpoint. With no cluster
+(no RAY_ADDRESS) a local Ray is started.
+
+RUN_DIR layout: `checkpoint_<step>/` (the last run.keep_last), `export/` (trainable.safetensors,
+motion_adapter/, config.yaml), `tensorboard/`, `config.yaml`, `result.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline.config import ConfigError, add_config_args, load_config, to_dict, to_yaml
+from training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def split_output(output: str) -> tuple[str, str]:
+    """RUN_DIR -> (Ray Train storage_path, run name): checkpoints land in RUN_DIR/checkpoint_*."""
+    if "://" in output:
+        parent, _, name = output.rstrip("/").rpartition("/")
+        return parent, name
+    path = Path(output).resolve()
+    return str(path.parent), path.name
+
+
+def resolve(args: argparse.Namespace) -> TrainConfig:
+    """The run's config: preset + overrides, with --data / --output applied."""
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    if args.output:
+        storage, name = split_output(args.output)
+        overrides += [f"run.storage_path={storage}", f"run.name={name}"]
+    cfg = load_config(TrainConfig, args.config, overrides)
+    if not cfg.run.storage_path or not cfg.run.name:
+        raise ConfigError("no run directory: pass --output RUN_DIR (or set run.storage_path and run.name)")
+    return cfg
+
+
+def _ensure_base_model(cfg: TrainConfig) -> None:
+    """Fail fast on a missing local base model; build the tiny zoo if the preset points into it."""
+    from pipeline.zoo import DEFAULT_ZOO_DIR, ensure_tiny_zoo
+
+    path = Path(cfg.model.pretrained).expanduser()
+    if path.resolve().is_relative_to(DEFAULT_ZOO_DIR.resolve()) and not path.exists():
+        ensure_tiny_zoo(DEFAULT_ZOO_DIR)
+    if path.exists():
+        if not (path / (cfg.model.subfolder or "") / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model.pretrained={cfg.model.pretrained}: no diffusers UNet config found there"
+            )
+    elif cfg.model.pretrained.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model.pretrained={cfg.model.pretrained} does not exist")
+    # Anything else is a hub id; from_pretrained resolves (and reports) it on the workers.
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local paths made absolute: Ray Train workers do not run in the driver's working directory."""
+    for section, name in (("model", "pretrained"), ("data", "path"), ("run", "resume_from")):
+        obj = getattr(cfg, section)
+        value = getattr(obj, name)
+        if value and "://" not in value and Path(value).expanduser().exists():
+            setattr(obj, name, str(Path(value).expanduser().resolve()))
+    return cfg
+
+
+def build_trainer(cfg: TrainConfig, kind: str = "harivo"):
+    """The TorchTrainer for `cfg` (the data store is checked first: a mismatch fails before any worker starts)."""
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    from training.data import build_datasets, inspect_store
+    from training.worker import train_fn_per_worker
+
+    info = inspect_store(cfg)
+    run_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+    local = "://" not in run_dir
+    loop_config = {
+        "cfg": to_dict(cfg),
+        "store": asdict(info),
+        "export_dir": f"{run_dir}/export",
+        "kind": kind,
+        "tensorboard_dir": f"{run_dir}/tensorboard" if local else None,
+        "fault_marker": f"{run_dir}/.fault_injected" if local and cfg.run.fail_at_step else None,
+    }
+    resources = {"CPU": cfg.run.cpus_per_worker, **cfg.run.resources_per_worker}
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_last),
+        ),
+        datasets=build_datasets(cfg, info),
+        # preserve_order makes each worker's shard (and so a resumed run) deterministic.
+        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+    ), run_dir
+
+
+def train(cfg: TrainConfig, kind: str = "harivo") -> dict:
+    """Run training to `optim.max_steps` (resuming if the run exists); returns the final metrics and paths."""
+    import ray
+    import ray.data
+
+    _ensure_base_model(cfg)
+    cfg = absolute_paths(cfg)
+    if not ray.is_initialized():
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS"),
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+            log_to_driver=True,
+        )
+    # The loop prints its own progress (step / total, loss, ETA); Ray Data's per-epoch bars would drown it.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    trainer, run_dir = build_trainer(cfg, kind)
+    if "://" not in run_dir:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "config.yaml").write_text(to_yaml(cfg))
+    result = trainer.fit()
+    summary = {
+        "run_dir": run_dir,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "export": f"{run_dir}/export",
+        "tensorboard": f"{run_dir}/tensorboard",
+        "metrics": result.metrics,
+    }
+    if "://" not in run_dir:
+        (Path(run_dir) / "result.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.split("\n\n")[0])
+    add_config_args(p, default_preset=None)
+    p.add_argument("--data", help="the pipeline's output dir or URI (sets data.path)")
+    p.add_argument("--output", help="run directory or URI (sets run.storage_path and run.name)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = resolve(args)
+    except (ConfigError, ValueError) as exc:
+        sys.exit(f"training.run: {exc}")
+    if args.print_config:
+        print(to_yaml(cfg))
+        return
+    from training.data import LatentStoreError
+
+    try:
+        summary = train(cfg)
+    except (LatentStoreError, FileNotFoundError, ConfigError) as exc:
+        sys.exit(f"training.run: {exc}")
+    print("\n=== training.run finished")
+    print(f"  run dir:     {summary['run_dir']}")
+    print(f"  checkpoint:  {summary['checkpoint']}")
+    print(f"  export:      {summary['export']}  (trainable.safetensors, motion_adapter/, config.yaml)")
+    print(f"  tensorboard: tensorboard --logdir {summary['tensorboard']}")
+    m = summary["metrics"] or {}
+    if m:
+        print(
+            f"  final: step {m.get('step')} loss {m.get('loss', float('nan')):.4f} val_loss "
+            f"{m.get('val_loss', float('nan')):.4f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -77,7 +77,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def build_trainer(cfg: TrainConfig, kind: str = "harivo"):
+def build_trainer(cfg: TrainConfig, kind: str = "harivo", callbacks: list | None = None):
     """The TorchTrainer for `cfg` (the data store is checked first: a mismatch fails before any worker starts)."""
     import ray.train
     from ray.data import ExecutionOptions
@@ -109,6 +109,7 @@ def build_trainer(cfg: TrainConfig, kind: str = "harivo"):
             storage_path=cfg.run.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_last),
+            callbacks=callbacks,  # e.g. Ray Tune's TuneReportCallback when a sweep runs this trainer
         ),
         datasets=build_datasets(cfg, info),
         # preserve_order makes each worker's shard (and so a resumed run) deterministic.
@@ -116,8 +117,11 @@ def build_trainer(cfg: TrainConfig, kind: str = "harivo"):
     ), run_dir
 
 
-def train(cfg: TrainConfig, kind: str = "harivo") -> dict:
-    """Run training to `optim.max_steps` (resuming if the run exists); returns the final metrics and paths."""
+def train(cfg: TrainConfig, kind: str = "harivo", callbacks: list | None = None) -> dict:
+    """Run training to `optim.max_steps` (resuming if the run exists); returns the final metrics and paths.
+
+    `kind` is recorded in the export (so a stage checkpoint of the wrong kind can be refused);
+    `callbacks` are Ray Train callbacks (a Tune sweep passes its report callback)."""
     import ray
     import ray.data
 
@@ -131,7 +135,7 @@ def train(cfg: TrainConfig, kind: str = "harivo") -> dict:
         )
     # The loop prints its own progress (step / total, loss, ETA); Ray Data's per-epoch bars would drown it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    trainer, run_dir = build_trainer(cfg, kind)
+    trainer, run_dir = build_trainer(cfg, kind, callbacks)
     if "://" not in run_dir:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / "config.yaml").write_text(to_yaml(cfg))

@@ -61,6 +61,15 @@ class _Meter:
         return out
 
 
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this worker: CUDA allocations on GPU, the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def _eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
@@ -242,7 +251,7 @@ def _after_step(
     if not (do_val or do_ckpt or step % run.log_every == 0):
         return
     metrics = meter.summary(cfg.optim.grad_accum)
-    metrics.update(step=step, epoch=state.epoch, lr=engine.get_lr()[0])
+    metrics.update(step=step, epoch=state.epoch, lr=engine.get_lr()[0], peak_mem_mb=_peak_memory_mb(device))
     if do_val:
         engine.eval()
         metrics["val_loss"] = validation_loss(engine.module, cfg, info, text_encoder, device, dtype)

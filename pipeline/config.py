@@ -83,27 +83,25 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Over
     for item in dotlist:
         # One at a time so the error names the override that failed.
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
-    try:
-        obj = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as exc:
-        # e.g. a required field (MISSING) that neither the preset nor an override set.
-        raise _explain(exc, "the merged config") from None
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        validate()
-    return obj  # type: ignore[return-value]
+    return _to_validated_object(cfg, "the merged config")
 
 
 def from_dict(schema: type[T], tree: Mapping[str, Any]) -> T:
     """Rebuild a config from `to_dict`'s nested dict (e.g. after crossing a Ray boundary), re-validated."""
+    return _to_validated_object(_merge(OmegaConf.structured(schema), tree, "a config dict"), "a config dict")
+
+
+def _to_validated_object(cfg: DictConfig, source: str) -> Any:
+    """The dataclass instance of a merged config, after its `validate()` hook (if it has one)."""
     try:
-        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), tree))
+        obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
-        raise _explain(exc, "a config dict") from None
+        # e.g. a required field (MISSING) that neither the preset nor an override set.
+        raise _explain(exc, source) from None
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate()
-    return obj  # type: ignore[return-value]
+    return obj
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

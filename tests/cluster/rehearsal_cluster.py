@@ -46,6 +46,17 @@ def _client(address: str, deadline: float):
             time.sleep(1.0)
 
 
+def _submit(client, runtime_env: dict, deadline: float) -> str:
+    """Submit the job, retrying while the head's job agent is not up yet (a loaded machine: tens of seconds)."""
+    while True:
+        try:
+            return client.submit_job(entrypoint=ENTRYPOINT, runtime_env=runtime_env)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+
+
 def main(out_path: str) -> int:
     # The job's `python` must be this interpreter (the project venv), as it is on a real node.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -77,10 +88,25 @@ def main(out_path: str) -> int:
                 "dashboard_port": dashboard_port,
                 "labels": {label: "head"},
                 "temp_dir": str(ray_tmp),
+                # Each node's dashboard agent takes a free port: the default (52365) may be held by
+                # another Ray on this machine (the suite's own local Ray, or a user's), and the job
+                # server then finds "no available agent".
+                "dashboard_agent_listen_port": _free_port(),
             },
         )
-        decode = cluster.add_node(num_cpus=1, resources={decode_res: 1}, labels={label: "decode"})
-        encode = cluster.add_node(num_cpus=1, num_gpus=1, resources={encode_res: 1}, labels={label: "encode"})
+        decode = cluster.add_node(
+            num_cpus=1,
+            resources={decode_res: 1},
+            labels={label: "decode"},
+            dashboard_agent_listen_port=_free_port(),
+        )
+        encode = cluster.add_node(
+            num_cpus=1,
+            num_gpus=1,
+            resources={encode_res: 1},
+            labels={label: "encode"},
+            dashboard_agent_listen_port=_free_port(),
+        )
         result["nodes"] = {
             "head": cluster.head_node.node_id,
             "decode": decode.node_id,
@@ -91,7 +117,7 @@ def main(out_path: str) -> int:
         client = _client(address, deadline=time.monotonic() + 60)
         runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
         runtime_env["working_dir"] = str(REPO)  # what `--working-dir .` from the repo root resolves to
-        job_id = client.submit_job(entrypoint=ENTRYPOINT, runtime_env=runtime_env)
+        job_id = _submit(client, runtime_env, deadline=time.monotonic() + 90)
         result["job_id"] = job_id
 
         deadline = time.monotonic() + JOB_TIMEOUT_S

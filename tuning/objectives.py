@@ -1,0 +1,128 @@
+"""The two trial functions Ray Tune runs, and how a trial's config is built.
+
+A trial's config is the sweep's base trial config (preset + fixed + budget overrides, resolved once on
+the driver into a plain nested dict) with the sampled values set at their dotted keys, re-validated by
+`pipeline.config.from_dict`: the same types and checks as `load_config`.
+
+- `train_trial`: one Ray Train run of `training.run.train` (Train V2 pattern: the Tune trial is only the
+  driver of the Train run and reserves ~0 CPU; its workers reserve theirs). The workers' reports reach
+  Tune through `TuneReportCallback`, filtered to those carrying the metric (validation loss is only
+  computed every run.val_every steps), so ASHA sees one result per validation, indexed by `step`.
+- `sampling_trial`: `training.evaluate.evaluate` of the fixed checkpoint on the fixed prompt set with
+  fixed seeds; reports the evaluation metrics once.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, from_dict
+
+log = logging.getLogger(__name__)
+
+LOCAL_DIR = "local-dir:"  # open_clip's prefix for a local model directory
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """tree["a"]["b"] = value for key "a.b"; a section that does not exist raises KeyError."""
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            raise KeyError(key)
+        node = node[part]
+    node[leaf] = value
+
+
+def trial_config(schema: type, base_tree: Mapping[str, Any], params: Mapping[str, Any]):
+    """`schema` instance of `base_tree` with `params` ({"noise.alpha": 1.0, ...}) set, validated."""
+    tree = copy.deepcopy(dict(base_tree))
+    for key, value in params.items():
+        try:
+            set_dotted(tree, key, value)
+        except KeyError:
+            raise ConfigError(f"unknown config key '{key}' in the trial's parameters") from None
+    return from_dict(schema, tree)
+
+
+def absolute_paths(tree: dict) -> dict:
+    """String leaves that are relative paths existing here, made absolute (in place; returns `tree`).
+
+    Tune runs trials in their trial directory (RAY_CHDIR_TO_TRIAL_DIR), so a preset's `runs/tiny-zoo/sd`
+    must be resolved on the driver."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            absolute_paths(value)
+        elif isinstance(value, str) and value and "://" not in value:
+            prefix = LOCAL_DIR if value.startswith(LOCAL_DIR) else ""
+            path = Path(value[len(prefix) :]).expanduser()
+            if not path.is_absolute() and path.exists():
+                tree[key] = prefix + str(path.resolve())
+    return tree
+
+
+def _leave_trial_dir() -> None:
+    """Back to the worker's original working directory (the job's working_dir on a cluster).
+
+    Tune chdirs a trial into its trial directory; a checkpoint's recorded relative paths (e.g. a base
+    model at runs/tiny-zoo/sd) are relative to the project, and every output here is an absolute path."""
+    orig = os.environ.get("TUNE_ORIG_WORKING_DIR")
+    if orig and Path(orig).is_dir():
+        os.chdir(orig)
+
+
+def _report_callback(metric: str):
+    """Ray Train callback forwarding to Tune only the worker reports that carry `metric`."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class MetricReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            # Tune refuses results without the metric its scheduler / searcher watches; train-loss-only
+            # reports stay in the run's own TensorBoard.
+            if metric in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return MetricReportCallback()
+
+
+def train_trial(config: dict, *, base_tree: dict, metric: str, train_storage: str) -> None:
+    """Tune function trainable: train `base_tree` + `config` with Ray Train to optim.max_steps.
+
+    The Train run is `train_storage/<trial_id>`: stable across `Tuner.restore`, so a resumed trial
+    continues that run from its latest checkpoint instead of starting over."""
+    import ray.tune
+
+    from training.config import TrainConfig
+    from training.run import train
+
+    _leave_trial_dir()
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(
+        TrainConfig, base_tree, {**config, "run.storage_path": train_storage, "run.name": trial_id}
+    )
+    train(cfg, callbacks=[_report_callback(metric)])
+
+
+def sampling_trial(config: dict, *, base_tree: dict, checkpoint: str, prompts: list[str]) -> None:
+    """Tune function trainable: generate `prompts` from `checkpoint` under `base_tree` + `config`, score them.
+
+    Videos, latents and report.json go to the trial directory (samples/)."""
+    import ray.tune
+    import torch
+
+    from training.evaluate import evaluate
+    from training.sample_config import SampleConfig
+
+    _leave_trial_dir()
+    cfg = trial_config(SampleConfig, base_tree, config)
+    # The trial holds `resources.cpu` CPUs: keep torch's thread pool inside them.
+    cpus = ray.tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+    out = Path(ray.tune.get_context().get_trial_dir()) / "samples"
+    report = evaluate(checkpoint, prompts, out, cfg)
+    ray.tune.report({**report["metrics"], "num_videos": report["num_videos"], "seconds": report["seconds"]})

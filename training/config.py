@@ -122,6 +122,31 @@ class EDMConfig:
 
 
 @dataclass
+class CascadeConfig:
+    """PYoCo cascade stage (sec. 4, Fig. 3): which stage this run trains and how it is conditioned.
+
+    Conditioning enters by channel concatenation (survey 2.1/4.1) through zero-initialised extra input
+    channels, so every stage starts as the pretrained model. Stages need diffusion.objective = 'edm'.
+    """
+
+    stage: Literal["none", "base", "interp", "sr"] = "none"
+    """'none': a plain video model (HARIVO); 'base', 'interp' or 'sr': a PYoCo stage, exported as kind
+    pyoco_<stage> (base: 16 keyframes; interp: fills the frames between them; sr: latent super-resolution)."""
+    keyframe_stride: int = 5
+    """Interpolation: frames from one keyframe to the next (PYoCo: 5, the base's frame skip; 16 -> 76 frames)."""
+    cond_view: str | None = None
+    """Super-resolution: the pipeline view holding the low-resolution latents of the same frames as data.view."""
+    scale: int = 2
+    """Super-resolution: spatial factor from cond_view's latents to data.view's (PYoCo: x4 per stage in pixels;
+    here x2 in latent space)."""
+    upsample: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+    """Super-resolution: how the low-resolution latents are upsampled before concatenation."""
+    aug_sigma_max: float = 1.0
+    """Super-resolution: training noise augmentation of the conditioning, sigma_aug ~ U(0, aug_sigma_max) per
+    clip (not given in PYoCo; ours). The sampler picks a fixed level (SampleConfig cascade.sr_aug_sigma)."""
+
+
+@dataclass
 class OptimConfig:
     """AdamW on the trainable parameters only, linear warmup then cosine decay (HARIVO: 1e-4 -> 1e-5)."""
 
@@ -228,6 +253,7 @@ class TrainConfig:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     edm: EDMConfig = field(default_factory=EDMConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -278,9 +304,41 @@ class TrainConfig:
             raise ValueError(f"data.val_fraction={self.data.val_fraction} must be in [0, 1)")
         if self.data.frame_stride < 1:
             raise ValueError(f"data.frame_stride={self.data.frame_stride} must be >= 1")
+        self._validate_cascade()
         r = self.run
         if r.num_workers < 1 or r.checkpoint_every < 1 or r.keep_last < 1 or r.log_every < 1:
             raise ValueError(
                 f"run.num_workers={r.num_workers}, run.checkpoint_every={r.checkpoint_every}, "
                 f"run.keep_last={r.keep_last} and run.log_every={r.log_every} must be >= 1"
             )
+
+    def _validate_cascade(self) -> None:
+        c = self.cascade
+        if c.stage == "none":
+            return
+        if self.diffusion.objective != "edm":
+            raise ValueError(
+                f"cascade.stage={c.stage} needs diffusion.objective=edm (PYoCo's preconditioning), "
+                f"got {self.diffusion.objective}"
+            )
+        if c.stage == "interp":
+            f, k = self.model.num_frames, c.keyframe_stride
+            if k < 1 or (f - 1) % k:
+                raise ValueError(
+                    f"cascade.stage=interp: model.num_frames={f} must be (keyframes - 1) x "
+                    f"cascade.keyframe_stride={k} + 1, so the first and last frames are keyframes"
+                )
+            if self.data.image_mode_every > 0:
+                raise ValueError(
+                    f"cascade.stage=interp: data.image_mode_every={self.data.image_mode_every} must be 0 "
+                    "(a single frame has nothing to interpolate)"
+                )
+        if c.stage == "sr":
+            if not c.cond_view:
+                raise ValueError("cascade.stage=sr needs cascade.cond_view (the low-resolution view)")
+            if c.cond_view == self.data.view:
+                raise ValueError(f"cascade.cond_view={c.cond_view} must differ from data.view")
+            if c.scale < 1 or c.aug_sigma_max < 0:
+                raise ValueError(
+                    f"cascade.scale={c.scale} must be >= 1 and cascade.aug_sigma_max={c.aug_sigma_max} >= 0"
+                )

@@ -41,6 +41,8 @@ class StoreInfo:
     has_prompt_embeds: bool
     metadata: dict[str, Any]
     total_bytes: int = 0  # of all Parquet files in the store
+    cond_column: str | None = None  # SR stage: latents of cascade.cond_view (same frames, lower resolution)
+    cond_shape: list[int] | None = None  # (F_stored, C, h / scale, w / scale)
 
 
 def _clips_path(path: str) -> tuple[pafs.FileSystem, str, str]:
@@ -76,6 +78,20 @@ def _same_model(recorded: str, configured: str) -> bool:
     return a.exists() and b.exists() and a.resolve() == b.resolve()
 
 
+def _same_vae(meta: dict[str, Any], pretrained: str, revision: str | None) -> bool:
+    """The configured base has the VAE the latents were encoded with: same id/dir, or same VAE files (hash)."""
+    if _same_model(str(meta.get(schema.META_VAE)), pretrained):
+        return True
+    if not Path(pretrained).is_dir():
+        return False  # a different hub id
+    from pipeline.encode import model_info
+    from pipeline.settings import EncodeConfig
+
+    return model_info(EncodeConfig(model=pretrained, revision=revision or ""))["vae_hash"] == meta.get(
+        schema.META_VAE_HASH
+    )
+
+
 def inspect_store(cfg: TrainConfig) -> StoreInfo:
     """Open the store's first Parquet file and refuse it if it does not fit `cfg` (clear error, no training)."""
     if not cfg.data.path:
@@ -101,10 +117,11 @@ def inspect_store(cfg: TrainConfig) -> StoreInfo:
     shape = list(views[view]["latents_shape"])
 
     vae = meta.get(schema.META_VAE)
-    if not _same_model(str(vae), cfg.model.pretrained):
+    if not _same_vae(meta, cfg.model.pretrained, cfg.model.revision):
         raise LatentStoreError(
             f"latents in {path} were encoded with the VAE of {vae!r}, but model.pretrained="
-            f"{cfg.model.pretrained!r}; re-run the pipeline with that model or train on the matching base"
+            f"{cfg.model.pretrained!r} has another VAE; re-run the pipeline with that model or train on the "
+            "matching base"
         )
     expected = _vae_scaling_factor(cfg.model.pretrained)
     recorded = meta.get(schema.META_SCALING_FACTOR)
@@ -124,7 +141,39 @@ def inspect_store(cfg: TrainConfig) -> StoreInfo:
     has_embeds = schema.PROMPT_EMBEDS in file_schema.names and any(
         _same_model(text_encoder, c) for c in (cfg.model.pretrained, f"{cfg.model.pretrained}/text_encoder")
     )
-    return StoreInfo(path, column, shape, has_embeds, meta, sum(f.size for f in infos))
+    cond_column, cond_shape = _cond_view(cfg, views, view, primary, path)
+    return StoreInfo(
+        path, column, shape, has_embeds, meta, sum(f.size for f in infos), cond_column, cond_shape
+    )
+
+
+def _cond_view(
+    cfg: TrainConfig, views: dict[str, Any], view: str, primary: str, path: str
+) -> tuple[str | None, list[int] | None]:
+    """The SR stage's low-resolution view: same frames as `view` (same count, rate and stride), size / scale."""
+    c = cfg.cascade
+    if c.stage != "sr":
+        return None, None
+    if c.cond_view not in views:
+        raise LatentStoreError(
+            f"cascade.cond_view={c.cond_view!r} not in the views {sorted(views)} of {path}"
+        )
+    if c.cond_view == view:
+        raise LatentStoreError(f"cascade.cond_view={c.cond_view!r} is the training view itself")
+    hi, lo = views[view], views[c.cond_view]
+    timing = ("num_frames", "fps", "frame_stride")
+    if any(hi.get(k) != lo.get(k) for k in timing):
+        raise LatentStoreError(
+            f"views {view!r} and {c.cond_view!r} of {path} do not hold the same frames: "
+            f"{ {k: hi.get(k) for k in timing} } vs { {k: lo.get(k) for k in timing} }"
+        )
+    hi_shape, lo_shape = list(hi["latents_shape"]), list(lo["latents_shape"])
+    if hi_shape[2:] != [n * c.scale for n in lo_shape[2:]] or hi_shape[1] != lo_shape[1]:
+        raise LatentStoreError(
+            f"view {view!r} latents {hi_shape} are not cascade.scale={c.scale} x view {c.cond_view!r} "
+            f"latents {lo_shape}"
+        )
+    return schema.view_column(schema.LATENTS, c.cond_view, primary), lo_shape
 
 
 def is_validation(key: str, fraction: float) -> bool:
@@ -138,6 +187,8 @@ def build_datasets(cfg: TrainConfig, info: StoreInfo) -> dict[str, Any]:
     import ray.data
 
     columns = [schema.KEY, schema.CAPTION, info.latents_column]
+    if info.cond_column is not None:
+        columns.append(info.cond_column)
     if info.has_prompt_embeds:
         columns.append(schema.PROMPT_EMBEDS)
     # Reading latents is light work: small CPU slices, so data tasks fit beside the training workers.
@@ -172,19 +223,41 @@ def collate(
     Picks `num_frames` frames every `frame_stride` from the stored clip, starting at a random frame drawn
     from `generator` (frame 0 when `generator` is None).
     """
-    stored = torch.from_numpy(np.array(batch[info.latents_column], dtype=np.float32))  # (B, F_s, C, h, w)
+    latents, captions, embeds, _ = collate_stage(batch, info, num_frames, frame_stride, generator, device)
+    return latents, captions, embeds
+
+
+def collate_stage(
+    batch: dict[str, np.ndarray],
+    info: StoreInfo,
+    num_frames: int,
+    frame_stride: int,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, list[str], torch.Tensor | None, torch.Tensor | None]:
+    """`collate` plus the SR stage's low-resolution latents (B, C, F, h', w') of the same frames (else None)."""
+
+    def stored(column: str) -> torch.Tensor:
+        return torch.from_numpy(np.array(batch[column], dtype=np.float32))  # (B, F_s, C, h, w)
+
+    def window(latents: torch.Tensor) -> torch.Tensor:
+        picked = latents[:, start : start + span : frame_stride]  # (B, F, C, h, w)
+        return picked.permute(0, 2, 1, 3, 4).contiguous().to(device)  # (B, C, F, h, w)
+
+    target = stored(info.latents_column)
     span = (num_frames - 1) * frame_stride + 1
-    slack = stored.shape[1] - span
+    slack = target.shape[1] - span
     start = (
         int(torch.randint(0, slack + 1, (1,), generator=generator)) if generator is not None and slack else 0
     )
-    latents = stored[:, start : start + span : frame_stride]  # (B, F, C, h, w)
-    latents = latents.permute(0, 2, 1, 3, 4).contiguous().to(device)  # (B, C, F, h, w)
+    latents = window(target)
+    # The paired view shares the window: frame k of both is the same source frame.
+    cond_latents = window(stored(info.cond_column)) if info.cond_column is not None else None
     captions = [str(c) for c in batch[schema.CAPTION]]
     embeds = None
     if schema.PROMPT_EMBEDS in batch:
         embeds = torch.from_numpy(np.array(batch[schema.PROMPT_EMBEDS], dtype=np.float32)).to(device)
-    return latents, captions, embeds
+    return latents, captions, embeds, cond_latents
 
 
 class TextEncoder:

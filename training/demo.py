@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--zoo", default=str(DEFAULT_ZOO_DIR), help="tiny model zoo directory (built if absent)")
     a = p.parse_args(argv)
     out = Path(a.output)
+    # One local Ray serves every stage; Ray Data's per-epoch INFO lines would bury the training progress.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     ran: list[str] = []
     skipped: list[str] = []
 

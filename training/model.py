@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from training.config import HarivoConfig, ModelConfig
+from training.cascade import LevelEmbedding, cond_channels, zero_conv_like
+from training.config import CascadeConfig, HarivoConfig, ModelConfig
 from training.harivo import ContrastiveHead, FrameTokenGenerator, MappingNetwork
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,36 @@ class _RunState:
         self.store: Captured | None = None
         self.capture_maps = False
         self.capture_hspace = False
+        self.cond: torch.Tensor | None = None  # (B F, C_cond, H, W): cascade conditioning for conv_in
+        self.level_emb: torch.Tensor | None = None  # (B F, D_temb): conditioning augmentation level
+
+
+class _ConditionHook:
+    """Forward hook on `unet.conv_in`: adds the zero-initialised extra input channels' output.
+
+    `conv_in(x) + extra(cond)` is `conv_in` widened to `cat([x, cond])` (conv is linear in its input
+    channels), while the frozen base keeps its own weights and state dict.
+    """
+
+    def __init__(self, extra: nn.Conv2d, state: _RunState):
+        self.extra, self.state = extra, state
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor):
+        cond = self.state.cond
+        if cond is None:
+            return None
+        return output + self.extra(cond.to(self.extra.weight.dtype)).to(output.dtype)
+
+
+class _LevelHook:
+    """Forward hook on `unet.time_embedding`: adds the conditioning-augmentation level embedding."""
+
+    def __init__(self, state: _RunState):
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor):
+        emb = self.state.level_emb
+        return None if emb is None else output + emb.to(output.dtype)
 
 
 class _TemporalHook:
@@ -156,7 +187,9 @@ def _hosts(block: nn.Module) -> nn.ModuleList:
 class VideoUNet(nn.Module):
     """Frozen image UNet + temporal layers + HARIVO components; `(B, C, F, H, W)` in and out.
 
-    Trainable: `motion_adapter`, `mapping_network`, `frame_tokens`, `contrastive_head` (those enabled).
+    Trainable: `motion_adapter`, `mapping_network`, `frame_tokens`, `contrastive_head` (those enabled),
+    and for a PYoCo cascade stage (`training/cascade.py`) `cond_conv_in` (zero-initialised extra input
+    channels for the concatenated conditioning) and `level_embedding` (SR's augmentation level).
     `forward(..., image_mode=True)` runs the same weights without temporal layers and frame tokens
     (HARIVO's `pass_motion_module`; the mapping network stays, as in its pseudo-code).
     """
@@ -167,10 +200,12 @@ class VideoUNet(nn.Module):
         cfg: ModelConfig | None = None,
         harivo: HarivoConfig | None = None,
         motion_adapter: MotionAdapter | None = None,
+        cascade: CascadeConfig | None = None,
     ):
         super().__init__()
         self.cfg = cfg = cfg or ModelConfig()
         harivo = harivo or HarivoConfig()
+        self.stage = (cascade or CascadeConfig()).stage
         self.unet = unet.requires_grad_(False).eval()
         self.motion_adapter = (
             motion_adapter if motion_adapter is not None else build_motion_adapter(unet, cfg)
@@ -203,20 +238,37 @@ class VideoUNet(nn.Module):
             if harivo.contrastive_head
             else None
         )
+        # Cascade conditioning (PYoCo sec. 4): extra conv_in channels, and SR's augmentation level.
+        extra = cond_channels(self.stage, unet.config.in_channels)
+        self.cond_conv_in = zero_conv_like(unet.conv_in, extra) if extra else None
+        self.level_embedding = (
+            LevelEmbedding(
+                unet.config.block_out_channels[0],
+                unet.time_embedding.linear_2.out_features,
+                unet.config.flip_sin_to_cos,
+                unet.config.freq_shift,
+            )
+            if self.stage == "sr"
+            else None
+        )
         self._state = _RunState()
         self._state.checkpointing = cfg.gradient_checkpointing
         self._attach_hooks()
 
     @classmethod
     def from_pretrained(
-        cls, cfg: ModelConfig, harivo: HarivoConfig | None = None, torch_dtype: torch.dtype | None = None
+        cls,
+        cfg: ModelConfig,
+        harivo: HarivoConfig | None = None,
+        torch_dtype: torch.dtype | None = None,
+        cascade: CascadeConfig | None = None,
     ) -> VideoUNet:
         """Load the base UNet (hub id or local dir) and, if `cfg.motion_adapter` is set, the temporal layers."""
         unet = UNet2DConditionModel.from_pretrained(
             cfg.pretrained, subfolder=cfg.subfolder, revision=cfg.revision, torch_dtype=torch_dtype
         )
         adapter = MotionAdapter.from_pretrained(cfg.motion_adapter) if cfg.motion_adapter else None
-        return cls(unet, cfg, harivo, adapter)
+        return cls(unet, cfg, harivo, adapter, cascade)
 
     def _attach_hooks(self) -> None:
         unet, adapter, state = self.unet, self.motion_adapter, self._state
@@ -240,6 +292,10 @@ class VideoUNet(nn.Module):
                 raise NotImplementedError(f"attention-map capture does not support the norms of {name}")
             module.register_forward_hook(_AttentionMapHook(state), with_kwargs=True)
         unet.mid_block.register_forward_hook(_HSpaceHook(state))
+        if self.cond_conv_in is not None:
+            unet.conv_in.register_forward_hook(_ConditionHook(self.cond_conv_in, state))
+        if self.level_embedding is not None:
+            unet.time_embedding.register_forward_hook(_LevelHook(state))
 
     def decoder_self_attentions(self) -> list[tuple[str, nn.Module]]:
         """The N self-attention layers of the decoder (up blocks), in forward order (HARIVO eq. 3)."""
@@ -265,11 +321,18 @@ class VideoUNet(nn.Module):
         timesteps: torch.Tensor | float,
         encoder_hidden_states: torch.Tensor,
         image_mode: bool = False,
+        cond: torch.Tensor | None = None,
+        cond_level: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """model_pred (B, C, F, H, W) for noisy latents (B, C, F, H, W), timesteps (B,) and text (B, M, D)."""
+        """model_pred (B, C, F, H, W) for noisy latents (B, C, F, H, W), timesteps (B,) and text (B, M, D).
+
+        A cascade stage also takes its conditioning `cond` (B, C_cond, F, H, W), concatenated to the input
+        by the extra conv_in channels, and (SR) `cond_level` (B,), the conditioning's augmentation sigma.
+        """
         b, c, f, h, w = noisy_latents.shape  # (B, C, F, H, W)
         if not image_mode and f > self.cfg.max_frames:
             raise ValueError(f"{f} frames exceed model.max_frames={self.cfg.max_frames}")
+        self._check_condition(noisy_latents, cond, cond_level)
         if self.mapping_network is not None:
             noisy_latents = self.mapping_network(noisy_latents)  # (B, C, F, H, W)
         sample = noisy_latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # (B F, C, H, W)
@@ -278,11 +341,35 @@ class VideoUNet(nn.Module):
         text = self._frame_text(encoder_hidden_states, f, use_tokens=not image_mode)  # (B F, M [+K], D)
         state = self._state
         state.num_frames, state.temporal = f, not image_mode
+        if cond is not None:
+            state.cond = cond.permute(0, 2, 1, 3, 4).reshape(b * f, -1, h, w)  # (B F, C_cond, H, W)
+        if cond_level is not None:
+            level = torch.as_tensor(cond_level, device=sample.device).reshape(-1).expand(b)  # (B,)
+            state.level_emb = self.level_embedding(level.repeat_interleave(f))  # (B F, D_temb)
         try:
             out = self.unet(sample, timesteps, encoder_hidden_states=text).sample  # (B F, C, H, W)
         finally:
             state.num_frames, state.temporal = None, False
+            state.cond = state.level_emb = None
         return out.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)  # (B, C, F, H, W)
+
+    def _check_condition(
+        self, noisy_latents: torch.Tensor, cond: torch.Tensor | None, cond_level: torch.Tensor | None
+    ) -> None:
+        """A stage gets exactly the conditioning it was built for (no silent zero conditioning)."""
+        b, _, f, h, w = noisy_latents.shape
+        if self.cond_conv_in is None:
+            if cond is not None or cond_level is not None:
+                raise ValueError(f"this video model (cascade stage {self.stage!r}) takes no conditioning")
+            return
+        want = (b, self.cond_conv_in.in_channels, f, h, w)
+        if cond is None or tuple(cond.shape) != want:
+            got = None if cond is None else tuple(cond.shape)
+            raise ValueError(f"cascade stage {self.stage!r} needs cond of shape {want}, got {got}")
+        if self.level_embedding is not None and cond_level is None:
+            raise ValueError(f"cascade stage {self.stage!r} needs cond_level (the augmentation sigma)")
+        if self.level_embedding is None and cond_level is not None:
+            raise ValueError(f"cascade stage {self.stage!r} takes no cond_level")
 
     def _frame_text(self, encoder_hidden_states: torch.Tensor, f: int, use_tokens: bool) -> torch.Tensor:
         """Per-frame cross-attention tokens: the text tokens, plus K frame-wise tokens in video mode."""

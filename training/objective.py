@@ -10,6 +10,10 @@ Two forward processes:
 - 'edm' (PYoCo): ln sigma ~ N(P_mean, P_std^2), `x = latents + sigma noise`, L_simple replaced by
   lambda(sigma) ||D(x; sigma) - latents||^2 with the configured preconditioning. L_reg's lambda_t then
   uses the DDPM timestep whose sigma is nearest (the SD 2.1-as-EDM correspondence, seed 000 eq. 12).
+
+A PYoCo cascade stage (`cfg.cascade.stage`) adds its conditioning to every forward: the keyframes and
+mask (interp), or the upsampled, noise-augmented low-resolution latents and their level (sr); see
+`training/cascade.py`. The loss is the same denoising loss on all frames.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
+from training.cascade import training_condition
 from training.config import DiffusionConfig, TrainConfig
 from training.edm import (
     Denoiser,
@@ -78,12 +83,14 @@ class HarivoObjective(nn.Module):
         encoder_hidden_states: torch.Tensor,
         generator: torch.Generator | None = None,
         image_mode: bool = False,
+        cond_latents: torch.Tensor | None = None,
     ) -> LossTerms:
         """All loss terms for clean latents (B, C, F, H, W) and text embeddings (B, M, D).
 
         `image_mode`: an image batch (F = 1, or frames to treat independently): temporal layers and
         frame tokens are skipped and only L_simple is computed (joint image-video training).
         `generator` drives every random draw (noise, timesteps, positive frames): one per rank.
+        `cond_latents` (B, C, F, h, w): the SR stage's low-resolution latents of the same frames.
         """
         cfg, b, f = self.cfg, latents.shape[0], latents.shape[2]
         video = not image_mode and f > 1
@@ -95,6 +102,10 @@ class HarivoObjective(nn.Module):
             raise ValueError(
                 "loss.lambda_dc > 0 needs the model's contrastive head (HarivoObjective.for_model)"
             )
+
+        # Cascade conditioning (none for HARIVO / the base stage), drawn before the noise.
+        cond, cond_level = training_condition(cfg.cascade, latents, cond_latents, generator)
+        stage_kwargs = {"cond": cond, "cond_level": cond_level} if cond is not None else {}
 
         # Noise: the configured prior, correlated along F (i.i.d. for HARIVO, PYoCo mixed/progressive).
         noise = video_noise(
@@ -120,7 +131,9 @@ class HarivoObjective(nn.Module):
                 target = self.scheduler.get_velocity(latents, noise, timesteps)
 
             def predict(image: bool) -> torch.Tensor:
-                return model(noisy_latents, timesteps, encoder_hidden_states, image_mode=image)
+                return model(
+                    noisy_latents, timesteps, encoder_hidden_states, image_mode=image, **stage_kwargs
+                )
 
             with model.capture(attention_maps=need_trs, hspace=need_dc) as captured:  # outputs unchanged
                 model_pred = predict(image_mode)
@@ -133,7 +146,7 @@ class HarivoObjective(nn.Module):
             noisy_latents = latents + noise * sigma.reshape(b, 1, 1, 1, 1)  # (B, C, F, H, W)
 
             def predict(image: bool) -> tuple[torch.Tensor, torch.Tensor]:
-                kwargs = {"encoder_hidden_states": encoder_hidden_states, "image_mode": image}
+                kwargs = {"encoder_hidden_states": encoder_hidden_states, "image_mode": image, **stage_kwargs}
                 return denoiser(noisy_latents, sigma, return_model_pred=True, **kwargs)
 
             with model.capture(attention_maps=need_trs, hspace=need_dc) as captured:

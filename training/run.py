@@ -3,6 +3,9 @@
     python -m training.run --config training/configs/demo.yaml --data LATENTS --output RUN_DIR [a.b=value ...]
     ray job submit --working-dir . -- python -m training.run --config ... --data s3://... --output s3://...
 
+PYoCo cascade stages train the same way: `--config training/configs/pyoco_{base,interp,sr}.yaml` (or the
+`_demo` variants); the export records kind `pyoco_<stage>` for `training.sample --cascade`.
+
 `--data` is the pipeline's output (dir or URI); `--output` is the run directory (checkpoints, exports,
 TensorBoard). Running again with the same `--output` resumes from its latest checkpoint. With no cluster
 (no RAY_ADDRESS) a local Ray is started.
@@ -77,6 +80,18 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def export_kind(cfg: TrainConfig, kind: str | None = None) -> str:
+    """The kind recorded with the export: pyoco_<stage> for a cascade stage, else `kind` (default harivo)."""
+    if cfg.cascade.stage == "none":
+        return kind or "harivo"
+    from training.cascade import stage_kind
+
+    expected = stage_kind(cfg.cascade.stage)
+    if kind is not None and kind != expected:
+        raise ValueError(f"kind={kind!r} contradicts cascade.stage={cfg.cascade.stage} (kind {expected!r})")
+    return expected
+
+
 def build_trainer(cfg: TrainConfig, kind: str = "harivo", callbacks: list | None = None):
     """The TorchTrainer for `cfg` (the data store is checked first: a mismatch fails before any worker starts)."""
     import ray.train
@@ -117,20 +132,23 @@ def build_trainer(cfg: TrainConfig, kind: str = "harivo", callbacks: list | None
     ), run_dir
 
 
-def train(cfg: TrainConfig, kind: str = "harivo", callbacks: list | None = None) -> dict:
+def train(cfg: TrainConfig, kind: str | None = None, callbacks: list | None = None) -> dict:
     """Run training to `optim.max_steps` (resuming if the run exists); returns the final metrics and paths.
 
-    `kind` is recorded in the export (so a stage checkpoint of the wrong kind can be refused);
+    `kind` is recorded in the export (so a stage checkpoint of the wrong kind can be refused); None means
+    `pyoco_<stage>` for a cascade stage (cascade.stage) and "harivo" otherwise.
     `callbacks` are Ray Train callbacks (a Tune sweep passes its report callback)."""
     import ray
     import ray.data
 
+    kind = export_kind(cfg, kind)
     _ensure_base_model(cfg)
     cfg = absolute_paths(cfg)
     if not ray.is_initialized():
         ray.init(
             address=os.environ.get("RAY_ADDRESS"),
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+            # Ray Data logs every epoch's start at INFO (every few steps on a small store): warnings only.
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_DATA_LOG_LEVEL": "WARNING"}},
             log_to_driver=True,
         )
     # The loop prints its own progress (step / total, loss, ETA); Ray Data's per-epoch bars would drown it.

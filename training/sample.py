@@ -4,6 +4,8 @@
     python -m training.sample --checkpoint RUN --prompts prompts.txt --output OUT --config \\
         training/configs/sample_jvid.yaml sampler.steps=30 jvid.gamma=0.1
     python -m training.sample --replay OUT/000-0_a-dog-runs.json --output OUT2   # regenerate exactly
+    python -m training.sample --cascade base=RUN_B,interp=RUN_I,sr=RUN_S --prompt "a dog runs" \
+        --output OUT --config training/configs/sample_pyoco.yaml      # PYoCo chain (training/cascade_sample.py)
 
 Per video it writes `<name>.mp4`, `<name>.gif`, `<name>.latents.safetensors` and `<name>.json` (the
 checkpoint, the full resolved `SampleConfig`, prompt, seed, timesteps and JVID's per-step model choice),
@@ -30,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pipeline.config import add_config_args, from_dict, load_config, to_dict
+from training.cascade import StageCondition
 from training.config import TrainConfig
 from training.edm import Denoiser, ddpm_sigmas, sigma_to_timestep
 from training.guidance import cfg_scale, mg_guidance
@@ -56,7 +59,8 @@ __all__ = ["VideoPipeline", "generate", "load_pipeline", "main", "mg_guidance", 
 log = logging.getLogger(__name__)
 
 TRAINABLE_FILE = "trainable.safetensors"
-SAMPLEABLE_KINDS = ("harivo",)
+SAMPLEABLE_KINDS = ("harivo", "pyoco_base")
+"""Kinds `--checkpoint` samples on their own; the conditioned cascade stages run only in `--cascade`."""
 
 # ---- checkpoints ------------------------------------------------------------------------------------
 
@@ -77,8 +81,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
-def read_train_config(trainable: Path) -> tuple[TrainConfig, str]:
-    """(TrainConfig, kind) recorded with a checkpoint (file metadata, else config.yaml beside it)."""
+def read_train_config(
+    trainable: Path, kinds: tuple[str, ...] = SAMPLEABLE_KINDS, role: str = "training.sample"
+) -> tuple[TrainConfig, str]:
+    """(TrainConfig, kind) recorded with a checkpoint (file metadata, else config.yaml beside it).
+
+    A checkpoint whose kind is not in `kinds` is refused, naming both (`role` says who needs which)."""
     with safe_open(str(trainable), framework="pt") as f:
         meta = f.metadata() or {}
     text = meta.get("t2v.config")
@@ -88,8 +96,13 @@ def read_train_config(trainable: Path) -> tuple[TrainConfig, str]:
         raise ValueError(f"{trainable} records no training config (no t2v.config metadata, no config.yaml)")
     tree = OmegaConf.to_container(OmegaConf.create(text), resolve=True)
     kind = meta.get("t2v.kind", "harivo")
-    if kind not in SAMPLEABLE_KINDS:
-        raise ValueError(f"{trainable} is a {kind!r} checkpoint; training.sample samples {SAMPLEABLE_KINDS}")
+    if kind not in kinds:
+        hint = (
+            " (a cascade stage: use --cascade base=...,interp=...,sr=...)"
+            if kind.startswith("pyoco_")
+            else ""
+        )
+        raise ValueError(f"{trainable} is a {kind!r} checkpoint; {role} needs {' or '.join(kinds)}{hint}")
     return from_dict(TrainConfig, tree), kind
 
 
@@ -132,6 +145,7 @@ class VideoPipeline:
         self.vae, self.tokenizer, self.text_encoder = vae, tokenizer, text_encoder
         self.image_model, self.device, self.dtype = image_model, torch.device(device), dtype
         self.checkpoint, self.controlnet = checkpoint, controlnet
+        self._condition: StageCondition | None = None  # set by `sample` for a cascade stage
         o, m = cfg.output, train_cfg.model
         self.num_frames = o.num_frames or m.num_frames
         self.height = o.height or 8 * m.latent_size
@@ -190,7 +204,13 @@ class VideoPipeline:
         return self._video_fn if video_steps[i] else self.image_model
 
     def _video_fn(self, x, t, text):
-        return self.video(x, t, text)
+        c = self._condition
+        if c is None:
+            return self.video(x, t, text)
+        n = x.shape[0]  # CFG runs [uncond, cond] in one batch: both see the same conditioning
+        cond = c.cond.to(x.device, x.dtype).expand(n, -1, -1, -1, -1)  # (N, C_cond, F, h, w)
+        level = None if c.level is None else c.level.to(x.device).reshape(-1).expand(n)  # (N,)
+        return self.video(x, t, text, cond=cond, cond_level=level)
 
     def _mg(self, eps: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
         g = self.cfg.guidance
@@ -216,8 +236,21 @@ class VideoPipeline:
         return choose_video_steps(n, j.t_v, j.t_e, j.p_e, j.p_f, seed if j.seed is None else j.seed)
 
     @torch.no_grad()
-    def sample(self, prompt: str, seed: int) -> SampleResult:
-        """The final latents (1, C, F, h, w) for one prompt and seed (CPU generator: same noise on any device)."""
+    def sample(self, prompt: str, seed: int, condition: StageCondition | None = None) -> SampleResult:
+        """The final latents (1, C, F, h, w) for one prompt and seed (CPU generator: same noise on any device).
+
+        `condition`: a cascade stage's conditioning (`training/cascade.py`); its known latents (the
+        interpolation keyframes) replace the denoised estimate at their frames at every step.
+        """
+        if condition is not None and (self.cfg.jvid.enabled or self.cfg.sampler.kind in ("ddim", "ddpm")):
+            raise ValueError("a conditioned cascade stage samples with sampler.kind=euler/heun and no JVID")
+        self._condition = condition
+        try:
+            return self._sample(prompt, seed, condition)
+        finally:
+            self._condition = None
+
+    def _sample(self, prompt: str, seed: int, condition: StageCondition | None) -> SampleResult:
         cfg, s = self.cfg, self.cfg.sampler
         text = self.encode_prompt([cfg.guidance.negative_prompt, prompt])  # (2, 77, D): [uncond, cond]
         shape = (1, self.video.unet.config.in_channels, self.num_frames, self.height // 8, self.width // 8)
@@ -258,15 +291,22 @@ class VideoPipeline:
             sigmas = self._sigmas()
             denoise = {True: self._denoiser(self._video_fn), False: self._denoiser(self.image_model)}
 
+            def known(d: torch.Tensor) -> torch.Tensor:
+                """Keep the given latents (interpolation keyframes) where they are known."""
+                if condition is None or condition.known is None:
+                    return d
+                mask = condition.known_mask.to(d.device).reshape(1, 1, -1, 1, 1)  # (1, 1, F, 1, 1)
+                return torch.where(mask, condition.known.to(d.device, d.dtype), d)
+
             def denoise_fn(x_s: torch.Tensor, sigma: torch.Tensor, i: int) -> torch.Tensor:
                 fn = denoise[steps[i]]
                 d = self._predict(fn, x_s, sigma.reshape(1), text, scale(i))  # CFG on D is CFG on eps
                 if g.mg_alpha <= 0:
-                    return d
+                    return known(d)
                 # MG in DDPM terms: x_t = x / sqrt(1 + sigma^2), abar = 1 / (1 + sigma^2), eps = (x - D) / sigma.
                 a_t = 1 / (1 + sigma.float() ** 2)
                 eps = self._mg((x_s - d) / sigma, x_s * a_t**0.5, a_t)
-                return x_s - sigma * eps
+                return known(x_s - sigma * eps)
 
             sampler = sample_euler if s.kind == "euler" else sample_heun
             x = sampler(
@@ -341,9 +381,9 @@ def _per_frame(unet):
 
 def _build_video_model(trainable: Path, train_cfg: TrainConfig, base_unet, device, dtype) -> VideoUNet:
     model = (
-        VideoUNet(base_unet, train_cfg.model, train_cfg.harivo)
+        VideoUNet(base_unet, train_cfg.model, train_cfg.harivo, cascade=train_cfg.cascade)
         if base_unet is not None
-        else VideoUNet.from_pretrained(train_cfg.model, train_cfg.harivo)
+        else VideoUNet.from_pretrained(train_cfg.model, train_cfg.harivo, cascade=train_cfg.cascade)
     )
     model.load_trainable(trainable)
     return model.to(device, dtype).eval().requires_grad_(False)
@@ -416,13 +456,20 @@ def _control_images(cfg: SampleConfig, frames: list[int], height: int, width: in
     return resize_frames(images, height, width)
 
 
-def load_pipeline(checkpoint: str | Path, cfg: SampleConfig) -> VideoPipeline:
-    """Load the video model of `checkpoint` with its base (or the swapped one) and the sampler's extras."""
+def load_pipeline(
+    checkpoint: str | Path,
+    cfg: SampleConfig,
+    kinds: tuple[str, ...] = SAMPLEABLE_KINDS,
+    role: str = "training.sample --checkpoint",
+) -> VideoPipeline:
+    """Load the video model of `checkpoint` with its base (or the swapped one) and the sampler's extras.
+
+    `kinds`: the checkpoint kinds accepted (a cascade loads each stage with its own)."""
     from diffusers import AutoencoderKL, ControlNetModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     trainable = resolve_checkpoint(checkpoint)
-    train_cfg, _ = read_train_config(trainable)
+    train_cfg, _ = read_train_config(trainable, kinds, role)
     device, dtype = _device_dtype(cfg)
     base_dir = cfg.base.pretrained or train_cfg.model.pretrained
     if cfg.base.pretrained is None and train_cfg.model.subfolder is None:
@@ -546,10 +593,14 @@ def generate(pipe: VideoPipeline, prompts: list[str], output: str | Path, keep: 
 
 
 def replay(record_path: str | Path, output: str | Path, checkpoint: str | None = None) -> dict:
-    """Regenerate one video exactly from the JSON `generate` wrote next to it."""
+    """Regenerate one video exactly from the JSON `generate` (or the cascade's) wrote next to it."""
     rec = json.loads(Path(record_path).read_text())
     cfg = from_dict(SampleConfig, rec["config"])
     cfg.output.seed, cfg.output.videos_per_prompt = rec["seed"], 1
+    if "checkpoints" in rec:  # a --cascade record: every stage's checkpoint
+        from training.cascade_sample import generate_cascade, load_cascade
+
+        return generate_cascade(load_cascade(rec["checkpoints"], cfg), [rec["prompt"]], output)[0]
     pipe = load_pipeline(checkpoint or rec["checkpoint"], cfg)
     return generate(pipe, [rec["prompt"]], output)[0]
 
@@ -561,17 +612,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--prompts", help="file with one prompt per line")
     p.add_argument("--output", required=True, help="directory for mp4/gif/latents/JSON")
     p.add_argument("--replay", help="a JSON written by an earlier run: regenerate that video exactly")
+    p.add_argument(
+        "--cascade",
+        help="PYoCo chain base=CKPT,interp=CKPT,sr=CKPT (interp and sr optional): sample, upsample, decode",
+    )
     add_config_args(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if a.replay:
         return [replay(a.replay, a.output, a.checkpoint)]
-    if not a.checkpoint:
-        p.error("--checkpoint is required (unless --replay)")
+    if bool(a.checkpoint) == bool(a.cascade):
+        p.error("give exactly one of --checkpoint and --cascade (unless --replay)")
     prompts = list(a.prompt) + (read_prompts(a.prompts) if a.prompts else [])
     if not prompts:
         p.error("give --prompt and/or --prompts")
     cfg = load_config(SampleConfig, a.config, a.overrides)
+    if a.cascade:
+        from training.cascade_sample import generate_cascade, load_cascade, parse_cascade
+
+        records = generate_cascade(load_cascade(parse_cascade(a.cascade), cfg), prompts, a.output)
+        print(f"wrote {len(records)} cascade videos to {a.output}")
+        return records
     records = generate(load_pipeline(a.checkpoint, cfg), prompts, a.output)
     print(f"wrote {len(records)} videos to {a.output}")
     return records

@@ -155,6 +155,20 @@ class OutputConfig:
 
 
 @dataclass
+class CascadeSampleConfig:
+    """`--cascade`: the PYoCo chain base -> interpolation -> super-resolution (training/cascade_sample.py)."""
+
+    keyframe_replacement: bool = True
+    """Interpolation: keep the base's keyframes exactly (they replace the denoised estimate at their frames at
+    every step); False leaves them to the model, which sees them by concatenation only."""
+    sr_aug_sigma: float = 0.1
+    """Super-resolution: noise augmentation sigma of the upsampled conditioning at sampling (fed to the model,
+    as in training; not given in PYoCo, ours)."""
+    seed_stride: int = 1_000_003
+    """Stage k samples with seed + k * seed_stride (independent noise per stage, reproducible)."""
+
+
+@dataclass
 class EvalConfig:
     """`python -m training.evaluate`: the metrics and their reference data."""
 
@@ -183,6 +197,7 @@ class SampleConfig:
     base: BaseConfig = field(default_factory=BaseConfig)
     controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    cascade: CascadeSampleConfig = field(default_factory=CascadeSampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
@@ -213,6 +228,8 @@ class SampleConfig:
             v = getattr(self.output, name)
             if v is not None and (v < 8 or v % 8):
                 raise ValueError(f"output.{name}={v} must be a positive multiple of 8 (the VAE's factor)")
+        if self.cascade.sr_aug_sigma < 0:
+            raise ValueError(f"cascade.sr_aug_sigma={self.cascade.sr_aug_sigma} must be >= 0")
         if self.controlnet.images and self.controlnet.path is None:
             raise ValueError("controlnet.images given without controlnet.path")
         if self.controlnet.path is not None and not self.controlnet.images:

@@ -25,7 +25,7 @@ from pipeline.config import from_dict
 from training import deepspeed as ds
 from training.checkpoint import TrainerState, export_weights, read_rank_files, write_rank_files
 from training.config import TrainConfig
-from training.data import StoreInfo, TextEncoder, collate
+from training.data import StoreInfo, TextEncoder, collate_stage
 from training.model import VideoUNet
 from training.objective import HarivoObjective
 
@@ -90,12 +90,15 @@ def validation_loss(model, cfg: TrainConfig, info: StoreInfo, text_encoder, devi
     for i, batch in enumerate(shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="numpy")):
         if i >= cfg.data.val_batches:
             continue
-        latents, captions, embeds = collate(
+        latents, captions, embeds, cond_latents = collate_stage(
             batch, info, cfg.model.num_frames, cfg.data.frame_stride, None, device
         )
         text = embeds if embeds is not None else text_encoder(captions)
         generator = torch.Generator(device).manual_seed(10_000 + i)
-        terms = objective(model, latents.to(dtype), text.to(dtype), generator=generator)
+        cond_latents = cond_latents.to(dtype) if cond_latents is not None else None
+        terms = objective(
+            model, latents.to(dtype), text.to(dtype), generator=generator, cond_latents=cond_latents
+        )
         total += torch.tensor([float(terms.simple), 1.0], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(total)
@@ -104,6 +107,8 @@ def validation_loss(model, cfg: TrainConfig, info: StoreInfo, text_encoder, devi
 
 def train_fn_per_worker(config: dict) -> None:
     """Ray Train entry point; `config` = {"cfg": TrainConfig as dict, "store": StoreInfo as dict, ...}."""
+    # The loop prints its own progress line; Ray Train's per-report INFO lines would bury it.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = from_dict(TrainConfig, config["cfg"])
     info = StoreInfo(**config["store"])
     ctx = ray.train.get_context()
@@ -112,7 +117,7 @@ def train_fn_per_worker(config: dict) -> None:
 
     # Identical initialisation on every rank (DeepSpeed also broadcasts rank 0's weights at init).
     torch.manual_seed(cfg.run.seed)
-    model = VideoUNet.from_pretrained(cfg.model, cfg.harivo).to(device)
+    model = VideoUNet.from_pretrained(cfg.model, cfg.harivo, cascade=cfg.cascade).to(device)
     objective = HarivoObjective.for_model(cfg, model).to(device)
     engine, precision = ds.initialize(model, cfg.deepspeed, cfg.optim, cfg.run.use_gpu)
     dtype = DTYPES[precision]
@@ -161,15 +166,25 @@ def train_fn_per_worker(config: dict) -> None:
             t_step = time.perf_counter()
             data_s = t_step - t_data
             # Latents (B, C, F, h, w) and text (B, 77, D); every k-th step, single frames in image mode.
+            # A super-resolution stage also gets the low-resolution latents of the same frames.
             stride, rng = cfg.data.frame_stride, generator if cfg.data.random_start else None
-            latents, captions, embeds = collate(batch, info, cfg.model.num_frames, stride, rng, device)
+            latents, captions, embeds, cond_latents = collate_stage(
+                batch, info, cfg.model.num_frames, stride, rng, device
+            )
             text = embeds if embeds is not None else text_encoder(captions)
             image_mode = cfg.data.image_mode_every > 0 and (state.step + 1) % cfg.data.image_mode_every == 0
             if image_mode:
                 frame = int(torch.randint(0, latents.shape[2], (1,), generator=generator))
                 latents = latents[:, :, frame : frame + 1]  # (B, C, 1, h, w)
+                if cond_latents is not None:
+                    cond_latents = cond_latents[:, :, frame : frame + 1]  # (B, C, 1, h', w')
             terms = objective(
-                engine.module, latents.to(dtype), text.to(dtype), generator=generator, image_mode=image_mode
+                engine.module,
+                latents.to(dtype),
+                text.to(dtype),
+                generator=generator,
+                image_mode=image_mode,
+                cond_latents=cond_latents.to(dtype) if cond_latents is not None else None,
             )
             engine.backward(terms.total)
             engine.step()  # DeepSpeed only updates at the accumulation boundary

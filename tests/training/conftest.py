@@ -57,3 +57,24 @@ def tiny_checkpoint(tiny_zoo, tmp_path_factory):
     run = tmp_path_factory.mktemp("tiny-run")
     export_weights(model.trainable_state_dict(), dict(model.motion_adapter.config), cfg, str(run / "export"))
     return run
+
+
+@pytest.fixture(scope="session")
+def cascade_latents(ray_local, tiny_zoo, demo_shards, tmp_path_factory):
+    """(output dir, summary) of `pipeline/configs/cascade_demo.yaml` on the demo shards: a 16-frame 32 px
+    view `main` and the same frames at 64 px in view `sr` (the PYoCo cascade stages' store)."""
+    from pathlib import Path
+
+    from pipeline.run import run
+    from pipeline.settings import PipelineConfig
+
+    preset = Path(__file__).resolve().parents[2] / "pipeline" / "configs" / "cascade_demo.yaml"
+    zoo = [
+        f"clip.model={tiny_zoo.clip}",
+        f"aesthetic.head={tiny_zoo.aesthetic}",
+        f"encode.model={tiny_zoo.sd}",
+    ]
+    cfg = load_config(PipelineConfig, preset, [*zoo, "ray.progress_bars=false"])
+    out = tmp_path_factory.mktemp("cascade-latents")
+    cfg.input, cfg.output = str(demo_shards), str(out)
+    return out, run(cfg)

@@ -208,12 +208,28 @@ def test_bad_inputs_fail_fast_with_a_message(tiny_zoo, store, tmp_path, capsys):
         main(["--config", str(DEMO), "--output", str(tmp_path / "r"), "deepspeed.zero_stage=5"])
     with pytest.raises(SystemExit, match="no training data"):
         main(["--config", str(DEMO), "--output", str(tmp_path / "r"), f"model.pretrained={tiny_zoo.sd}"])
-    # Latents encoded with another model's VAE are refused, naming both.
-    cfg = _cfg(tiny_zoo, store, tmp_path / "r", f"model.pretrained={tiny_zoo.sd21}")
-    with pytest.raises(LatentStoreError, match=r"encoded with the VAE of .*sd.*but model.pretrained=.*sd21"):
+    # Latents encoded with another model's VAE are refused, naming both (a copy of the base whose VAE
+    # weights differ: same config, other content).
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    other = tmp_path / "other-vae-sd"
+    shutil.copytree(tiny_zoo.sd, other)
+    torch.manual_seed(123)
+    AutoencoderKL.from_config(AutoencoderKL.load_config(other, subfolder="vae")).save_pretrained(
+        other / "vae"
+    )
+    cfg = _cfg(tiny_zoo, store, tmp_path / "r", f"model.pretrained={other}")
+    with pytest.raises(
+        LatentStoreError, match=r"encoded with the VAE of .*sd.*but model.pretrained=.*other-vae-sd"
+    ):
         inspect_store(cfg)
     cfg = _cfg(tiny_zoo, store, tmp_path / "r", "model.num_frames=16")
     with pytest.raises(LatentStoreError, match="stores 8 frames; model.num_frames=16"):
         inspect_store(cfg)
     info = inspect_store(_cfg(tiny_zoo, store, tmp_path / "r"))
     assert info.latents_shape == [8, 4, 8, 8] and info.has_prompt_embeds
+    # A copy of the base elsewhere (same VAE files) is accepted: the VAE is compared by content.
+    shutil.copytree(tiny_zoo.sd, tmp_path / "moved-sd")
+    assert inspect_store(_cfg(tiny_zoo, store, tmp_path / "r", f"model.pretrained={tmp_path / 'moved-sd'}"))

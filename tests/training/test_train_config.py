@@ -33,8 +33,12 @@ def test_defaults_are_the_papers():
     assert (cfg.edm.sigma_data, cfg.edm.p_mean, cfg.edm.p_std) == (0.5, -1.2, 1.2)
 
 
-@pytest.mark.parametrize("preset", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
-def test_presets_load_and_round_trip(preset, tmp_path):
+@pytest.mark.parametrize(
+    "preset",
+    sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("sample_")),
+    ids=lambda p: p.name,
+)
+def test_presets_load_and_round_trip(preset, tmp_path):  # sample_*.yaml are SampleConfig presets
     cfg = load_config(TrainConfig, preset, ["loss.lambda_trs=0.2"])
     assert cfg.loss.lambda_trs == 0.2
     (tmp_path / "resolved.yaml").write_text(to_yaml(cfg))

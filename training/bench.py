@@ -1,0 +1,236 @@
+"""Training benchmark: where a step's time goes, and what ZeRO saves. Ratios measured side by side in one run.
+
+    python -m training.bench [--steps 20] [--unet tiny|small|sd15] [--zero-steps 6] [--skip-zero]
+
+Part 1, one process, the same model, objective and batch size, three ways to feed it:
+  in-memory  latents already in tensors (the floor: pure compute)
+  parquet    the pipeline's Parquet store streamed by Ray Data (what training.run does)
+  on-the-fly decode the mp4s with decord and VAE-encode them every step (AnimateDiff-style trainers)
+Part 2, peak memory per worker for ZeRO stages 0 / 2 / 3 (Ray Train, 2 workers, same model).
+
+Everything is generated first (demo shards, tiny zoo, the pipeline's latents). `--unet small|sd15` swaps in
+a random-init UNet of that size on the tiny zoo's VAE and text encoder (sd15 = SD 1.5's UNet layout;
+meant for a GPU machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+UNET_SIZES = {
+    "small": dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, attention_head_dim=8,
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+    "sd15": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+}
+
+
+def build_base(zoo_sd: Path, size: str, out: Path) -> Path:
+    """The tiny zoo's SD dir with its UNet replaced by a random-init one of `size` (same VAE/text encoder)."""
+    from diffusers import UNet2DConditionModel
+
+    if size == "tiny":
+        return zoo_sd
+    shutil.copytree(zoo_sd, out, dirs_exist_ok=True)
+    torch.manual_seed(0)
+    cross = UNet2DConditionModel.load_config(zoo_sd, subfolder="unet")["cross_attention_dim"]
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=cross,
+                                **UNET_SIZES[size])
+    shutil.rmtree(out / "unet")
+    unet.save_pretrained(out / "unet")
+    return out
+
+
+def _prepare(work: Path):
+    """Demo shards, the tiny zoo and the pipeline's latents for them."""
+    from pipeline.config import load_config
+    from pipeline.run import run as run_pipeline
+    from pipeline.settings import PipelineConfig
+    from pipeline.synth import write_shards
+    from pipeline.zoo import ensure_tiny_zoo
+
+    zoo = ensure_tiny_zoo(work / "zoo")
+    shards = work / "shards"
+    write_shards(shards, shards=2, per_shard=16, frames=24, fps=8, height=64, width=64, seed=0)
+    preset = Path(__file__).resolve().parents[1] / "pipeline" / "configs" / "demo.yaml"
+    cfg = load_config(PipelineConfig, preset, [f"clip.model={zoo.clip}", f"aesthetic.head={zoo.aesthetic}",
+                                               f"encode.model={zoo.sd}", "ray.progress_bars=false",
+                                               "motion.min_score=0"])
+    cfg.input, cfg.output = str(shards), str(work / "latents")
+    run_pipeline(cfg)
+    return zoo, shards, work / "latents"
+
+
+def _train_cfg(base: Path, store: Path, steps: int):
+    from pipeline.config import load_config
+    from training.config import TrainConfig
+
+    preset = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+    return load_config(TrainConfig, preset, [f"model.pretrained={base}", f"data.path={store}",
+                                             f"optim.max_steps={steps}", "data.val_fraction=0"])
+
+
+class _Stepper:
+    """One single-process training step of the real model and objective (plain AdamW, no DeepSpeed)."""
+
+    def __init__(self, cfg):
+        from training.model import VideoUNet
+        from training.objective import HarivoObjective
+
+        torch.manual_seed(0)
+        self.model = VideoUNet.from_pretrained(cfg.model, cfg.harivo).train()
+        self.objective = HarivoObjective.for_model(cfg, self.model)
+        self.opt = torch.optim.AdamW(self.model.trainable_parameters(), lr=1e-4)
+        self.gen = torch.Generator().manual_seed(0)
+
+    def __call__(self, latents: torch.Tensor, text: torch.Tensor) -> None:
+        terms = self.objective(self.model, latents, text, generator=self.gen)
+        terms.total.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def _timed(batches, stepper: _Stepper, steps: int) -> tuple[float, float]:
+    """(seconds per step, fraction of it spent waiting for data) over `steps` steps after one warm-up."""
+    it = iter(batches)
+    latents, text = next(it)
+    stepper(latents, text)  # warm-up: first-call allocations are not part of the steady state
+    wait = compute = 0.0
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        latents, text = next(it)
+        t1 = time.perf_counter()
+        stepper(latents, text)
+        t2 = time.perf_counter()
+        wait, compute = wait + t1 - t0, compute + t2 - t1
+    return (wait + compute) / steps, wait / (wait + compute)
+
+
+def _cycle(make):
+    while True:
+        yield from make()
+
+
+def feed_benchmark(cfg, zoo, shards: Path, store: Path, steps: int) -> list[tuple[str, float, float]]:
+    import decord
+    import ray.data
+    from diffusers import AutoencoderKL
+
+    from training.data import TextEncoder, collate, inspect_store
+
+    info = inspect_store(cfg)
+    b, f = cfg.optim.batch_size, cfg.model.num_frames
+    text_encoder = TextEncoder(str(zoo.sd), torch.device("cpu"))
+    stepper = _Stepper(cfg)
+
+    def parquet_batches():
+        ds = ray.data.read_parquet(info.clips_path, file_extensions=["parquet"])
+        for batch in ds.iter_batches(batch_size=b, batch_format="numpy", drop_last=True):
+            latents, captions, embeds = collate(batch, info, f, 1, None, torch.device("cpu"))
+            yield latents, embeds if embeds is not None else text_encoder(captions)
+
+    memory = []
+    for batch in parquet_batches():
+        memory.append(batch)
+        if len(memory) == 8:
+            break
+
+    vae = AutoencoderKL.from_pretrained(zoo.sd, subfolder="vae").eval()
+
+    def on_the_fly_batches():
+        # What trainers without a latent store do each step: read the tar, decode frames, run the VAE.
+        for tar_path in sorted(shards.glob("*.tar")):
+            with tarfile.open(tar_path) as tar:
+                members = {m.name: m for m in tar}
+                keys = sorted({n.rsplit(".", 1)[0] for n in members})
+                for i in range(0, len(keys) - b + 1, b):
+                    clips, captions = [], []
+                    for key in keys[i : i + b]:
+                        mp4 = tar.extractfile(members[f"{key}.mp4"]).read()
+                        reader = decord.VideoReader(io.BytesIO(mp4))
+                        idx = np.linspace(0, len(reader) - 1, f).round().astype(int).tolist()
+                        clips.append(reader.get_batch(idx).asnumpy())  # (F, H, W, 3) uint8
+                        captions.append(tar.extractfile(members[f"{key}.txt"]).read().decode())
+                        del reader
+                    pixels = torch.from_numpy(np.stack(clips)).float().div(127.5).sub(1)  # (B, F, H, W, 3)
+                    pixels = pixels.permute(0, 1, 4, 2, 3).flatten(0, 1)  # (B*F, 3, H, W)
+                    with torch.no_grad():
+                        lat = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+                    lat = lat.unflatten(0, (b, f)).permute(0, 2, 1, 3, 4)  # (B, C, F, h, w)
+                    yield lat, text_encoder(captions)
+
+    rows = []
+    for name, make in (("in-memory tensors", lambda: iter(memory)), ("parquet via Ray Data", parquet_batches),
+                       ("on-the-fly decode + VAE", on_the_fly_batches)):
+        step_s, wait = _timed(_cycle(make), stepper, steps)
+        rows.append((name, step_s, wait))
+    return rows
+
+
+def zero_benchmark(cfg, steps: int) -> list[tuple[int, float, float]]:
+    from training.run import train
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in (0, 2, 3):
+            cfg.deepspeed.zero_stage = stage
+            cfg.optim.max_steps = steps
+            cfg.run.storage_path, cfg.run.name = tmp, f"zero{stage}"
+            cfg.run.checkpoint_every, cfg.run.log_every, cfg.run.val_every = steps, steps, 0
+            t = time.perf_counter()
+            metrics = train(cfg)["metrics"]
+            rows.append((stage, metrics["peak_mem_mb"], time.perf_counter() - t))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m training.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=20, help="timed steps per feed")
+    p.add_argument("--unet", choices=("tiny", "small", "sd15"), default="tiny")
+    p.add_argument("--zero-steps", type=int, default=6)
+    p.add_argument("--skip-zero", action="store_true")
+    p.add_argument("--work", help="keep generated data here (default: a temp dir)")
+    a = p.parse_args(argv)
+
+    import ray
+
+    work = Path(a.work or tempfile.mkdtemp(prefix="t2v-bench-"))
+    ray.init(num_cpus=2 if not torch.cuda.is_available() else None, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    zoo, shards, store = _prepare(work)
+    base = build_base(zoo.sd, a.unet, work / f"base-{a.unet}")
+    cfg = _train_cfg(base, store, a.steps)
+    n_params = sum(p.numel() for p in __import__("diffusers").UNet2DConditionModel.from_pretrained(
+        base, subfolder="unet").parameters())
+    print(f"\nT2V-Ray training benchmark: UNet '{a.unet}' ({n_params / 1e6:.1f}M params, frozen), "
+          f"{cfg.model.num_frames} frames, 64 px -> 8x8 latents, batch {cfg.optim.batch_size}, "
+          f"{torch.get_num_threads()} torch threads, {'GPU' if torch.cuda.is_available() else 'CPU'}")
+    rows = feed_benchmark(cfg, zoo, shards, store, a.steps)
+    base_step = rows[0][1]
+    print(f"{'feed':28s}{'s/step':>10s}{'data wait':>12s}{'vs in-memory':>14s}")
+    for name, step_s, wait in rows:
+        print(f"{name:28s}{step_s:10.3f}{wait:11.1%}{step_s / base_step:13.2f}x")
+    print(f"precomputed latents speed-up over on-the-fly: {rows[2][1] / rows[1][1]:.2f}x per step")
+    if not a.skip_zero:
+        zero = zero_benchmark(cfg, a.zero_steps)
+        print(f"\n{'ZeRO stage':12s}{'peak MiB/worker':>18s}{'wall s':>10s}   (2 Ray Train workers, {a.zero_steps} steps)")
+        for stage, mem, wall in zero:
+            print(f"{stage:<12d}{mem:18.0f}{wall:10.1f}")
+    (work / "bench.json").write_text(json.dumps({"feeds": rows, "unet": a.unet}, indent=1))
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -28,12 +28,20 @@ import numpy as np
 import torch
 
 UNET_SIZES = {
-    "small": dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, attention_head_dim=8,
-                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
-    "sd15": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+    "small": dict(
+        block_out_channels=(64, 128, 256, 256),
+        layers_per_block=2,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ),
+    "sd15": dict(
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ),
 }
 
 
@@ -46,8 +54,9 @@ def build_base(zoo_sd: Path, size: str, out: Path) -> Path:
     shutil.copytree(zoo_sd, out, dirs_exist_ok=True)
     torch.manual_seed(0)
     cross = UNet2DConditionModel.load_config(zoo_sd, subfolder="unet")["cross_attention_dim"]
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=cross,
-                                **UNET_SIZES[size])
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=cross, **UNET_SIZES[size]
+    )
     shutil.rmtree(out / "unet")
     unet.save_pretrained(out / "unet")
     return out
@@ -65,9 +74,17 @@ def _prepare(work: Path):
     shards = work / "shards"
     write_shards(shards, shards=2, per_shard=16, frames=24, fps=8, height=64, width=64, seed=0)
     preset = Path(__file__).resolve().parents[1] / "pipeline" / "configs" / "demo.yaml"
-    cfg = load_config(PipelineConfig, preset, [f"clip.model={zoo.clip}", f"aesthetic.head={zoo.aesthetic}",
-                                               f"encode.model={zoo.sd}", "ray.progress_bars=false",
-                                               "motion.min_score=0"])
+    cfg = load_config(
+        PipelineConfig,
+        preset,
+        [
+            f"clip.model={zoo.clip}",
+            f"aesthetic.head={zoo.aesthetic}",
+            f"encode.model={zoo.sd}",
+            "ray.progress_bars=false",
+            "motion.min_score=0",
+        ],
+    )
     cfg.input, cfg.output = str(shards), str(work / "latents")
     run_pipeline(cfg)
     return zoo, shards, work / "latents"
@@ -78,8 +95,11 @@ def _train_cfg(base: Path, store: Path, steps: int):
     from training.config import TrainConfig
 
     preset = Path(__file__).resolve().parent / "configs" / "demo.yaml"
-    return load_config(TrainConfig, preset, [f"model.pretrained={base}", f"data.path={store}",
-                                             f"optim.max_steps={steps}", "data.val_fraction=0"])
+    return load_config(
+        TrainConfig,
+        preset,
+        [f"model.pretrained={base}", f"data.path={store}", f"optim.max_steps={steps}", "data.val_fraction=0"],
+    )
 
 
 class _Stepper:
@@ -102,20 +122,24 @@ class _Stepper:
         self.opt.zero_grad(set_to_none=True)
 
 
-def _timed(batches, stepper: _Stepper, steps: int) -> tuple[float, float]:
-    """(seconds per step, fraction of it spent waiting for data) over `steps` steps after one warm-up."""
-    it = iter(batches)
-    latents, text = next(it)
-    stepper(latents, text)  # warm-up: first-call allocations are not part of the steady state
-    wait = compute = 0.0
+def _timed_interleaved(feeds: dict, stepper: _Stepper, steps: int) -> dict[str, tuple[float, float]]:
+    """{feed: (seconds per step, fraction waiting for data)}, the feeds taking turns step by step so a
+    machine whose load changes during the run slows them all alike; one warm-up step each first."""
+    iters = {name: iter(batches) for name, batches in feeds.items()}
+    for it in iters.values():
+        stepper(*next(it))  # warm-up: first-call allocations are not part of the steady state
+    wait = dict.fromkeys(feeds, 0.0)
+    compute = dict.fromkeys(feeds, 0.0)
     for _ in range(steps):
-        t0 = time.perf_counter()
-        latents, text = next(it)
-        t1 = time.perf_counter()
-        stepper(latents, text)
-        t2 = time.perf_counter()
-        wait, compute = wait + t1 - t0, compute + t2 - t1
-    return (wait + compute) / steps, wait / (wait + compute)
+        for name, it in iters.items():
+            t0 = time.perf_counter()
+            latents, text = next(it)
+            t1 = time.perf_counter()
+            stepper(latents, text)
+            t2 = time.perf_counter()
+            wait[name] += t1 - t0
+            compute[name] += t2 - t1
+    return {n: ((wait[n] + compute[n]) / steps, wait[n] / (wait[n] + compute[n])) for n in feeds}
 
 
 def _cycle(make):
@@ -171,12 +195,12 @@ def feed_benchmark(cfg, zoo, shards: Path, store: Path, steps: int) -> list[tupl
                     lat = lat.unflatten(0, (b, f)).permute(0, 2, 1, 3, 4)  # (B, C, F, h, w)
                     yield lat, text_encoder(captions)
 
-    rows = []
-    for name, make in (("in-memory tensors", lambda: iter(memory)), ("parquet via Ray Data", parquet_batches),
-                       ("on-the-fly decode + VAE", on_the_fly_batches)):
-        step_s, wait = _timed(_cycle(make), stepper, steps)
-        rows.append((name, step_s, wait))
-    return rows
+    feeds = {
+        "in-memory tensors": _cycle(lambda: iter(memory)),
+        "parquet via Ray Data": _cycle(parquet_batches),
+        "on-the-fly decode + VAE": _cycle(on_the_fly_batches),
+    }
+    return [(name, *timing) for name, timing in _timed_interleaved(feeds, stepper, steps).items()]
 
 
 def zero_benchmark(cfg, steps: int) -> list[tuple[int, float, float]]:
@@ -207,16 +231,26 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     work = Path(a.work or tempfile.mkdtemp(prefix="t2v-bench-"))
-    ray.init(num_cpus=2 if not torch.cuda.is_available() else None, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    ray.init(
+        num_cpus=2 if not torch.cuda.is_available() else None,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     zoo, shards, store = _prepare(work)
     base = build_base(zoo.sd, a.unet, work / f"base-{a.unet}")
     cfg = _train_cfg(base, store, a.steps)
-    n_params = sum(p.numel() for p in __import__("diffusers").UNet2DConditionModel.from_pretrained(
-        base, subfolder="unet").parameters())
-    print(f"\nT2V-Ray training benchmark: UNet '{a.unet}' ({n_params / 1e6:.1f}M params, frozen), "
-          f"{cfg.model.num_frames} frames, 64 px -> 8x8 latents, batch {cfg.optim.batch_size}, "
-          f"{torch.get_num_threads()} torch threads, {'GPU' if torch.cuda.is_available() else 'CPU'}")
+    n_params = sum(
+        p.numel()
+        for p in __import__("diffusers")
+        .UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+        .parameters()
+    )
+    print(
+        f"\nT2V-Ray training benchmark: UNet '{a.unet}' ({n_params / 1e6:.1f}M params, frozen), "
+        f"{cfg.model.num_frames} frames, 64 px -> 8x8 latents, batch {cfg.optim.batch_size}, "
+        f"{torch.get_num_threads()} torch threads, {'GPU' if torch.cuda.is_available() else 'CPU'}"
+    )
     rows = feed_benchmark(cfg, zoo, shards, store, a.steps)
     base_step = rows[0][1]
     print(f"{'feed':28s}{'s/step':>10s}{'data wait':>12s}{'vs in-memory':>14s}")
@@ -225,7 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"precomputed latents speed-up over on-the-fly: {rows[2][1] / rows[1][1]:.2f}x per step")
     if not a.skip_zero:
         zero = zero_benchmark(cfg, a.zero_steps)
-        print(f"\n{'ZeRO stage':12s}{'peak MiB/worker':>18s}{'wall s':>10s}   (2 Ray Train workers, {a.zero_steps} steps)")
+        print(
+            f"\n{'ZeRO stage':12s}{'peak MiB/worker':>18s}{'wall s':>10s}   (2 Ray Train workers, {a.zero_steps} steps)"
+        )
         for stage, mem, wall in zero:
             print(f"{stage:<12d}{mem:18.0f}{wall:10.1f}")
     (work / "bench.json").write_text(json.dumps({"feeds": rows, "unet": a.unet}, indent=1))

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray.train
@@ -193,22 +193,23 @@ def train_fn_per_worker(config: dict) -> None:
             if state.batches_in_epoch % micro == 0:
                 state.step += 1
                 _after_step(
-                    cfg,
-                    config,
+                    _Worker(
+                        cfg,
+                        config,
+                        engine,
+                        objective,
+                        generator,
+                        writer,
+                        rank,
+                        info,
+                        text_encoder,
+                        device,
+                        dtype,
+                        started,
+                        start_step,
+                    ),
                     state,
-                    engine,
-                    objective,
-                    generator,
                     meter,
-                    writer,
-                    rank,
-                    world,
-                    started,
-                    start_step,
-                    info,
-                    text_encoder,
-                    device,
-                    dtype,
                 )
             t_data = time.perf_counter()
         if seen == 0:
@@ -234,25 +235,28 @@ def train_fn_per_worker(config: dict) -> None:
         writer.close()
 
 
-def _after_step(
-    cfg,
-    config,
-    state,
-    engine,
-    objective,
-    generator,
-    meter,
-    writer,
-    rank,
-    world,
-    started,
-    start_step,
-    info,
-    text_encoder,
-    device,
-    dtype,
-) -> None:
+@dataclass
+class _Worker:
+    """What `_after_step` needs of this worker: fixed for the whole run."""
+
+    cfg: TrainConfig
+    config: dict
+    engine: object
+    objective: HarivoObjective
+    generator: torch.Generator
+    writer: object
+    rank: int
+    info: StoreInfo
+    text_encoder: object
+    device: torch.device
+    dtype: torch.dtype
+    started: float
+    start_step: int
+
+
+def _after_step(w: _Worker, state: TrainerState, meter: _Meter) -> None:
     """Fault injection, validation, metric reports and checkpoints after optimiser step `state.step`."""
+    cfg, config, engine, rank, device, dtype = w.cfg, w.config, w.engine, w.rank, w.device, w.dtype
     step, run = state.step, cfg.run
     marker = config.get("fault_marker")
     if run.fail_at_step == step and rank == 0 and marker and not os.path.exists(marker):
@@ -269,11 +273,11 @@ def _after_step(
     metrics.update(step=step, epoch=state.epoch, lr=engine.get_lr()[0], peak_mem_mb=_peak_memory_mb(device))
     if do_val:
         engine.eval()
-        metrics["val_loss"] = validation_loss(engine.module, cfg, info, text_encoder, device, dtype)
+        metrics["val_loss"] = validation_loss(engine.module, cfg, w.info, w.text_encoder, device, dtype)
         engine.train()
     if rank == 0:
-        done = step - start_step
-        eta = (time.perf_counter() - started) / max(done, 1) * (cfg.optim.max_steps - step)
+        done = step - w.start_step
+        eta = (time.perf_counter() - w.started) / max(done, 1) * (cfg.optim.max_steps - step)
         val = f" val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
         print(
             f"step {step}/{cfg.optim.max_steps} loss {metrics.get('loss', math.nan):.4f}{val} "
@@ -281,11 +285,11 @@ def _after_step(
             f"data-wait {metrics['data_wait_frac']:.0%} ETA {_eta(eta)}",
             flush=True,
         )
-        if writer is not None:
+        if w.writer is not None:
             for k, v in metrics.items():
                 if isinstance(v, float) and k not in ("step", "epoch"):
-                    writer.add_scalar(k, v, step)
-            writer.flush()
+                    w.writer.add_scalar(k, v, step)
+            w.writer.flush()
     if not do_ckpt:
         ray.train.report(metrics)
         return
@@ -294,7 +298,7 @@ def _after_step(
     directory = Path(tempfile.mkdtemp(prefix="t2v-ckpt-"))
     try:
         ds.save_shard(engine, directory)
-        write_rank_files(directory, rank, state, generator, objective, cfg)
+        write_rank_files(directory, rank, state, w.generator, w.objective, cfg)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(str(directory)),

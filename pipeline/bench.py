@@ -2,19 +2,27 @@
 
 (a) clips/s of the Ray Data pipeline vs. a plain single-process loop doing the same
     read -> metadata -> decode -> motion -> CLIP/aesthetic -> VAE encode with the same stage code;
-(b) decord frames/s when sampling a clip vs. decoding every frame of the same videos.
+(b) decord: sampling a clip vs. decoding every frame, on short and long videos of the same kind.
 
-    python -m pipeline.bench                 # ~2-3 minutes on 2 CPU cores
-    python -m pipeline.bench --videos 48 --size 128 --frames 64
+    python -m pipeline.bench            # ~5 minutes on 2 CPU cores (shards cached); results also in bench.json
+    python -m pipeline.bench --videos 768
+
+The videos are shaped like WebVid's (596x336, 24 fps, a keyframe every second) and the clips like the
+demo's (16 frames at 8 fps, 64x64), so decoding costs what it does on real data while the tiny models
+stand in for a GPU: cheap next to decode. The plain loop runs with its models already loaded. The
+pipeline is timed end to end (Ray Data starting its actor pools and loading the models in them, on the
+same cores, included) and in steady state: its output rate between the moments a quarter and three
+quarters of the clips were out, past start-up and before the last clips drain.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
-import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +30,10 @@ import numpy as np
 from pipeline.config import load_config, to_dict
 
 DEMO = Path(__file__).parent / "configs" / "demo.yaml"
+PER_SHARD = 24
 
 
-def bench_config(zoo, size: int, clip_frames: int, extra: list[str]):
+def bench_config(zoo, size: int, clip_frames: int, extra: list[str], clip_fps: float = 8.0):
     from pipeline.settings import PipelineConfig
 
     return load_config(
@@ -37,7 +46,7 @@ def bench_config(zoo, size: int, clip_frames: int, extra: list[str]):
             f"views.main.height={size}",
             f"views.main.width={size}",
             f"views.main.num_frames={clip_frames}",
-            "views.main.fps=8.0",
+            f"views.main.fps={clip_fps}",
             "metadata.min_side=32",
             "motion.min_score=0",
             "ray.progress_bars=false",
@@ -46,8 +55,50 @@ def bench_config(zoo, size: int, clip_frames: int, extra: list[str]):
     )
 
 
+def make_shards(out: Path, videos: int, workers: int, **video) -> Path:
+    """`videos` videos in shards of PER_SHARD, written by `workers` processes; reused when already there."""
+    from pipeline.synth import write_shards
+
+    stamp = repr(sorted(video.items())) + f" videos={videos}"
+    if (out / "params.txt").exists() and (out / "params.txt").read_text() == stamp:
+        return out
+    shards = -(-videos // PER_SHARD)
+    with ProcessPoolExecutor(workers) as pool:
+        jobs = [
+            pool.submit(
+                write_shards,
+                out / f"{s:05d}",
+                shards=1,
+                per_shard=min(PER_SHARD, videos - s * PER_SHARD),
+                first_index=s * PER_SHARD,
+                **video,
+            )
+            for s in range(shards)
+        ]
+        for job in jobs:
+            job.result()
+    (out / "params.txt").write_text(stamp)
+    return out
+
+
+def plain_loop_process(cfg, shard_spec: str) -> tuple[int, float]:
+    """`plain_loop` in a fresh process, so that neither side runs after the other in the same process."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_plain_loop_job, (to_dict(cfg), shard_spec))
+
+
+def _plain_loop_job(cfg: dict, shard_spec: str) -> tuple[int, float]:
+    from pipeline.read import list_shards
+    from pipeline.settings import from_dict
+
+    fs, shards = list_shards(shard_spec)
+    return plain_loop(from_dict(cfg), sorted(shards, key=lambda sh: sh.stem), fs)
+
+
 def plain_loop(cfg, shards, fs) -> tuple[int, float]:
-    """The same stages called one after another in this process; decode in-process with decord."""
+    """The same stages called one after another in one process; decode in-process with decord."""
     import torch
 
     from pipeline import stream
@@ -85,131 +136,189 @@ def plain_loop(cfg, shards, fs) -> tuple[int, float]:
     return clips, time.perf_counter() - t0
 
 
-def ray_pipeline(cfg, shards, fs) -> tuple[int, float, float]:
-    """(clips, wall seconds incl. actor start-up, steady-state seconds from the first output)."""
+def cpu_times() -> list[int]:
+    """The machine's CPU counters from /proc/stat (user nice system idle iowait irq softirq steal), or []."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except OSError:
+        return []
+
+
+def busy_and_steal(before: list[int], after: list[int]) -> str:
+    """How busy the cores were between two `cpu_times()` and how much the hypervisor took (steal)."""
+    if not before or not after:
+        return "n/a"
+    d = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(d) or 1
+    return f"busy {100 * (total - d[3] - d[4] - d[7]) / total:.0f}%, steal {100 * d[7] / total:.0f}%"
+
+
+def ray_pipeline(cfg, shards, fs) -> tuple[int, float, list[tuple[float, int]]]:
+    """(clips, wall seconds from starting the dataset incl. actor start-up and model loading, the output
+    timeline as (seconds, clips so far))."""
     from pipeline import stream
     from pipeline.run import build_dataset, init_ray
 
     init_ray(cfg)
-    clips, first = 0, None
-    t0 = time.perf_counter()
+    clips, timeline, t0 = 0, [], time.perf_counter()
     for batch in build_dataset(cfg, shards, fs).iter_batches(batch_format="pyarrow", batch_size=None):
-        n = sum(stream.alive(r) for r in batch.select(["row_kind", "reason"]).to_pylist())
-        if n and first is None:
-            first, first_n = time.perf_counter(), n
-        clips += n
-    end = time.perf_counter()
-    return clips, end - t0, (clips - first_n) / (end - first) if first and clips > first_n else float("nan")
+        clips += sum(stream.alive(r) for r in batch.select(["row_kind", "reason"]).to_pylist())
+        timeline.append((time.perf_counter() - t0, clips))
+    return clips, time.perf_counter() - t0, timeline
 
 
-def decord_rates(mp4s: list[bytes], clip_frames: int) -> tuple[float, float, float, float]:
-    """(sampled frames/s, all frames/s, s/video sampled, s/video all)."""
+def middle_rate(timeline: list[tuple[float, int]], lo: float = 0.25, hi: float = 0.75) -> float:
+    """Clips/s between the moments `lo` and `hi` of all clips were out: past start-up, before the tail."""
+    total = timeline[-1][1]
+    t_lo, n_lo = next(p for p in timeline if p[1] >= lo * total)
+    t_hi, n_hi = next(p for p in timeline if p[1] >= hi * total)
+    return (n_hi - n_lo) / (t_hi - t_lo) if t_hi > t_lo else float("nan")
+
+
+def decord_seconds(mp4s: list[bytes], clip_frames: int, stride: int) -> tuple[float, float, int]:
+    """(s/video to sample a centred `clip_frames` clip every `stride` frames, s/video to decode all, frames)."""
     import decord
 
-    def run(sample: bool):
-        frames, t0 = 0, time.perf_counter()
+    def run(sample: bool) -> float:
+        t0 = time.perf_counter()
         for data in mp4s:
             vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
             n = len(vr)
-            idx = (
-                np.linspace(n // 4, n // 4 + (clip_frames - 1) * 2, clip_frames).astype(int).clip(0, n - 1)
-                if sample
-                else np.arange(n)
-            )
-            vr.get_batch(idx.tolist()).asnumpy()
-            frames += len(idx)
+            first = max(0, (n - (clip_frames - 1) * stride) // 2)
+            idx = first + stride * np.arange(clip_frames) if sample else np.arange(n)
+            vr.get_batch(idx.clip(0, n - 1).tolist()).asnumpy()
             del vr
-        return frames, time.perf_counter() - t0
+        return (time.perf_counter() - t0) / len(mp4s)
 
-    fs_, ts = run(True)
-    fa, ta = run(False)
-    return fs_ / ts, fa / ta, ts / len(mp4s), ta / len(mp4s)
+    run(True)  # warm-up: first use of the decoder
+    n = len(decord.VideoReader(io.BytesIO(mp4s[0]), num_threads=1))
+    return run(True), run(False), n
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--videos", type=int, default=96, help="videos in total (4 shards)")
-    p.add_argument("--size", type=int, default=128, help="video and clip resolution (pixels)")
-    p.add_argument("--frames", type=int, default=48, help="frames per video (8 fps)")
+    p.add_argument(
+        "--videos", type=int, default=384, help="videos of the long pipeline run (and the plain loop)"
+    )
+    p.add_argument("--short-run", type=int, default=96, help="videos of the short pipeline run")
+    p.add_argument("--seconds", type=float, default=3.0, help="video length for (a)")
+    p.add_argument("--long-seconds", type=float, default=10.0, help="the long videos of (b)")
+    p.add_argument("--height", type=int, default=336, help="source video height")
+    p.add_argument("--width", type=int, default=596, help="source video width")
+    p.add_argument("--fps", type=int, default=24, help="source frame rate; also the keyframe interval (1 s)")
+    p.add_argument("--size", type=int, default=64, help="clip resolution (square)")
     p.add_argument("--clip-frames", type=int, default=16, help="frames per clip")
-    p.add_argument("--workdir", default=None, help="where to write shards (default: a temp dir)")
-    p.add_argument("overrides", nargs="*", help="pipeline config overrides for the Ray run")
+    p.add_argument("--clip-fps", type=float, default=8.0, help="clip frame rate")
+    p.add_argument("--workdir", default="runs/bench-pipeline", help="shards are written (and reused) here")
+    p.add_argument("overrides", nargs="*", help="pipeline config overrides for the Ray runs")
     a = p.parse_args(argv)
 
     import ray
 
     from pipeline.read import list_shards
-    from pipeline.synth import write_shards
     from pipeline.zoo import DEFAULT_ZOO_DIR, ensure_tiny_zoo
 
-    zoo = ensure_tiny_zoo(DEFAULT_ZOO_DIR)
-    work = Path(a.workdir or tempfile.mkdtemp(prefix="t2v-bench-"))
-    write_shards(
-        work / "shards",
-        shards=4,
-        per_shard=a.videos // 4,
-        frames=a.frames,
-        fps=8,
-        height=a.size,
-        width=a.size,
-        seed=5,
-    )
-    fs, shards = list_shards(str(work / "shards"))
     cpus = os.cpu_count() or 1
+    zoo = ensure_tiny_zoo(DEFAULT_ZOO_DIR)
+    work = Path(a.workdir)
+    video = dict(fps=a.fps, height=a.height, width=a.width, gop=a.fps, seed=5)
+    t_synth = time.perf_counter()
+    shard_dir = make_shards(work / "shards", a.videos, cpus, frames=round(a.seconds * a.fps), **video)
+    long_dir = make_shards(work / "long", 2 * PER_SHARD, cpus, frames=round(a.long_seconds * a.fps), **video)
+    t_synth = time.perf_counter() - t_synth
+    fs, shards = list_shards(str(shard_dir))
+    shards = sorted(shards, key=lambda sh: sh.stem)
+
+    # Place the stages on the cores: a decoder per core, one model actor (CLIP + aesthetic + VAE, 1 torch
+    # thread) per 4 cores, CPU shares small enough that they and the read tasks all fit; blocks of a few
+    # samples so the decoders share a shard and the model actor starts on its first clips.
     ray_overrides = [
-        "decode.concurrency=1",
-        "score.concurrency=1",
-        f"encode.concurrency={max(1, cpus - 1)}",
-        "read.num_cpus=0.25",
+        f"decode.concurrency={cpus}",
         "decode.num_cpus=0.5",
-        "score.num_cpus=0.25",
+        f"encode.concurrency={max(1, cpus // 4)}",
         "encode.num_cpus=0.5",
+        "read.num_cpus=0.25",
+        "ray.max_block_mb=0.25",
         *a.overrides,
     ]
-    cfg_ray = bench_config(zoo, a.size, a.clip_frames, ray_overrides)
-    cfg_plain = bench_config(zoo, a.size, a.clip_frames, [])
+    clip = dict(clip_fps=a.clip_fps)
+    cfg_ray = bench_config(zoo, a.size, a.clip_frames, ray_overrides, **clip)
+    cfg_plain = bench_config(zoo, a.size, a.clip_frames, [], **clip)
 
-    n_plain, t_plain = plain_loop(cfg_plain, shards, fs)
+    c0 = cpu_times()
+    n_plain, t_plain = plain_loop_process(cfg_plain, str(shard_dir))
+    c1 = cpu_times()
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    n_ray, t_ray, steady = ray_pipeline(cfg_ray, shards, fs)
+    c2 = cpu_times()
+    n_ray, t_ray, timeline = ray_pipeline(cfg_ray, shards, fs)
+    c3 = cpu_times()
     ray.shutdown()
+
+    import tarfile
 
     import decord
 
-    mp4s = []
-    import tarfile
+    def mp4s_of(d: Path) -> list[bytes]:
+        with tarfile.open(sorted(d.rglob("*.tar"))[0]) as tar:
+            return [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".mp4")]
 
-    with tarfile.open(work / "shards" / "00000.tar") as tar:
-        mp4s = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".mp4")]
-    sampled_fps, all_fps, t_sampled, t_all = decord_rates(mp4s, a.clip_frames)
+    stride = max(1, round(a.fps / a.clip_fps))
+    dec = {
+        name: decord_seconds(mp4s_of(d), a.clip_frames, stride)
+        for name, d in (("short", shard_dir), ("long", long_dir))
+    }
 
-    plain_rate, ray_rate = n_plain / t_plain, n_ray / t_ray
+    plain_rate, ray_rate, steady = n_plain / t_plain, n_ray / t_ray, middle_rate(timeline)
+    first_out = timeline[0][0]
     print(
-        f"\nT2V-Ray pipeline benchmark: {a.videos} videos {a.size}x{a.size}, {a.frames} frames @ 8 fps -> "
-        f"clips of {a.clip_frames} frames; tiny models; {cpus} CPU cores; decord {decord.__version__}"
+        f"\nT2V-Ray pipeline benchmark on {cpus} CPU cores (decord {decord.__version__}; shards written in "
+        f"{t_synth:.0f} s, not timed)\n"
+        f"videos {a.width}x{a.height}, {a.fps} fps, keyframe every {a.fps} frames, {a.seconds:g} s -> clips of "
+        f"{a.clip_frames} frames at {a.clip_fps:g} fps, {a.size}x{a.size}; tiny models; text embeddings on"
     )
-    print(f"{'':38s}{'clips':>7s}{'seconds':>10s}{'clips/s':>10s}{'ratio':>8s}")
+    print(f"\n(a) {'':41s}{'clips':>7s}{'seconds':>10s}{'clips/s':>10s}{'ratio':>8s}")
     print(
-        f"{'plain loop (1 process, torch ' + str(cpus) + ' thr)':38s}{n_plain:7d}{t_plain:10.1f}"
-        f"{plain_rate:10.2f}{1.0:8.2f}"
-    )
-    print(
-        f"{'Ray Data pipeline, end to end':38s}{n_ray:7d}{t_ray:10.1f}{ray_rate:10.2f}{ray_rate / plain_rate:8.2f}"
-    )
-    print(f"{'Ray Data pipeline, steady state':38s}{'':7s}{'':10s}{steady:10.2f}{steady / plain_rate:8.2f}")
-    print(
-        f"  (end to end includes Ray Data starting {len(cfg_ray.views)} view(s) x 3 actor pools and loading the "
-        "models in them; steady state counts from the first clip out)"
-    )
-    print(f"\n{'decord, same ' + str(len(mp4s)) + ' videos':38s}{'frames/s':>10s}{'s/video':>10s}")
-    print(f"{'sample a ' + str(a.clip_frames) + '-frame clip':38s}{sampled_fps:10.0f}{t_sampled:10.4f}")
-    print(f"{'decode all ' + str(a.frames) + ' frames':38s}{all_fps:10.0f}{t_all:10.4f}")
-    print(
-        f"  per video, clip sampling costs {t_sampled / t_all:.2f}x of decoding every frame "
-        f"({a.clip_frames}/{a.frames} = {a.clip_frames / a.frames:.2f} of the frames)"
+        f"    {'plain loop (1 process, models loaded)':41s}{n_plain:7d}{t_plain:10.1f}{plain_rate:10.2f}{1:8.2f}"
+        f"   CPU {busy_and_steal(c0, c1)}"
     )
     print(
-        f"\nratio pipeline / plain loop: {ray_rate / plain_rate:.2f}x end to end, {steady / plain_rate:.2f}x steady"
+        f"    {'Ray Data pipeline, end to end':41s}{n_ray:7d}{t_ray:10.1f}{ray_rate:10.2f}"
+        f"{ray_rate / plain_rate:8.2f}   CPU {busy_and_steal(c2, c3)}"
+    )
+    print(f"    {'Ray Data pipeline, steady state':41s}{'':17s}{steady:10.2f}{steady / plain_rate:8.2f}")
+    print(
+        f"    first clip out after {first_out:.1f} s (actor pools starting, models loading, on the same cores); "
+        "steady state: the rate from 25% to 75% of the clips out"
+    )
+    result = {
+        "args": vars(a),
+        "cpus": cpus,
+        "plain": {"clips": n_plain, "seconds": t_plain, "cpu": busy_and_steal(c0, c1)},
+        "ray": {
+            "clips": n_ray,
+            "seconds": t_ray,
+            "steady_clips_per_s": steady,
+            "cpu": busy_and_steal(c2, c3),
+            "timeline": timeline,
+        },
+        "decord_s_per_video": {k: {"clip": v[0], "all": v[1], "frames": v[2]} for k, v in dec.items()},
+    }
+    (work / "bench.json").write_text(json.dumps(result, indent=1))
+    print(f"\n(b) decord, {2 * PER_SHARD} videos per length{'':12s}{'s/video':>10s}{'frames':>8s}")
+    for name, (t_clip, t_all, n) in dec.items():
+        print(
+            f"    {name + ' videos: sample a ' + str(a.clip_frames) + '-frame clip':41s}{t_clip:10.4f}{a.clip_frames:8d}"
+        )
+        print(f"    {name + ' videos: decode every frame':41s}{t_all:10.4f}{n:8d}")
+    (cs, as_, ns), (cl, al, nl) = dec["short"], dec["long"]
+    print(
+        f"    {nl / ns:.1f}x longer videos: decoding all frames costs {al / as_:.2f}x, sampling the clip "
+        f"{cl / cs:.2f}x; on the long videos the clip costs {cl / al:.2f}x of decoding all "
+        f"({a.clip_frames}/{nl} = {a.clip_frames / nl:.2f} of the frames)"
+    )
+    print(
+        f"\nratio pipeline / plain loop: {steady / plain_rate:.2f}x steady state, "
+        f"{ray_rate / plain_rate:.2f}x end to end on {a.videos} videos"
     )
 
 

@@ -197,7 +197,7 @@ class IsolatedDecoder:
         self.served = 0
         self.restarts = 0
 
-    def _start(self) -> None:
+    def start(self) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.decode"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
@@ -226,7 +226,7 @@ class IsolatedDecoder:
     def decode(self, req: dict) -> dict:
         if self.proc is None or self.proc.poll() is not None or self.served >= self.max_samples:
             self.close()
-            self._start()
+            self.start()
         assert self.proc is not None and self.proc.stdin is not None
         self.served += 1
         deadline = time.monotonic() + self.timeout_s
@@ -280,6 +280,7 @@ class DecodeStage(stream.RowStage):
     def setup(self) -> None:
         d = self.cfg.decode
         self.decoder = IsolatedDecoder(d.timeout_s, d.max_samples_per_process)
+        self.decoder.start()
 
     def added_columns(self) -> list[str]:
         cols = [

@@ -39,6 +39,7 @@ _RUNTIME_FIELDS = {
     "max_samples_per_process",
     "samples_per_block",
     "frames_per_batch",
+    "own_actors",
 }
 
 
@@ -142,6 +143,40 @@ def init_ray(cfg: PipelineConfig) -> None:
     ctx.enable_progress_bars = cfg.ray.progress_bars
 
 
+def check_fits(cfg: PipelineConfig) -> None:
+    """Refuse a layout whose actor pools leave no CPU for the read tasks: Ray Data would wait forever.
+
+    Checked against the CPUs Ray has now; on a cluster with an autoscaler more may come, so only a warning.
+    """
+    import ray
+
+    pools = [("decode", cfg.decode.concurrency, cfg.decode.num_cpus)]
+    if cfg.score.own_actors:
+        pools.append(("score", cfg.score.concurrency, cfg.score.num_cpus))
+    pools.append(("encode", cfg.encode.concurrency, cfg.encode.num_cpus))
+    need = sum(n * c for _, n, c in pools) + cfg.read.num_cpus
+    have = ray.cluster_resources().get("CPU", 0.0)
+    if need > have + 1e-9:
+        detail = " + ".join(f"{name} {n} x {c:g}" for name, n, c in pools)
+        msg = (
+            f"the actor pools ({detail}) plus one read task ({cfg.read.num_cpus:g}) need {need:g} CPUs; Ray has "
+            f"{have:g}. Lower <stage>.concurrency or <stage>.num_cpus (fractions are fine), or add CPUs"
+        )
+        if _local_cluster():  # no autoscaler will add CPUs here
+            raise ConfigError(msg)
+        log.warning("%s; waiting for the autoscaler to add them", msg)
+
+
+def _local_cluster() -> bool:
+    """True when every Ray node is this machine (a local Ray: no autoscaler will add CPUs)."""
+    import socket
+
+    import ray
+
+    here = socket.gethostname()
+    return all(n.get("NodeManagerHostname") == here for n in ray.nodes() if n.get("Alive"))
+
+
 def build_dataset(cfg: PipelineConfig, shards, fs):
     """The lazy Ray Data pipeline over `shards` (nothing runs until it is iterated)."""
     import ray
@@ -156,44 +191,38 @@ def build_dataset(cfg: PipelineConfig, shards, fs):
     d, retries = to_dict(cfg), cfg.ray.max_retries
     task = dict(batch_format="pyarrow", max_retries=retries)
     # Actors are restarted a finite number of times: Ray Data's default would retry a crash loop forever.
-    actor = dict(
-        batch_format="pyarrow", max_restarts=retries, max_task_retries=retries, fn_constructor_args=(d,)
-    )
-    # The metadata filter is fused into the read tasks, and its finite max_retries with them.
+    actor = dict(batch_format="pyarrow", max_restarts=retries, max_task_retries=retries)
+    # The motion filter runs in the decode actors and (by default) scoring in the encode actors: chained
+    # stages skip a trip through the object store, and their models load once per actor.
     ds = ray.data.read_datasource(
         ShardDatasource(shards, fs, cfg.read),
         num_cpus=cfg.read.num_cpus,
         concurrency=cfg.read.concurrency or None,
+        ray_remote_args={"max_retries": retries},
     )
     ds = ds.map_batches(
         stream.task_fn(MetadataFilter, d), batch_size=None, num_cpus=cfg.read.num_cpus, **task
     )
-    ds = ds.map_batches(
-        DecodeStage,
-        batch_size=cfg.decode.batch_size,
-        concurrency=cfg.decode.concurrency,
-        num_cpus=cfg.decode.num_cpus,
-        **actor,
-    )
-    ds = ds.map_batches(
-        stream.task_fn(MotionFilter, d), batch_size=cfg.score.batch_size, num_cpus=cfg.score.num_cpus, **task
-    )
-    ds = ds.map_batches(
-        ClipScorer,
-        batch_size=cfg.score.batch_size,
-        concurrency=cfg.score.concurrency,
-        num_cpus=cfg.score.num_cpus,
-        num_gpus=cfg.score.num_gpus or None,
-        **actor,
-    )
-    ds = ds.map_batches(
-        VaeEncoder,
-        batch_size=cfg.encode.batch_size,
-        concurrency=cfg.encode.concurrency,
-        num_cpus=cfg.encode.num_cpus,
-        num_gpus=cfg.encode.num_gpus or None,
-        **actor,
-    )
+
+    def actor_pool(ds, stage_cls, section, cfg_tree: dict):
+        """`stage_cls` on an actor pool sized by a config section (batch_size, concurrency, num_cpus/gpus)."""
+        return ds.map_batches(
+            stream.actor_cls(stage_cls),
+            batch_size=section.batch_size,
+            concurrency=section.concurrency,
+            num_cpus=section.num_cpus,
+            num_gpus=getattr(section, "num_gpus", 0) or None,
+            **{**actor, "fn_constructor_args": (cfg_tree,)},
+        )
+
+    ds = actor_pool(ds, stream.chain(DecodeStage, MotionFilter), cfg.decode, d)
+    if cfg.score.own_actors:
+        ds = actor_pool(ds, ClipScorer, cfg.score, d)
+        ds = actor_pool(ds, VaeEncoder, cfg.encode, d)
+    else:  # scoring runs in the encode actors, on their device and threads
+        e = cfg.encode
+        shared = {**d, "score": {**d["score"], "num_gpus": e.num_gpus, "torch_threads": e.torch_threads}}
+        ds = actor_pool(ds, stream.chain(ClipScorer, VaeEncoder), cfg.encode, shared)
     return ds
 
 
@@ -240,6 +269,7 @@ def run(cfg: PipelineConfig) -> dict:
     written: list[str] = []
     if todo:
         init_ray(cfg)
+        check_fits(cfg)
         writer = ShardWriter(
             store,
             info_views,

@@ -123,18 +123,22 @@ class AestheticConfig:
 
 @dataclass
 class ScoreConfig:
-    """The actor pool that runs CLIP (+ aesthetic head) once per clip."""
+    """Where CLIP (+ aesthetic head) runs, once per clip: in the encode actors (default) or its own pool."""
 
+    own_actors: bool = False
+    """False: score inside the encode actors (one model actor per slot loads CLIP, head and VAE; clips skip an
+    object-store hop, and on a small machine the models load once, not twice). True: a scoring pool of its own,
+    sized by the fields below, to scale scoring and encoding separately (e.g. GPU fractions for each)."""
     batch_size: int = 16
     """Clips per scoring batch."""
     concurrency: int = 1
-    """Scoring actors."""
+    """Scoring actors (with `own_actors`)."""
     num_cpus: float = 1.0
-    """CPUs reserved per scoring actor."""
+    """CPUs reserved per scoring actor (with `own_actors`)."""
     num_gpus: float = 0.0
-    """GPUs per scoring actor (0 on CPU-only clusters; fractions share a GPU)."""
+    """GPUs per scoring actor (with `own_actors`; 0 on CPU-only clusters; fractions share a GPU)."""
     torch_threads: int = 1
-    """torch intra-op threads per actor on CPU."""
+    """torch intra-op threads per actor on CPU (with `own_actors`; else the encode actor's)."""
 
 
 @dataclass

@@ -152,22 +152,27 @@ def render(scene: Scene, num_frames: int, height: int, width: int) -> np.ndarray
     return frames
 
 
-def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
-    """H.264 mp4 bytes, yuv420p, moov first; deterministic (single-threaded x264, no timestamps)."""
+def encode_mp4(frames: np.ndarray, fps: int, gop: int = 0) -> bytes:
+    """H.264 mp4 bytes, yuv420p, moov first; deterministic (single-threaded x264, no timestamps).
+
+    `gop`: frames between keyframes (0: x264's default of 250, i.e. one keyframe for a short clip).
+    """
     # faststart rewrites the file in a second pass, which needs a real file rather than BytesIO.
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "clip.mp4")
-        _write_mp4(path, frames, fps)
+        _write_mp4(path, frames, fps, gop)
         with open(path, "rb") as f:
             return f.read()
 
 
-def _write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
+def _write_mp4(path: str, frames: np.ndarray, fps: int, gop: int = 0) -> None:
     with av.open(path, mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
         stream = container.add_stream("libx264", rate=Fraction(fps))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "20", "preset": "veryfast", "threads": "1", "bf": "0"}
+        if gop:
+            stream.options["g"] = str(gop)
         stream.codec_context.thread_count = 1
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
@@ -246,13 +251,14 @@ def make_video_sample(
     width: int,
     bad: str | None = None,
     short_frames: int = 3,
+    gop: int = 0,
 ) -> tuple[str, dict[str, bytes]]:
     """(key, {extension: bytes}) for one sample; `bad` picks one of `BAD_KINDS`."""
     rng = np.random.default_rng([seed, index])
     scene = sample_scene(rng)
     key = f"{index:09d}" + (f"_bad_{bad}" if bad else "")
     n = {"one_frame": 1, "too_short": short_frames}.get(bad or "", frames)
-    mp4 = encode_mp4(render(scene, n, height, width), fps)
+    mp4 = encode_mp4(render(scene, n, height, width), fps, gop)
     meta = sample_json(key, index, scene.caption, n, fps, height, width, len(mp4))
     caption = scene.caption.encode("utf-8")
     if bad == "truncated":
@@ -311,11 +317,15 @@ def write_shards(
     bad: bool = False,
     short_frames: int = 3,
     cut_last: bool = False,
+    gop: int = 0,
+    first_index: int = 0,
 ) -> dict:
     """Write `shards` tars of `per_shard` good samples (+ one of each bad kind per shard if `bad`).
 
     `cut_last` truncates the last shard's tar mid-way (a partial upload); its lost keys are listed
-    in the manifest under `cut_keys`. Returns the manifest, also written to `out/manifest.json`.
+    in the manifest under `cut_keys`. `gop` is the keyframe interval in frames (0: x264's default).
+    Sample keys count up from `first_index`, so sets written separately can share one dataset.
+    Returns the manifest, also written to `out/manifest.json`.
     """
     if kind not in ("video", "image"):
         raise ValueError(f"kind must be 'video' or 'image', not {kind!r}")
@@ -330,9 +340,10 @@ def write_shards(
         "height": height,
         "width": width,
         "seed": seed,
+        "gop": gop,
         "shards": {},
     }
-    index = 0
+    index = first_index
     for s in range(shards):
         name = f"{s:05d}.tar"
         samples = []
@@ -342,7 +353,7 @@ def write_shards(
             for bad_kind in kinds:
                 if kind == "video":
                     key, members = make_video_sample(
-                        index, seed, frames, fps, height, width, bad_kind, short_frames
+                        index, seed, frames, fps, height, width, bad_kind, short_frames, gop
                     )
                 else:
                     key, members = make_image_sample(index, seed, height, width)
@@ -390,6 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--short-frames", type=int, default=3, help="frames in the 'too_short' bad video")
     p.add_argument("--cut-last", action="store_true", help="truncate the last shard's tar half-way")
+    p.add_argument("--gop", type=int, default=0, help="keyframe interval in frames (0: x264 default, 250)")
     a = p.parse_args(argv)
     m = write_shards(
         a.out,
@@ -404,6 +416,7 @@ def main(argv: list[str] | None = None) -> None:
         a.bad,
         a.short_frames,
         a.cut_last,
+        a.gop,
     )
     n = sum(len(s["samples"]) for s in m["shards"].values())
     print(f"wrote {len(m['shards'])} {a.kind} shards, {n} samples, to {a.out}")

@@ -149,19 +149,25 @@ def _cycle(make):
 
 def feed_benchmark(cfg, zoo, shards: Path, store: Path, steps: int) -> list[tuple[str, float, float]]:
     import decord
-    import ray.data
     from diffusers import AutoencoderKL
 
-    from training.data import TextEncoder, collate, inspect_store
+    from training.data import TextEncoder, build_datasets, collate, inspect_store
 
     info = inspect_store(cfg)
     b, f = cfg.optim.batch_size, cfg.model.num_frames
-    text_encoder = TextEncoder(str(zoo.sd), torch.device("cpu"))
+    text_encoder = TextEncoder.from_pretrained(str(zoo.sd), torch.device("cpu"))
     stepper = _Stepper(cfg)
 
-    def parquet_batches():
-        ds = ray.data.read_parquet(info.clips_path, file_extensions=["parquet"])
-        for batch in ds.iter_batches(batch_size=b, batch_format="numpy", drop_last=True):
+    train = build_datasets(cfg, info)["train"]  # as training.run builds it (a small store is cached)
+
+    def parquet_batches():  # one epoch, as a worker iterates its shard
+        batches = train.iter_batches(
+            batch_size=b,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+        )
+        for batch in batches:
             latents, captions, embeds = collate(batch, info, f, 1, None, torch.device("cpu"))
             yield latents, embeds if embeds is not None else text_encoder(captions)
 

@@ -15,20 +15,16 @@ and `<name>.json` (checkpoints, config, seeds, shapes), plus `samples.json`.
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from pipeline.config import from_dict, to_dict
 from training.cascade import STAGES, interp_num_frames, interp_stage_condition, sr_stage_condition, stage_kind
-from training.sample import VideoPipeline, _slug, load_pipeline, read_train_config, resolve_checkpoint
+from training.sample import VideoPipeline, load_pipeline, read_train_config, resolve_checkpoint, write_videos
 from training.sample_config import SampleConfig
-from training.video_io import write_gif, write_mp4
 
 log = logging.getLogger(__name__)
 
@@ -149,46 +145,18 @@ def generate_cascade(
     pipe: CascadePipeline, prompts: list[str], output: str | Path, keep: bool = False
 ) -> list[dict]:
     """Run the chain for every prompt x videos_per_prompt, decode the final latents, write mp4/latents/JSON."""
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg, o = pipe.cfg, pipe.cfg.output
-    records = []
-    for i, prompt in enumerate(prompts):
-        for k in range(o.videos_per_prompt):
-            seed = o.seed + i * o.videos_per_prompt + k
-            name = f"{i:03d}-{k}_{_slug(prompt)}"
-            t0 = time.perf_counter()
-            result = pipe.sample(prompt, seed)
-            final = result.latents[list(result.latents)[-1]]
-            frames = pipe.decode(final)  # (F, 3, H, W)
-            files = {}
-            if o.mp4:
-                files["mp4"] = write_mp4(frames, out / f"{name}.mp4", o.fps).name
-            if o.gif:
-                files["gif"] = write_gif(frames, out / f"{name}.gif", o.fps).name
-            if o.save_latents:
-                tensors = {s: v.contiguous() for s, v in result.latents.items()}
-                save_file(tensors, str(out / f"{name}.latents.safetensors"))
-                files["latents"] = f"{name}.latents.safetensors"
-            record = {
-                "prompt": prompt,
-                "seed": seed,
-                "checkpoints": {s: p.checkpoint for s, p in pipe.stages.items()},
-                "name": name,
-                "files": files,
-                "config": to_dict(cfg),
-                "stages": {
-                    s: {"seed": result.seeds[s], "latents_shape": list(result.latents[s].shape)}
-                    for s in result.latents
-                },
-                "frames_shape": list(frames.shape),
-                "seconds": round(time.perf_counter() - t0, 3),
-            }
-            (out / f"{name}.json").write_text(json.dumps(record, indent=2))
-            if keep:
-                record = {**record, "latents": result.latents, "frames": frames}
-            records.append(record)
-            log.info("wrote %s (%s, seed %d)", name, prompt, seed)
-    index = [{k: v for k, v in r.items() if k not in ("latents", "frames", "config")} for r in records]
-    (out / "samples.json").write_text(json.dumps({"config": to_dict(cfg), "videos": index}, indent=2))
-    return records
+
+    def sample_one(prompt: str, seed: int):
+        result = pipe.sample(prompt, seed)
+        frames = pipe.decode(result.latents[list(result.latents)[-1]])  # (F, 3, H, W)
+        fields = {
+            "checkpoints": {s: p.checkpoint for s, p in pipe.stages.items()},
+            "stages": {
+                s: {"seed": result.seeds[s], "latents_shape": list(result.latents[s].shape)}
+                for s in result.latents
+            },
+            "frames_shape": list(frames.shape),
+        }
+        return frames, result.latents, fields
+
+    return write_videos(sample_one, pipe.cfg, prompts, output, keep)

@@ -261,15 +261,25 @@ def collate_stage(
 
 
 class TextEncoder:
-    """The base model's frozen CLIP text encoder, for stores without precomputed prompt embeddings."""
+    """A frozen CLIP text encoder and its tokenizer: captions -> (B, 77, D) last hidden states, as SD
+    conditions on. Training uses it for stores without precomputed prompt embeddings; sampling for prompts."""
 
-    def __init__(self, pretrained: str, device: torch.device, revision: str | None = None):
+    def __init__(self, tokenizer, model, device: torch.device):
+        self.tokenizer, self.model, self.device = (
+            tokenizer,
+            model.requires_grad_(False).eval().to(device),
+            device,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained: str, device: torch.device, revision: str | None = None
+    ) -> TextEncoder:
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        self.tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", revision=revision)
-        self.model = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", revision=revision)
-        self.model.requires_grad_(False).eval().to(device)
-        self.device = device
+        tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", revision=revision)
+        model = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", revision=revision)
+        return cls(tokenizer, model, device)
 
     @torch.no_grad()
     def __call__(self, captions: list[str]) -> torch.Tensor:
@@ -280,4 +290,4 @@ class TextEncoder:
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        return self.model(ids)[0].float()  # (B, 77, D): last hidden state, as SD conditions on
+        return self.model(ids)[0]  # (B, 77, D) in the model's dtype

@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from safetensors.torch import save_file
 from pipeline.config import add_config_args, from_dict, load_config, to_dict
 from training.cascade import StageCondition
 from training.config import TrainConfig
+from training.data import TextEncoder
 from training.edm import Denoiser, ddpm_sigmas, sigma_to_timestep
 from training.guidance import cfg_scale, mg_guidance
 from training.jvid import choose_video_steps, entropy_reduced_noise, p_video, smooth_latents
@@ -142,7 +144,7 @@ class VideoPipeline:
         controlnet: ControlNetHook | None = None,
     ):
         self.video, self.train_cfg, self.cfg = video, train_cfg, cfg
-        self.vae, self.tokenizer, self.text_encoder = vae, tokenizer, text_encoder
+        self.vae, self.text = vae, TextEncoder(tokenizer, text_encoder, torch.device(device))
         self.image_model, self.device, self.dtype = image_model, torch.device(device), dtype
         self.checkpoint, self.controlnet = checkpoint, controlnet
         self._condition: StageCondition | None = None  # set by `sample` for a cascade stage
@@ -165,14 +167,7 @@ class VideoPipeline:
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """(B, 77, D) last hidden states of the base's text encoder, as training encoded captions."""
-        ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0].to(self.dtype)
+        return self.text(prompts).to(self.dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -494,7 +489,6 @@ def load_pipeline(
             )
         merge_lora({"unet": base_unet, "text_encoder": text_encoder}, cfg.base.lora, cfg.base.lora_scale)
     video = _build_video_model(trainable, train_cfg, base_unet, device, dtype)
-    text_encoder.to(device).eval().requires_grad_(False)
     vae.to(device).eval().requires_grad_(False)
     image_model = _image_model(cfg, video, train_cfg, device, dtype) if cfg.jvid.enabled else None
     pipe = VideoPipeline(
@@ -536,60 +530,73 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def generate(pipe: VideoPipeline, prompts: list[str], output: str | Path, keep: bool = False) -> list[dict]:
-    """Sample, decode and write every prompt x videos_per_prompt; returns the records (with tensors if `keep`)."""
-    import diffusers
-
+def write_videos(
+    sample_one: Callable[[str, int], tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor], dict]],
+    cfg: SampleConfig,
+    prompts: list[str],
+    output: str | Path,
+    keep: bool = False,
+) -> list[dict]:
+    """Every prompt x videos_per_prompt through `sample_one(prompt, seed)` -> (frames (F, 3, H, W), latents
+    (one tensor, or one per cascade stage), record fields); writes mp4 / gif / latents and a JSON record per
+    video, then `samples.json`. Returns the records (with the tensors if `keep`)."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    cfg, o = pipe.cfg, pipe.cfg.output
+    o = cfg.output
     records = []
     for i, prompt in enumerate(prompts):
         for k in range(o.videos_per_prompt):
             seed = o.seed + i * o.videos_per_prompt + k
             name = f"{i:03d}-{k}_{_slug(prompt)}"
             t0 = time.perf_counter()
-            result = pipe.sample(prompt, seed)
-            frames = pipe.decode(result.latents)
+            frames, latents, fields = sample_one(prompt, seed)
             files = {}
             if o.mp4:
                 files["mp4"] = write_mp4(frames, out / f"{name}.mp4", o.fps).name
             if o.gif:
                 files["gif"] = write_gif(frames, out / f"{name}.gif", o.fps).name
             if o.save_latents:
-                save_file({"latents": result.latents.contiguous()}, str(out / f"{name}.latents.safetensors"))
+                tensors = latents if isinstance(latents, dict) else {"latents": latents}
+                save_file(
+                    {s: v.contiguous() for s, v in tensors.items()}, str(out / f"{name}.latents.safetensors")
+                )
                 files["latents"] = f"{name}.latents.safetensors"
-            record = {
-                "prompt": prompt,
-                "seed": seed,
-                "checkpoint": pipe.checkpoint,
-                "name": name,
-                "files": files,
-                "config": to_dict(cfg),
-                "resolved": {
-                    "num_frames": pipe.num_frames,
-                    "height": pipe.height,
-                    "width": pipe.width,
-                    "fps": o.fps,
-                    "device": str(pipe.device),
-                    "dtype": str(pipe.dtype).removeprefix("torch."),
-                    "noise_prior": pipe.noise_prior,
-                    "noise_alpha": pipe.noise_alpha,
-                    "levels": result.levels,
-                    "video_steps": result.video_steps,
-                    "train_diffusion": to_dict(pipe.train_cfg.diffusion),
-                },
-                "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
-                "seconds": round(time.perf_counter() - t0, 3),
-            }
+            record = {"prompt": prompt, "seed": seed, "name": name, "files": files, "config": to_dict(cfg)}
+            record.update(fields, seconds=round(time.perf_counter() - t0, 3))
             (out / f"{name}.json").write_text(json.dumps(record, indent=2))
             if keep:
-                record = {**record, "latents": result.latents, "frames": frames}
+                record = {**record, "latents": latents, "frames": frames}
             records.append(record)
             log.info("wrote %s (%s, seed %d)", name, prompt, seed)
     index = [{k: v for k, v in r.items() if k not in ("latents", "frames", "config")} for r in records]
     (out / "samples.json").write_text(json.dumps({"config": to_dict(cfg), "videos": index}, indent=2))
     return records
+
+
+def generate(pipe: VideoPipeline, prompts: list[str], output: str | Path, keep: bool = False) -> list[dict]:
+    """Sample, decode and write every prompt x videos_per_prompt; returns the records (with tensors if `keep`)."""
+    import diffusers
+
+    def sample_one(prompt: str, seed: int):
+        result = pipe.sample(prompt, seed)
+        resolved = {
+            "num_frames": pipe.num_frames,
+            "height": pipe.height,
+            "width": pipe.width,
+            "fps": pipe.cfg.output.fps,
+            "device": str(pipe.device),
+            "dtype": str(pipe.dtype).removeprefix("torch."),
+            "noise_prior": pipe.noise_prior,
+            "noise_alpha": pipe.noise_alpha,
+            "levels": result.levels,
+            "video_steps": result.video_steps,
+            "train_diffusion": to_dict(pipe.train_cfg.diffusion),
+        }
+        versions = {"torch": torch.__version__, "diffusers": diffusers.__version__}
+        fields = {"checkpoint": pipe.checkpoint, "resolved": resolved, "versions": versions}
+        return pipe.decode(result.latents), result.latents, fields
+
+    return write_videos(sample_one, pipe.cfg, prompts, output, keep)
 
 
 def replay(record_path: str | Path, output: str | Path, checkpoint: str | None = None) -> dict:

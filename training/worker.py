@@ -122,7 +122,9 @@ def train_fn_per_worker(config: dict) -> None:
     engine, precision = ds.initialize(model, cfg.deepspeed, cfg.optim, cfg.run.use_gpu)
     dtype = DTYPES[precision]
     text_encoder = (
-        None if info.has_prompt_embeds else TextEncoder(cfg.model.pretrained, device, cfg.model.revision)
+        None
+        if info.has_prompt_embeds
+        else TextEncoder.from_pretrained(cfg.model.pretrained, device, cfg.model.revision)
     )
     # Per-rank random stream: noise, timesteps, frame starts and L_DC positives differ across ranks but are
     # reproducible; its state is checkpointed, so a resumed run draws exactly what an uninterrupted one would.

@@ -87,3 +87,33 @@ def test_scores_under_threshold_are_rejections(tiny_zoo, overrides, reason):
     assert [r["reason"] for r in out] == [reason] * 3
     for r in out:  # scores are kept on rejected rows too, for picking thresholds
         assert -1 <= r["clip_score"] <= 1 and np.isfinite(r["aesthetic_score"]) and r["t_score"] > 0
+
+
+def test_chained_stages_equal_the_stages_one_after_another(tiny_zoo):
+    from pipeline.encode import VaeEncoder
+    from pipeline.stream import actor_cls, chain
+
+    d = cfg_dict(zoo=tiny_zoo)
+    rng = np.random.default_rng(1)
+    rows = [
+        dict(clip_row(f"k{i}", rng.integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)), clip_index=0)
+        for i in range(3)
+    ]
+    rows[1]["frames__main"] = np.full((8, 64, 64, 3), 90, np.uint8).tobytes()  # static: motion rejects it
+    batch = pa.Table.from_pylist(rows)
+    one_by_one = batch
+    for stage in (MotionFilter(d), ClipScorer(d), VaeEncoder(d)):
+        one_by_one = stage(one_by_one)
+    fused = actor_cls(chain(MotionFilter, ClipScorer, VaeEncoder))(d)  # as Ray Data builds the actor
+    assert fused._ready and type(fused).__name__ == "MotionFilter+ClipScorer+VaeEncoder"
+    got = fused(batch)
+    timing = [c for c in got.column_names if c.startswith("t_")]
+
+    def values(table):  # NaN scores (on the rejected row) compare equal here
+        return [
+            {k: (None if v != v else v) for k, v in r.items()} for r in table.drop_columns(timing).to_pylist()
+        ]
+
+    assert got.column_names == one_by_one.column_names and values(got) == values(one_by_one)
+    assert got["reason"].to_pylist() == ["", Reason.STATIC, ""]
+    assert all(len(r["latents__main"]) > 0 for i, r in enumerate(got.to_pylist()) if i != 1)

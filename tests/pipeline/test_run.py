@@ -112,7 +112,9 @@ def test_latents_are_the_vae_encoding_of_the_sampled_frames(demo_run, demo_shard
 
 
 def test_damaged_inputs_do_not_fail_the_job(run_pipeline, crash_shard_dir, image_shards, tmp_path):
-    """A decoder-killing video, a cut shard and an image shard in one run: good samples all come out."""
+    """A decoder-killing video, a cut shard and an image shard in one run: good samples all come out.
+
+    (Run with scoring in its own actor pool; the other tests use the default, scoring in the encode actors.)"""
     from pipeline.synth import write_shards
 
     src = tmp_path / "in"
@@ -122,7 +124,7 @@ def test_damaged_inputs_do_not_fail_the_job(run_pipeline, crash_shard_dir, image
     manifest = write_shards(tmp_path / "cut", shards=1, per_shard=6, frames=24, fps=8, cut_last=True)
     shutil.copy(tmp_path / "cut" / "00000.tar", src / "cut.tar")
     out = tmp_path / "out"
-    summary = run_pipeline(src, out, "decode.timeout_s=120")
+    summary = run_pipeline(src, out, "decode.timeout_s=120", "score.own_actors=true", "score.num_cpus=0.25")
 
     rej = pq.read_table(out / "rejected" / "crash.parquet").to_pylist()
     assert [(r["key"].endswith("_decoder_killer"), r["reason"]) for r in rej] == [
@@ -144,6 +146,14 @@ def test_damaged_inputs_do_not_fail_the_job(run_pipeline, crash_shard_dir, image
     assert images.num_rows == 6 and set(images["media"].to_pylist()) == {"image"}
     assert S.latents_array(images).shape == (6, 1, 4, 8, 8)
     assert summary["unaccounted_samples"] == {}
+
+
+def test_a_layout_that_leaves_no_cpu_for_reading_is_refused(run_pipeline, demo_shards, tmp_path):
+    from pipeline.config import ConfigError
+
+    # 2 CPUs here: decode 0.5 + scoring 1.0 + encode 0.5 leaves nothing for a read task; Ray Data would hang.
+    with pytest.raises(ConfigError, match=r"need 2.25 CPUs; Ray has 2"):
+        run_pipeline(demo_shards, tmp_path / "out", "score.own_actors=true", "score.num_cpus=1.0")
 
 
 def test_rerun_with_another_config_is_refused(run_pipeline, demo_run, demo_shards):

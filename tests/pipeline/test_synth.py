@@ -130,3 +130,15 @@ def test_ray_data_reads_the_shards(ray_local, demo_shards):
     assert keys == expected
     good = next(r for r in rows if r["__key__"] == "000000000")
     assert isinstance(good["mp4"], bytes) and len(decord.VideoReader(io.BytesIO(good["mp4"]))) == 24
+
+
+def test_gop_sets_the_keyframe_interval_and_first_index_the_keys(tmp_path):
+    m = write_shards(tmp_path, shards=1, per_shard=2, frames=24, fps=8, gop=8, first_index=100)
+    assert [s["key"] for s in m["shards"]["00000.tar"]["samples"]] == ["000000100", "000000101"]
+    with tarfile.open(tmp_path / "00000.tar") as tar:
+        mp4 = tar.extractfile("000000100.mp4").read()
+    assert list(decord.VideoReader(io.BytesIO(mp4)).get_key_indices()) == [0, 8, 16]
+    default = write_shards(tmp_path / "default", shards=1, per_shard=1, frames=24, fps=8)
+    with tarfile.open(tmp_path / "default" / "00000.tar") as tar:
+        mp4 = tar.extractfile(default["shards"]["00000.tar"]["samples"][0]["key"] + ".mp4").read()
+    assert list(decord.VideoReader(io.BytesIO(mp4)).get_key_indices()) == [0]  # x264's default: 250

@@ -8,8 +8,8 @@
     python -m pipeline.bench --videos 768
 
 The videos are shaped like WebVid's (596x336, 24 fps, a keyframe every second) and the clips like the
-demo's (16 frames at 8 fps, 64x64), so decoding costs what it does on real data while the tiny models
-stand in for a GPU: cheap next to decode. The plain loop runs with its models already loaded. The
+demo's (16 frames at 8 fps, 64x64), so decoding costs what it does on real data; the tiny models (on
+CPU) cost about as much per clip as the decode. The plain loop runs with its models already loaded. The
 pipeline is timed end to end (Ray Data starting its actor pools and loading the models in them, on the
 same cores, included) and in steady state: its output rate between the moments a quarter and three
 quarters of the clips were out, past start-up and before the last clips drain.

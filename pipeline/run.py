@@ -192,8 +192,6 @@ def build_dataset(cfg: PipelineConfig, shards, fs):
     task = dict(batch_format="pyarrow", max_retries=retries)
     # Actors are restarted a finite number of times: Ray Data's default would retry a crash loop forever.
     actor = dict(batch_format="pyarrow", max_restarts=retries, max_task_retries=retries)
-    # The motion filter runs in the decode actors and (by default) scoring in the encode actors: chained
-    # stages skip a trip through the object store, and their models load once per actor.
     ds = ray.data.read_datasource(
         ShardDatasource(shards, fs, cfg.read),
         num_cpus=cfg.read.num_cpus,
@@ -215,6 +213,8 @@ def build_dataset(cfg: PipelineConfig, shards, fs):
             **{**actor, "fn_constructor_args": (cfg_tree,)},
         )
 
+    # The motion filter runs in the decode actors and (by default) scoring in the encode actors: chained
+    # stages skip a trip through the object store, and their models load once per actor.
     ds = actor_pool(ds, stream.chain(DecodeStage, MotionFilter), cfg.decode, d)
     if cfg.score.own_actors:
         ds = actor_pool(ds, ClipScorer, cfg.score, d)

@@ -190,12 +190,6 @@ def chain(*stage_classes: type[RowStage]) -> type[RowStage]:
                 batch = stage(batch)
             return batch
 
-        def __getattr__(self, name: str):  # e.g. the decode stage's `decoder`, for tests and the bench
-            for stage in self.__dict__.get("stages", ()):
-                if hasattr(stage, name):
-                    return getattr(stage, name)
-            raise AttributeError(name)
-
     Chain.__name__ = Chain.__qualname__ = "+".join(cls.__name__ for cls in stage_classes)
     return Chain
 

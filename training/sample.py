@@ -144,8 +144,8 @@ class VideoPipeline:
         controlnet: ControlNetHook | None = None,
     ):
         self.video, self.train_cfg, self.cfg = video, train_cfg, cfg
-        self.vae, self.text = vae, TextEncoder(tokenizer, text_encoder, torch.device(device))
         self.image_model, self.device, self.dtype = image_model, torch.device(device), dtype
+        self.vae, self.text = vae, TextEncoder(tokenizer, text_encoder, self.device)
         self.checkpoint, self.controlnet = checkpoint, controlnet
         self._condition: StageCondition | None = None  # set by `sample` for a cascade stage
         o, m = cfg.output, train_cfg.model

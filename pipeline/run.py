@@ -192,8 +192,11 @@ def build_dataset(cfg: PipelineConfig, shards, fs):
     task = dict(batch_format="pyarrow", max_retries=retries)
     # Actors are restarted a finite number of times: Ray Data's default would retry a crash loop forever.
     actor = dict(batch_format="pyarrow", max_restarts=retries, max_task_retries=retries)
+    # One read task per shard, and no extra splitting of their output (Ray Data splits the blocks of reads
+    # with fewer than `read_op_min_num_blocks` tasks, and a split read is not fused with the map after it).
     ds = ray.data.read_datasource(
         ShardDatasource(shards, fs, cfg.read),
+        override_num_blocks=len(shards),
         num_cpus=cfg.read.num_cpus,
         concurrency=cfg.read.concurrency or None,
         ray_remote_args={"max_retries": retries},

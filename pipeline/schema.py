@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
-PIPELINE_VERSION = "0.1.0"
+PIPELINE_VERSION = "0.2.0"
 
 # --- clip columns --------------------------------------------------------------------------------
 KEY = "key"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pipeline.bench import busy_and_steal, middle_rate
@@ -20,3 +22,21 @@ def test_cpu_busy_and_steal_from_proc_stat_counters():
     after = [250, 0, 100, 1040, 20, 0, 0, 25]  # +150 user +50 system +40 idle +10 iowait +20 steal
     assert busy_and_steal(before, after) == "busy 74%, steal 7%"
     assert busy_and_steal([], after) == "n/a"
+    hz = os.sysconf("SC_CLK_TCK")  # 200 busy ticks over 4 clips
+    assert busy_and_steal(before, after, clips=4) == f"busy 74%, steal 7%, {200 / hz / 4:.3f} CPU-s/clip"
+
+
+def test_cached_shards_are_rewritten_whole_when_the_video_count_changes(tmp_path):
+    """A cache left by a bigger run must not leave its extra shards behind: the bench reads the whole dir."""
+    from pipeline.bench import PER_SHARD, make_shards
+    from pipeline.read import list_shards
+
+    video = dict(frames=8, fps=8, height=32, width=32, gop=8, seed=1)
+    make_shards(tmp_path / "s", PER_SHARD + 2, 2, **video)
+    assert len(list_shards(str(tmp_path / "s"))[1]) == 2
+    stamp = (tmp_path / "s" / "params.txt").stat().st_mtime_ns
+    make_shards(tmp_path / "s", PER_SHARD + 2, 2, **video)  # same parameters: reused
+    assert (tmp_path / "s" / "params.txt").stat().st_mtime_ns == stamp
+    make_shards(tmp_path / "s", 3, 2, **video)
+    _, shards = list_shards(str(tmp_path / "s"))
+    assert len(shards) == 1

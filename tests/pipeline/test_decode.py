@@ -47,6 +47,29 @@ def test_resize_crop_keeps_aspect_and_centres():
     assert out[:, :, 12:20].mean() > 200 and out[:, :, :4].mean() < 20
 
 
+@pytest.mark.parametrize(
+    "shape", [(336, 596, 64, 64), (336, 596, 256, 256), (480, 640, 96, 160), (90, 60, 32, 32)]
+)
+def test_resize_crop_equals_resizing_the_whole_frame_then_cropping(shape):
+    """The reference: PIL resizes the whole frame (shorter side to the target), then the centre is cut out."""
+    from PIL import Image
+
+    h0, w0, h, w = shape
+    yy, xx = np.mgrid[0:h0, 0:w0]
+    noise = np.random.default_rng(0).integers(0, 40, (h0, w0, 3))
+    frame = (np.stack([xx * 255 / w0, yy * 255 / h0, (xx + yy) % 97 * 2], -1) + noise).clip(0, 255)
+    frame = frame.astype(np.uint8)
+    scale = max(h / h0, w / w0)
+    nh, nw = max(h, round(h0 * scale)), max(w, round(w0 * scale))
+    top, left = (nh - h) // 2, (nw - w) // 2
+    ref = np.asarray(Image.fromarray(frame).resize((nw, nh), Image.Resampling.BICUBIC))[
+        top : top + h, left : left + w
+    ]
+    out = resize_crop(frame[None], h, w)[0]
+    diff = np.abs(out.astype(int) - ref.astype(int))
+    assert out.shape == ref.shape and diff.mean() < 0.5 and diff.max() <= 3  # uint8 rounding between passes
+
+
 def test_decodes_only_the_sampled_frames_in_isolation():
     dec = IsolatedDecoder(timeout_s=60, max_samples=2)
     try:

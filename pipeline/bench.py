@@ -4,12 +4,12 @@
     read -> metadata -> decode -> motion -> CLIP/aesthetic -> VAE encode with the same stage code;
 (b) decord: sampling a clip vs. decoding every frame, on short and long videos of the same kind.
 
-    python -m pipeline.bench            # ~5 minutes on 2 CPU cores (shards cached); results also in bench.json
+    python -m pipeline.bench            # 3-6 minutes on 2 CPU cores (shards cached); results also in bench.json
     python -m pipeline.bench --videos 2304 # a longer run: start-up weighs less
 
 The videos are shaped like WebVid's (596x336, 24 fps, a keyframe every second) and the clips like the
 demo's (16 frames at 8 fps, 64x64), so decoding costs what it does on real data (with the tiny models
-on CPU, decode and resize are about three quarters of the plain loop's time). Both sides are timed end
+on CPU, decode and resize are most of the plain loop's time). Both sides are timed end
 to end: the plain loop from starting its process (imports, model loads), the pipeline from `ray.init`
 (Ray starting, Ray Data starting the actor pools, the models loading in them, on the same cores). And
 once running: the plain loop with its models loaded against the pipeline's steady state, its output rate

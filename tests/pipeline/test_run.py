@@ -162,3 +162,18 @@ def test_rerun_with_another_config_is_refused(run_pipeline, demo_run, demo_shard
     out, _ = demo_run
     with pytest.raises(ConfigError, match="another config"):
         run_pipeline(demo_shards, out, "clip.min_score=0.5")
+
+
+def test_read_and_metadata_filter_run_as_one_task(ray_local, tiny_zoo, demo_shards, capsys):
+    """One read task per shard, not split, so Ray Data fuses the metadata filter into it (no extra hop)."""
+    from pipeline.config import load_config
+    from pipeline.read import list_shards
+    from pipeline.run import build_dataset
+    from pipeline.settings import PipelineConfig
+    from tests.conftest import DEMO_PIPELINE, zoo_overrides
+
+    cfg = load_config(PipelineConfig, DEMO_PIPELINE, zoo_overrides(tiny_zoo))
+    fs, shards = list_shards(str(demo_shards))
+    build_dataset(cfg, shards, fs).explain()  # plans only; nothing runs
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "TaskPoolMapOperator[ReadShard->MapBatches(MetadataFilter)]" in optimized

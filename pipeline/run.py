@@ -336,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                     "clips_out",
                     "rejected",
                     "rejected_by_reason",
+                    "shards_skipped",  # complete from an earlier run: not redone, not in clips_per_s
+                    "clips_written_this_run",
                     "clips_per_s",
                     "output",
                 )

@@ -49,7 +49,7 @@ def resize_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
     Resamples only the source region the crop keeps (PIL's `box`), with the scale of the full resize:
     the same filter taps as resizing the whole frame and cropping (up to PIL's uint8 rounding), and on
-    16:9 video about 1.7x faster, since the cut-off sides are never filtered.
+    16:9 video about 1.6x faster, since the cut-off sides are never filtered.
     """
     from PIL import Image
 

@@ -29,14 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import load_config, to_dict
+from pipeline.configlib import load_config, to_dict
 
 DEMO = Path(__file__).parent / "configs" / "demo.yaml"
 PER_SHARD = 24
 
 
 def bench_config(zoo, size: int, clip_frames: int, extra: list[str], clip_fps: float = 8.0):
-    from pipeline.settings import PipelineConfig
+    from pipeline.config import PipelineConfig
 
     return load_config(
         PipelineConfig,
@@ -59,7 +59,7 @@ def bench_config(zoo, size: int, clip_frames: int, extra: list[str], clip_fps: f
 
 def make_shards(out: Path, videos: int, workers: int, **video) -> Path:
     """`videos` videos in shards of PER_SHARD, written by `workers` processes; reused when already there."""
-    from pipeline.synth import write_shards
+    from fixtures.synth import write_shards
 
     stamp = repr(sorted(video.items())) + f" videos={videos}"
     if (out / "params.txt").exists() and (out / "params.txt").read_text() == stamp:
@@ -96,8 +96,8 @@ def plain_loop_process(cfg, shard_spec: str) -> tuple[int, float, float]:
 
 
 def _plain_loop_job(cfg: dict, shard_spec: str) -> tuple[int, float]:
+    from pipeline.config import from_dict
     from pipeline.read import list_shards
-    from pipeline.settings import from_dict
 
     fs, shards = list_shards(shard_spec)
     return plain_loop(from_dict(cfg), sorted(shards, key=lambda sh: sh.stem), fs)
@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
+    from fixtures.zoo import DEFAULT_ZOO_DIR, ensure_tiny_zoo
     from pipeline.read import list_shards
-    from pipeline.zoo import DEFAULT_ZOO_DIR, ensure_tiny_zoo
 
     cpus = os.cpu_count() or 1
     zoo = ensure_tiny_zoo(DEFAULT_ZOO_DIR)

@@ -1,140 +1,283 @@
-"""The one config path shared by every CLI and by Ray Tune.
+"""The curation pipeline's config: nested dataclasses loaded with `pipeline.configlib.load_config`.
 
-Each package declares its config as nested dataclasses (defaults + a one-line docstring per field).
-A YAML preset holds only the fields it changes; dotted overrides (`optim.lr=3e-4`) come last:
+    cfg = load_config(PipelineConfig, "pipeline/configs/demo.yaml", ["clip.min_score=0.2"])
 
-    dataclass defaults  <-  YAML preset  <-  dotted overrides (CLI strings or a Tune trial dict)
-
-The merge is OmegaConf's structured-config merge, so types are checked and `Literal[...]` fields
-only accept their listed values. Every failure is raised as `ConfigError` naming the key or field
-and where the bad value came from.
+Presets in `pipeline/configs/` hold only what they change. Every threshold and limit is a field here.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any, TypeVar
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Literal
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
-
-T = TypeVar("T")
-
-Overrides = Sequence[str] | Mapping[str, Any]
+from pipeline import configlib
+from pipeline.configlib import ConfigError, to_dict
 
 
-class ConfigError(ValueError):
-    """A config key that does not exist, or a value a field does not accept."""
+@dataclass
+class ReadConfig:
+    samples_per_block: int = 16
+    """Samples per Ray Data block out of the reader (keep small: mp4 bytes ride in the block)."""
+    video_exts: list[str] = field(default_factory=lambda: ["mp4", "webm", "mkv", "avi", "mov"])
+    """Member extensions read as the sample's video."""
+    image_exts: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    """Member extensions read as the sample's image (image shards for joint training)."""
+    caption_ext: str = "txt"
+    """Member extension holding the caption."""
+    caption_errors: Literal["reject", "replace"] = "reject"
+    """A caption that is not UTF-8: reject the sample, or decode with U+FFFD replacements."""
+    num_cpus: float = 1.0
+    """CPUs reserved per read task (the metadata filter runs fused with it)."""
+    concurrency: int = 0
+    """Shards read at once (0 = as Ray Data sees fit); bounds the shards the driver holds open."""
 
 
-def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
-    full_key = getattr(exc, "full_key", None) or "?"
-    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if isinstance(exc, ConfigKeyError):
-        return ConfigError(f"unknown config key '{full_key}' in {source}: {first_line}")
-    if isinstance(exc, ValidationError):
-        return ConfigError(f"invalid value for config field '{full_key}' in {source}: {first_line}")
-    return ConfigError(f"bad config in {source} (key '{full_key}'): {first_line}")
+@dataclass
+class MetadataConfig:
+    """Checks on the sample's json and bytes, before anything is decoded (cheap, and guards memory)."""
+
+    enabled: bool = True
+    """Run the metadata filter (the byte/size guards below stay on even when False)."""
+    min_duration_s: float = 1.0
+    """Reject videos whose declared duration is shorter (seconds)."""
+    max_duration_s: float = 600.0
+    """Reject videos whose declared duration is longer (seconds); decoding them costs too much."""
+    min_side: int = 64
+    """Reject sources whose declared shorter side is below this (pixels)."""
+    max_side: int = 4096
+    """Reject sources whose declared longer side is above this (pixels): decoded frames would not fit."""
+    max_bytes: int = 512 * 2**20
+    """Reject media files larger than this many bytes."""
+    check_declared_size: bool = True
+    """Reject files whose byte size differs from the json's `format.size` (truncated downloads)."""
 
 
-def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
-    try:
-        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
-    except OmegaConfBaseException as exc:
-        raise _explain(exc, source) from None
+@dataclass
+class ViewConfig:
+    """One output view: how many frames, at which rate, at which resolution."""
+
+    num_frames: int = 16
+    """Frames per clip (1 for image samples regardless)."""
+    fps: float = 0.0
+    """Target frame rate, sampled by timestamps; 0 means use `frame_stride` on source frames."""
+    frame_stride: int = 1
+    """Take every n-th source frame (used when `fps` is 0; PYoCo's base model uses 5)."""
+    height: int = 256
+    """Output height (pixels, multiple of 8): resize the shorter side, then center-crop."""
+    width: int = 256
+    """Output width (pixels, multiple of 8)."""
 
 
-def _dotlist(overrides: Overrides) -> list[str]:
-    if isinstance(overrides, Mapping):
-        # A Ray Tune trial: {"noise.alpha": 1.5, ...}. Values keep their Python type.
-        return [f"{key}={_yaml_scalar(value)}" for key, value in overrides.items()]
-    bad = [item for item in overrides if "=" not in item or item.startswith("=")]
-    if bad:
-        raise ConfigError(f"override {bad[0]!r} is not of the form dotted.key=value")
-    return list(overrides)
+@dataclass
+class DecodeConfig:
+    clips_per_video: int = 1
+    """Clips taken from each video (each becomes one output row)."""
+    start: Literal["center", "uniform", "random"] = "center"
+    """Clip start: centred, spread evenly over the video, or random (seeded by `seed` and the key)."""
+    seed: int = 0
+    """Seed for the `random` start policy."""
+    timeout_s: float = 60.0
+    """Wall-clock limit for decoding one sample; a hung decoder is killed and the sample rejected."""
+    max_samples_per_process: int = 500
+    """Restart the isolated decoder process after this many samples (decord leaks memory)."""
+    batch_size: int = 4
+    """Samples per decode batch (small: decoded frames are ~100x the mp4)."""
+    concurrency: int = 1
+    """Decode actors (each owns one crash-isolated decoder process)."""
+    num_cpus: float = 1.0
+    """CPUs reserved per decode actor."""
 
 
-def _yaml_scalar(value: Any) -> str:
-    # OmegaConf parses dotlist values as YAML; dump non-strings as YAML flow so lists/None survive.
-    if isinstance(value, str):
-        return value
-    return OmegaConf.to_yaml(OmegaConf.create({"v": value})).split(":", 1)[1].strip()
+@dataclass
+class MotionConfig:
+    enabled: bool = True
+    """Compute the motion score and drop static clips."""
+    min_score: float = 0.002
+    """Reject clips whose mean absolute frame difference (grey, 0-1 scale) is below this."""
+    size: int = 32
+    """Frames are downsampled to this square size before differencing."""
 
 
-def load_config(schema: type[T], path: str | Path | None = None, overrides: Overrides = ()) -> T:
-    """Merge `schema`'s defaults, the YAML preset at `path` and dotted `overrides` into a `schema`.
-
-    `overrides` is a list of "a.b=value" strings (the CLI) or a {"a.b": value} mapping (Ray Tune).
-    Raises `ConfigError` naming the unknown key or the invalid field and its allowed values.
-    """
-    cfg: DictConfig = OmegaConf.structured(schema)
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        preset = OmegaConf.load(path)
-        if not isinstance(preset, DictConfig):
-            raise ConfigError(f"config file {path} must hold a mapping, not {type(preset).__name__}")
-        cfg = _merge(cfg, preset, f"config file {path}")
-    dotlist = _dotlist(overrides)
-    for item in dotlist:
-        # One at a time so the error names the override that failed.
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
-    return _to_validated_object(cfg, "the merged config")
+@dataclass
+class ClipConfig:
+    enabled: bool = True
+    """Compute the CLIP text-video similarity and filter on it."""
+    model: str = "ViT-L-14"
+    """open_clip model name, "hf-hub:org/repo" or "local-dir:/path"."""
+    pretrained: str = "openai"
+    """open_clip pretrained tag or checkpoint path ('' for none, e.g. with local-dir:)."""
+    num_frames: int = 4
+    """Frames per clip embedded (evenly spaced); their embeddings are averaged."""
+    min_score: float = 0.2
+    """Reject clips whose cosine similarity with the caption is below this."""
 
 
-def from_dict(schema: type[T], tree: Mapping[str, Any]) -> T:
-    """Rebuild a config from `to_dict`'s nested dict (e.g. after crossing a Ray boundary), re-validated."""
-    return _to_validated_object(_merge(OmegaConf.structured(schema), tree, "a config dict"), "a config dict")
+@dataclass
+class AestheticConfig:
+    enabled: bool = True
+    """Score frames with the LAION improved aesthetic predictor (on the CLIP embeddings)."""
+    head: str = "models/sac+logos+ava1-l14-linearMSE.pth"
+    """Path to the aesthetic MLP state dict (LAION's public layout)."""
+    min_score: float = 4.5
+    """Reject clips whose mean aesthetic score over the CLIP frames is below this."""
 
 
-def _to_validated_object(cfg: DictConfig, source: str) -> Any:
-    """The dataclass instance of a merged config, after its `validate()` hook (if it has one)."""
-    try:
-        obj = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as exc:
-        # e.g. a required field (MISSING) that neither the preset nor an override set.
-        raise _explain(exc, source) from None
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        validate()
-    return obj
+@dataclass
+class ScoreConfig:
+    """Where CLIP (+ aesthetic head) runs, once per clip: in the encode actors (default) or its own pool."""
+
+    own_actors: bool = False
+    """False: score inside the encode actors (one model actor per slot loads CLIP, head and VAE; clips skip an
+    object-store hop, and on a small machine the models load once, not twice). True: a scoring pool of its own,
+    sized by the fields below, to scale scoring and encoding separately (e.g. GPU fractions for each)."""
+    batch_size: int = 16
+    """Clips per scoring batch."""
+    concurrency: int = 1
+    """Scoring actors (with `own_actors`)."""
+    num_cpus: float = 1.0
+    """CPUs reserved per scoring actor (with `own_actors`)."""
+    num_gpus: float = 0.0
+    """GPUs per scoring actor (with `own_actors`; 0 on CPU-only clusters; fractions share a GPU)."""
+    torch_threads: int = 1
+    """torch intra-op threads per actor on CPU (with `own_actors`; else the encode actor's)."""
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain nested dict of a config dataclass (for JSON, checkpoints and Ray boundaries)."""
-    return dataclasses.asdict(cfg)
+@dataclass
+class EncodeConfig:
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """Stable Diffusion hub id or local diffusers directory holding the VAE (and text encoder)."""
+    vae_subfolder: str = "vae"
+    """Subfolder of `model` with the AutoencoderKL."""
+    revision: str = ""
+    """Hub revision (branch, tag or commit) of `model`; '' for the default branch."""
+    latent_dist: Literal["mean", "sample"] = "mean"
+    """Store the posterior mean, or a sample (seeded per clip)."""
+    latents_dtype: Literal["float16", "float32"] = "float16"
+    """dtype of the stored latents."""
+    compute_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """VAE compute dtype: auto = float16 on GPU, float32 on CPU."""
+    frames_per_batch: int = 32
+    """Frames through the VAE at once."""
+    text_embeds: bool = False
+    """Also store the SD text encoder's caption embeddings (`prompt_embeds`)."""
+    batch_size: int = 8
+    """Clips per encode batch."""
+    concurrency: int = 1
+    """Encoder actors."""
+    num_cpus: float = 1.0
+    """CPUs reserved per encoder actor."""
+    num_gpus: float = 0.0
+    """GPUs per encoder actor."""
+    torch_threads: int = 1
+    """torch intra-op threads per actor on CPU."""
 
 
-def to_yaml(cfg: Any) -> str:
-    """The fully resolved config as YAML; `load_config(schema, that_file)` reproduces it."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+@dataclass
+class WriteConfig:
+    compression: str = "zstd"
+    """Parquet compression codec."""
+    row_group_size: int = 256
+    """Rows per Parquet row group."""
+    overwrite: bool = False
+    """Allow writing into an output written with a different config (otherwise an error)."""
+    plot: bool = True
+    """Write summary.png with the score distributions and thresholds."""
 
 
-def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a.b": value} for every leaf of a config dataclass or nested dict."""
-    tree = cfg if isinstance(cfg, Mapping) else to_dict(cfg)
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
+@dataclass
+class RayConfig:
+    address: str = ""
+    """Ray address ('' = connect to a running cluster if in one, else start a local Ray)."""
+    num_cpus: int = 0
+    """CPUs for a local Ray started by the CLI (0 = all)."""
+    max_block_mb: float = 32.0
+    """Ray Data target max block size (MiB); small keeps decoded frames from spilling."""
+    max_retries: int = 2
+    """Retries of a crashed Ray task/actor (Ray Data's default of infinite would hang on a crash loop)."""
+    progress_bars: bool = True
+    """Show Ray Data's progress bars."""
 
 
-def add_config_args(parser: argparse.ArgumentParser, default_preset: str | None = None) -> None:
-    """The `--config PRESET [a.b=value ...]` part every CLI shares."""
-    parser.add_argument(
-        "--config",
-        default=default_preset,
-        help="YAML preset (only the fields it changes)"
-        + (f"; default {default_preset}" if default_preset else ""),
-    )
-    parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=3e-4"
-    )
+@dataclass
+class PipelineConfig:
+    input: str = ""
+    """Shards: a directory, a glob or a URI (s3://bucket/webvid/{00000..00099}.tar is not expanded; use a glob)."""
+    output: str = ""
+    """Output directory (local path or URI): clips/, rejected/, summary.json."""
+    read: ReadConfig = field(default_factory=ReadConfig)
+    metadata: MetadataConfig = field(default_factory=MetadataConfig)
+    views: dict[str, ViewConfig] = field(default_factory=lambda: {"main": ViewConfig()})
+    """Output views by name; the first is the primary one (unsuffixed columns, used by the filters)."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    motion: MotionConfig = field(default_factory=MotionConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    aesthetic: AestheticConfig = field(default_factory=AestheticConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    write: WriteConfig = field(default_factory=WriteConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> None:
+        if not self.views:
+            raise ConfigError("views must hold at least one view")
+        for name, view in self.views.items():
+            if not name.isidentifier():
+                raise ConfigError(f"view name {name!r} must be an identifier (it becomes a column suffix)")
+            if view.num_frames < 1:
+                raise ConfigError(f"views.{name}.num_frames must be >= 1, got {view.num_frames}")
+            if view.height % 8 or view.width % 8 or view.height <= 0 or view.width <= 0:
+                raise ConfigError(
+                    f"views.{name} size {view.height}x{view.width} must be positive multiples of 8 (VAE /8)"
+                )
+            if view.fps < 0 or view.frame_stride < 1:
+                raise ConfigError(f"views.{name}: fps must be >= 0 and frame_stride >= 1")
+        if self.decode.clips_per_video < 1:
+            raise ConfigError(f"decode.clips_per_video must be >= 1, got {self.decode.clips_per_video}")
+        if self.clip.num_frames < 1:
+            raise ConfigError(f"clip.num_frames must be >= 1, got {self.clip.num_frames}")
+        for name in ("decode", "score", "encode"):
+            stage = getattr(self, name)
+            if stage.concurrency < 1 or stage.batch_size < 1:
+                raise ConfigError(f"{name}.concurrency and {name}.batch_size must be >= 1")
+        if self.read.samples_per_block < 1:
+            raise ConfigError("read.samples_per_block must be >= 1")
+
+    @property
+    def primary_view(self) -> str:
+        return next(iter(self.views))
+
+
+def from_dict(tree: dict) -> PipelineConfig:
+    """A `PipelineConfig` from `pipeline.configlib.to_dict(cfg)` (how stages receive it across Ray)."""
+    return configlib.from_dict(PipelineConfig, tree)
+
+
+# Config fields that only change speed or placement, not the output (left out of the config hash).
+_RUNTIME_FIELDS = {
+    "batch_size",
+    "concurrency",
+    "num_cpus",
+    "num_gpus",
+    "torch_threads",
+    "timeout_s",
+    "max_samples_per_process",
+    "samples_per_block",
+    "frames_per_batch",
+    "own_actors",
+}
+
+
+def config_hash(cfg: PipelineConfig) -> str:
+    """Hash of every config field that changes what is written (not input/output/ray/write/speed knobs)."""
+    tree = to_dict(cfg)
+    for k in ("input", "output", "ray", "write"):
+        tree.pop(k)
+
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in _RUNTIME_FIELDS}
+        return node
+
+    return hashlib.sha256(json.dumps(strip(tree), sort_keys=True).encode()).hexdigest()[:16]

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import stream
+from pipeline.config import EncodeConfig
 from pipeline.filters import frames_of
 from pipeline.schema import Reason, Stage
-from pipeline.settings import EncodeConfig
 
 
 def model_info(cfg: EncodeConfig) -> dict:
@@ -91,16 +91,13 @@ class VaeEncoder(stream.RowStage):
         import torch
         from diffusers import AutoencoderKL
 
+        from pipeline.models import TextEncoder, torch_dtype
+
         e = self.cfg.encode
         self.device = "cuda" if e.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(e.torch_threads)
-        name = (
-            e.compute_dtype
-            if e.compute_dtype != "auto"
-            else ("float16" if self.device == "cuda" else "float32")
-        )
-        self.dtype = getattr(torch, name)
+        self.dtype = torch_dtype(e.compute_dtype, self.device)
         revision = e.revision or None
         self.vae = (
             AutoencoderKL.from_pretrained(
@@ -110,18 +107,9 @@ class VaeEncoder(stream.RowStage):
             .eval()
         )
         self.scaling_factor = self.vae.config.scaling_factor
-        self.text_encoder = None
-        if e.text_embeds:
-            from transformers import CLIPTextModel, CLIPTokenizer
-
-            self.tokenizer = CLIPTokenizer.from_pretrained(e.model, subfolder="tokenizer", revision=revision)
-            self.text_encoder = (
-                CLIPTextModel.from_pretrained(
-                    e.model, subfolder="text_encoder", revision=revision, torch_dtype=self.dtype
-                )
-                .to(self.device)
-                .eval()
-            )
+        self.text_encoder = (
+            TextEncoder.from_pretrained(e.model, self.device, revision, self.dtype) if e.text_embeds else None
+        )
 
     def encode_frames(self, frames: np.ndarray, seeds: list[int], per_clip: int) -> np.ndarray:
         """(N*F, H, W, 3) uint8 -> (N*F, C, H/8, W/8) float32 latents x scaling_factor."""
@@ -155,7 +143,6 @@ class VaeEncoder(stream.RowStage):
         return (z * self.scaling_factor).numpy()
 
     def encode_rows(self, rows: list[dict]) -> None:
-        import torch
 
         e = self.cfg.encode
         for view, v in self.cfg.views.items():
@@ -172,15 +159,7 @@ class VaeEncoder(stream.RowStage):
                 for r, zi in zip(group, z):
                     r[f"latents__{view}"] = zi.tobytes()
         if self.text_encoder is not None:
-            tokens = self.tokenizer(
-                [r["caption"] for r in rows],
-                padding="max_length",
-                truncation=True,
-                max_length=self.tokenizer.model_max_length,
-                return_tensors="pt",
-            )
-            with torch.inference_mode():
-                h = self.text_encoder(tokens.input_ids.to(self.device)).last_hidden_state  # (N, 77, D)
+            h = self.text_encoder([r["caption"] for r in rows])  # (N, 77, D)
             for r, hi in zip(rows, h.float().cpu().numpy().astype(np.float16)):
                 r["prompt_embeds"] = hi.tobytes()
 

@@ -198,22 +198,16 @@ class ClipScorer(stream.RowStage):
 
     def embed(self, rows: list[dict]):
         """Per-frame image embeddings (N, k, D) and caption embeddings (N, D), both L2-normalised."""
-        import torch
-        from PIL import Image
+        from pipeline.models import clip_image_embeds, clip_text_embeds
 
         view = self.cfg.primary_view
         v, k = self.cfg.views[view], self.cfg.clip.num_frames
-        images = []
+        picked = []
         for row in rows:
             frames = frames_of(row, view, v.height, v.width)
-            pick = np.linspace(0, len(frames) - 1, k).round().astype(int)  # k evenly spaced frames
-            images += [self.preprocess(Image.fromarray(frames[i])) for i in pick]
-        with torch.inference_mode():
-            x = torch.stack(images).to(self.device)  # (N*k, 3, S, S)
-            img = self.model.encode_image(x).float()
-            img = img / img.norm(dim=-1, keepdim=True)
-            txt = self.model.encode_text(self.tokenizer([r["caption"] for r in rows]).to(self.device)).float()
-            txt = txt / txt.norm(dim=-1, keepdim=True)
+            picked.append(frames[np.linspace(0, len(frames) - 1, k).round().astype(int)])  # k evenly spaced
+        img = clip_image_embeds(self.model, self.preprocess, np.concatenate(picked), self.device)  # (N k, D)
+        txt = clip_text_embeds(self.model, self.tokenizer, [r["caption"] for r in rows], self.device)
         return img.reshape(len(rows), k, -1), txt  # (N, k, D), (N, D)
 
     def scores(self, rows: list[dict]):

@@ -1,7 +1,8 @@
-"""Loaders for the pretrained models the pipeline uses: open_clip and the LAION aesthetic head.
+"""The pretrained models curation, training and evaluation share: open_clip (and the one CLIP embedding
+rule), the LAION aesthetic head, the base's CLIP text encoder, and the precision names.
 
 Production code loads weights only through these functions (and diffusers' `from_pretrained`), with a
-hub id, a named open_clip tag or a local path. The tiny model zoo (`pipeline.zoo`) is just another
+hub id, a named open_clip tag or a local path. The tiny model zoo (`fixtures.zoo`) is just another
 local path, so tests exercise exactly the code a user runs.
 """
 
@@ -10,13 +11,57 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
 
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+"""Precision names of every config (`fp16` / `float16`, ...) -> torch dtypes."""
+
+
+def torch_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype of a precision name; 'auto' is fp16 on CUDA and fp32 elsewhere."""
+    if name == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown precision {name!r}, expected 'auto' or one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
 # Hidden widths of the LAION "improved aesthetic predictor" MLP (sac+logos+ava1-l14-linearMSE.pth).
 AESTHETIC_HIDDEN = (1024, 128, 64, 16)
+
+
+def is_local_path(spec: str) -> bool:
+    """Whether a model spec names a local path rather than a hub id ('org/name') or a URI.
+
+    Local: it exists, starts with '.', '/' or '~', or has other than exactly one '/' (a hub id has one)."""
+    if "://" in spec:
+        return False
+    return Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1
+
+
+def check_local_model(field: str, spec: str) -> str:
+    """`spec` made absolute if it is a local path (Ray workers may not share the driver's working directory);
+    a local path that does not exist raises naming the config field. Hub ids pass through unchanged."""
+    if not spec or not is_local_path(spec):
+        return spec
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{field}={spec}: no such file or directory (resolved against {Path.cwd()}); build the tiny model "
+            "zoo with `python -m pipeline.zoo --out DIR` or point the field at real weights"
+        )
+    return str(path.resolve())
 
 
 class AestheticMLP(nn.Module):
@@ -82,3 +127,62 @@ def load_clip(model: str, pretrained: str | None = None, device: str | torch.dev
     )
     tokenizer = open_clip.get_tokenizer(model)
     return clip.eval().requires_grad_(False), preprocess, tokenizer
+
+
+@torch.no_grad()
+def clip_image_embeds(
+    clip, preprocess, frames: np.ndarray, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """L2-normalised CLIP embeddings (N, D), float32, of uint8 frames (N, H, W, 3) through CLIP's own
+    preprocessing (`preprocess`: resize the short side, centre crop, normalise). Curation's CLIP score and
+    aesthetic score and evaluation's CLIPSIM all embed frames here."""
+    from PIL import Image
+
+    x = torch.stack([preprocess(Image.fromarray(frame)) for frame in frames]).to(device)  # (N, 3, S, S)
+    img = clip.encode_image(x).float()
+    return img / img.norm(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def clip_text_embeds(clip, tokenizer, texts: list[str], device: str | torch.device = "cpu") -> torch.Tensor:
+    """L2-normalised CLIP text embeddings (N, D), float32."""
+    txt = clip.encode_text(tokenizer(texts).to(device)).float()
+    return txt / txt.norm(dim=-1, keepdim=True)
+
+
+class TextEncoder:
+    """The base's frozen CLIP text encoder and tokenizer: captions -> (B, 77, D) last hidden states, as SD
+    conditions on. The one place it is loaded: curation (precomputed prompt embeddings), training (stores
+    without them) and sampling (prompts)."""
+
+    def __init__(self, tokenizer, model, device: torch.device | str):
+        self.device = torch.device(device)
+        self.tokenizer, self.model = tokenizer, model.requires_grad_(False).eval().to(self.device)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained: str,
+        device: torch.device | str,
+        revision: str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> TextEncoder:
+        """`tokenizer/` and `text_encoder/` of a diffusers SD directory or hub id."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", revision=revision)
+        model = CLIPTextModel.from_pretrained(
+            pretrained, subfolder="text_encoder", revision=revision, dtype=dtype
+        )
+        return cls(tokenizer, model, device)
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.model(ids)[0]  # (B, 77, D) in the model's dtype

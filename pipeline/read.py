@@ -22,8 +22,8 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline import stream
+from pipeline.config import ReadConfig
 from pipeline.schema import Reason, Stage
-from pipeline.settings import ReadConfig
 
 _BLOCK = 512
 

@@ -13,7 +13,6 @@ complete shards and redoes partial ones.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -23,56 +22,28 @@ from pathlib import Path
 
 from pipeline import schema as S
 from pipeline import stream
-from pipeline.config import ConfigError, add_config_args, load_config, to_dict
-from pipeline.settings import PipelineConfig
+from pipeline.config import PipelineConfig, config_hash
+from pipeline.configlib import ConfigError, add_config_args, config_args, load_config, to_dict
 
 log = logging.getLogger(__name__)
 
-# Config fields that only change speed or placement, not the output (left out of the config hash).
-_RUNTIME_FIELDS = {
-    "batch_size",
-    "concurrency",
-    "num_cpus",
-    "num_gpus",
-    "torch_threads",
-    "timeout_s",
-    "max_samples_per_process",
-    "samples_per_block",
-    "frames_per_batch",
-    "own_actors",
-}
-
-
-def config_hash(cfg: PipelineConfig) -> str:
-    """Hash of every config field that changes what is written (not input/output/ray/write/speed knobs)."""
-    tree = to_dict(cfg)
-    for k in ("input", "output", "ray", "write"):
-        tree.pop(k)
-
-    def strip(node):
-        if isinstance(node, dict):
-            return {k: strip(v) for k, v in node.items() if k not in _RUNTIME_FIELDS}
-        return node
-
-    return hashlib.sha256(json.dumps(strip(tree), sort_keys=True).encode()).hexdigest()[:16]
+LOCAL_DIR = "local-dir:"  # open_clip's prefix for a local model directory
 
 
 def prepare_models(cfg: PipelineConfig) -> None:
-    """Build the tiny zoo if the config points into it and it is missing; make local paths absolute."""
-    from pipeline.zoo import DEFAULT_ZOO_DIR, ensure_tiny_zoo
+    """Local model paths made absolute, and a missing one refused naming its field (before any Ray work)."""
+    from pipeline.models import check_local_model
 
-    zoo = DEFAULT_ZOO_DIR.resolve()
-    clip_dir = cfg.clip.model[len("local-dir:") :] if cfg.clip.model.startswith("local-dir:") else None
-    wanted = [p for p in (cfg.encode.model, clip_dir, cfg.aesthetic.head) if p]
-    if any(Path(p).resolve().is_relative_to(zoo) and not Path(p).exists() for p in wanted):
-        ensure_tiny_zoo(DEFAULT_ZOO_DIR)
-    # Ray workers may not share the driver's working directory.
-    if Path(cfg.encode.model).exists():
-        cfg.encode.model = str(Path(cfg.encode.model).resolve())
-    if clip_dir and Path(clip_dir).exists():
-        cfg.clip.model = f"local-dir:{Path(clip_dir).resolve()}"
-    if Path(cfg.aesthetic.head).exists():
-        cfg.aesthetic.head = str(Path(cfg.aesthetic.head).resolve())
+    def local(field: str, spec: str, needed: bool) -> str:
+        if needed:
+            return check_local_model(field, spec)
+        return str(Path(spec).resolve()) if spec and Path(spec).exists() else spec  # recorded as given
+
+    cfg.encode.model = local("encode.model", cfg.encode.model, True)
+    if cfg.clip.model.startswith(LOCAL_DIR):
+        path = local("clip.model", cfg.clip.model[len(LOCAL_DIR) :], cfg.clip.enabled)
+        cfg.clip.model = LOCAL_DIR + path
+    cfg.aesthetic.head = local("aesthetic.head", cfg.aesthetic.head, cfg.aesthetic.enabled)
 
 
 def file_metadata(cfg: PipelineConfig, info: dict) -> dict:
@@ -313,7 +284,7 @@ def parse_args(argv: list[str] | None = None) -> PipelineConfig:
     p.add_argument("--input", help="shards: a directory, a glob or a URI (s3://, gs://)")
     p.add_argument("--output", help="output directory or URI: clips/, rejected/, summary.json")
     a = p.parse_args(argv)
-    cfg = load_config(PipelineConfig, a.config, a.overrides)
+    cfg = load_config(PipelineConfig, *config_args(a))
     # Set directly, not as overrides: a glob or URI is not always a valid YAML scalar.
     cfg.input, cfg.output = a.input or cfg.input, a.output or cfg.output
     return cfg

@@ -137,7 +137,7 @@ class RowStage:
     self_timed = False  # True when `process` sets `t_<name>` itself (stages that expand rows)
 
     def __init__(self, cfg: dict):
-        from pipeline.settings import from_dict
+        from pipeline.config import from_dict
 
         self.cfg = from_dict(cfg)
         self._ready = False

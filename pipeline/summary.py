@@ -15,7 +15,8 @@ from collections import Counter
 import numpy as np
 
 from pipeline import schema as S
-from pipeline.config import to_dict
+from pipeline.config import config_hash
+from pipeline.configlib import to_dict
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,6 @@ def summarize(
         },
         "config": to_dict(cfg),
     }
-    from pipeline.run import config_hash
-
     summary["config_hash"] = config_hash(cfg)
     store.write_text("summary.json", json.dumps(summary, indent=1, sort_keys=False))
     if cfg.write.plot:

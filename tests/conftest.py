@@ -48,8 +48,8 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
-    """The tiny model zoo (`pipeline.zoo.ZooPaths`): SD 1.5 / 2.1 layouts, open_clip, aesthetic head."""
-    from pipeline.zoo import build_tiny_zoo
+    """The tiny model zoo (`fixtures.zoo.ZooPaths`): SD 1.5 / 2.1 layouts, open_clip, aesthetic head."""
+    from fixtures.zoo import build_tiny_zoo
 
     return build_tiny_zoo(tmp_path_factory.mktemp("tiny-zoo"))
 
@@ -57,7 +57,7 @@ def tiny_zoo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory):
     """Two WebVid-format video shards, 4 good + one of each bad kind per shard; returns the manifest dir."""
-    from pipeline.synth import write_shards
+    from fixtures.synth import write_shards
 
     out = tmp_path_factory.mktemp("shards")
     write_shards(out, shards=2, per_shard=4, frames=24, fps=8, height=64, width=64, seed=0, bad=True)
@@ -67,7 +67,7 @@ def demo_shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def image_shards(tmp_path_factory):
     """One image shard (jpg + txt + json) for joint image-video training."""
-    from pipeline.synth import write_shards
+    from fixtures.synth import write_shards
 
     out = tmp_path_factory.mktemp("image-shards")
     write_shards(out, shards=1, per_shard=6, kind="image", height=64, width=64, seed=1)
@@ -82,9 +82,9 @@ def zoo_overrides(zoo) -> list[str]:
 @pytest.fixture(scope="session")
 def run_pipeline(ray_local, tiny_zoo):
     """run_pipeline(input, output, *overrides) -> summary, in-process on the session's local Ray."""
-    from pipeline.config import load_config
+    from pipeline.config import PipelineConfig
+    from pipeline.configlib import load_config
     from pipeline.run import run
-    from pipeline.settings import PipelineConfig
 
     def _run(input, output, *overrides):
         cfg = load_config(

@@ -64,11 +64,11 @@ def build_base(zoo_sd: Path, size: str, out: Path) -> Path:
 
 def _prepare(work: Path):
     """Demo shards, the tiny zoo and the pipeline's latents for them."""
-    from pipeline.config import load_config
+    from fixtures.synth import write_shards
+    from fixtures.zoo import ensure_tiny_zoo
+    from pipeline.config import PipelineConfig
+    from pipeline.configlib import load_config
     from pipeline.run import run as run_pipeline
-    from pipeline.settings import PipelineConfig
-    from pipeline.synth import write_shards
-    from pipeline.zoo import ensure_tiny_zoo
 
     zoo = ensure_tiny_zoo(work / "zoo")
     shards = work / "shards"
@@ -91,7 +91,7 @@ def _prepare(work: Path):
 
 
 def _train_cfg(base: Path, store: Path, steps: int):
-    from pipeline.config import load_config
+    from pipeline.configlib import load_config
     from training.config import TrainConfig
 
     preset = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -106,8 +106,8 @@ class _Stepper:
     """One single-process training step of the real model and objective (plain AdamW, no DeepSpeed)."""
 
     def __init__(self, cfg):
-        from training.model import VideoUNet
-        from training.objective import HarivoObjective
+        from training.diffusion.objective import HarivoObjective
+        from training.model.unet import VideoUNet
 
         torch.manual_seed(0)
         self.model = VideoUNet.from_pretrained(cfg.model, cfg.harivo).train()
@@ -151,7 +151,9 @@ def feed_benchmark(cfg, zoo, shards: Path, store: Path, steps: int) -> list[tupl
     import decord
     from diffusers import AutoencoderKL
 
-    from training.data import TextEncoder, build_datasets, collate, inspect_store
+    from pipeline.models import TextEncoder
+    from training.distributed.data import build_datasets, collate, inspect_store
+    from training.model.frames import unfold_frames
 
     info = inspect_store(cfg)
     b, f = cfg.optim.batch_size, cfg.model.num_frames
@@ -198,7 +200,7 @@ def feed_benchmark(cfg, zoo, shards: Path, store: Path, steps: int) -> list[tupl
                     pixels = pixels.permute(0, 1, 4, 2, 3).flatten(0, 1)  # (B*F, 3, H, W)
                     with torch.no_grad():
                         lat = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-                    lat = lat.unflatten(0, (b, f)).permute(0, 2, 1, 3, 4)  # (B, C, F, h, w)
+                    lat = unfold_frames(lat, f)  # (B, C, F, h, w)
                     yield lat, text_encoder(captions)
 
     feeds = {

@@ -3,7 +3,7 @@
 Every constant of the papers is a field here, with the paper's value as default. Load with the one
 config path shared by every CLI and Ray Tune:
 
-    from pipeline.config import load_config
+    from pipeline.configlib import load_config
     cfg = load_config(TrainConfig, "training/configs/tiny.yaml", ["loss.lambda_trs=0.2"])
 """
 
@@ -199,7 +199,7 @@ class DataConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    """DeepSpeed engine settings; `training/deepspeed.py` turns them into DeepSpeed's JSON config."""
+    """DeepSpeed engine settings; `training/distributed/engine.py` turns them into DeepSpeed's JSON config."""
 
     zero_stage: int = 2
     """ZeRO stage 0 (plain DDP), 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters)."""

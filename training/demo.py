@@ -3,8 +3,8 @@
     python -m training.demo --output runs/demo
 
 Runs, in order, and says plainly what it ran:
-1. demo shards: WebVid-format webdataset tars with bad samples mixed in (`pipeline.synth`);
-2. the tiny model zoo (`pipeline.zoo`), built once under runs/tiny-zoo;
+1. demo shards: WebVid-format webdataset tars with bad samples mixed in (`fixtures.synth`);
+2. the tiny model zoo (`fixtures.zoo`), built once under runs/tiny-zoo;
 3. the curation pipeline on those shards with the tiny models (`pipeline.run`, demo preset);
 4. HARIVO training with Ray Train + DeepSpeed ZeRO-2 on 2 local CPU workers (`training.run`, demo preset);
 5. one short video from the trained model (`training.sample`), once the sampler exists.
@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.synth import write_shards
-from pipeline.zoo import DEFAULT_ZOO_DIR, ensure_tiny_zoo
+from fixtures.synth import write_shards
+from fixtures.zoo import DEFAULT_ZOO_DIR, ensure_tiny_zoo
 
 
 def _step(title: str) -> float:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     ran: list[str] = []
     skipped: list[str] = []
 
-    t = _step("1/5 demo shards (pipeline.synth)")
+    t = _step("1/5 demo shards (fixtures.synth)")
     shards = out / "shards"
     if (shards / "manifest.json").exists():
         print(f"reusing {shards}")
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         f"[{time.perf_counter() - t:.1f}s]"
     )
 
-    t = _step("2/5 tiny model zoo (pipeline.zoo)")
+    t = _step("2/5 tiny model zoo (fixtures.zoo)")
     zoo = ensure_tiny_zoo(a.zoo)
     ran.append(f"tiny model zoo -> {zoo.root} [{time.perf_counter() - t:.1f}s]")
 

@@ -20,20 +20,23 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import add_config_args, load_config, to_dict
-from training.metrics import clipsim, frame_consistency, fvd, latent_flicker, load_i3d
-from training.sample import VideoPipeline, generate, load_pipeline, read_prompts
-from training.sample_config import SampleConfig
-from training.video_io import VIDEO_SUFFIXES, read_video, resize_frames
+from pipeline.configlib import add_config_args, config_args, load_config, to_dict
+from training.evaluation.metrics import clipsim, frame_consistency, fvd, latent_flicker, load_i3d
+from training.sampling.config import SampleConfig
+from training.sampling.loading import load_pipeline
+from training.sampling.pipeline import VideoPipeline
+from training.sampling.video_io import VIDEO_SUFFIXES, read_video, resize_crop_frames
+from training.sampling.write import generate, read_prompts
 
 log = logging.getLogger(__name__)
 
 
 def _fit(frames: torch.Tensor, num_frames: int, height: int, width: int, source: str) -> torch.Tensor:
-    """First `num_frames` frames of (F', 3, H', W'), resized to (height, width)."""
+    """First `num_frames` frames of (F', 3, H', W'), resized and centre-cropped to (height, width) as curation
+    does (`pipeline.decode.resize_crop`)."""
     if len(frames) < num_frames:
         raise ValueError(f"reference {source} has {len(frames)} frames, the generated videos {num_frames}")
-    return resize_frames(frames[:num_frames], height, width)
+    return resize_crop_frames(frames[:num_frames], height, width)
 
 
 def load_reference(path: str, pipe: VideoPipeline, limit: int) -> torch.Tensor:
@@ -87,9 +90,9 @@ def evaluate(checkpoint: str, prompts: list[str], output: str | Path, cfg: Sampl
     if e.clip_model:
         from pipeline.models import load_clip
 
-        clip, _, tokenizer = load_clip(e.clip_model, e.clip_pretrained)
-        metrics["clipsim"] = clipsim(clip, tokenizer, videos, [r["prompt"] for r in records])
-        metrics["frame_consistency"] = frame_consistency(clip, videos)
+        clip, preprocess, tokenizer = load_clip(e.clip_model, e.clip_pretrained)
+        metrics["clipsim"] = clipsim(clip, preprocess, tokenizer, videos, [r["prompt"] for r in records])
+        metrics["frame_consistency"] = frame_consistency(clip, preprocess, videos)
     fvd_result = None
     if e.i3d_path and e.reference:
         detector = load_i3d(e.i3d_path)
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_config_args(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(SampleConfig, a.config, a.overrides)
+    cfg = load_config(SampleConfig, *config_args(a))
     report = evaluate(a.checkpoint, read_prompts(a.prompts), a.output, cfg)
     print(json.dumps({k: report[k] for k in ("num_videos", "frames", "height", "width", "fps", "metrics")}))
     return report

@@ -21,10 +21,9 @@ import json
 import logging
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.config import ConfigError, add_config_args, load_config, to_dict, to_yaml
+from pipeline.configlib import ConfigError, add_config_args, config_args, load_config, to_yaml
 from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -41,33 +40,28 @@ def split_output(output: str) -> tuple[str, str]:
 
 def resolve(args: argparse.Namespace) -> TrainConfig:
     """The run's config: preset + overrides, with --data / --output applied."""
-    overrides = list(args.overrides)
+    presets, overrides = config_args(args)
     if args.data:
         overrides.append(f"data.path={args.data}")
     if args.output:
         storage, name = split_output(args.output)
         overrides += [f"run.storage_path={storage}", f"run.name={name}"]
-    cfg = load_config(TrainConfig, args.config, overrides)
+    cfg = load_config(TrainConfig, presets, overrides)
     if not cfg.run.storage_path or not cfg.run.name:
         raise ConfigError("no run directory: pass --output RUN_DIR (or set run.storage_path and run.name)")
     return cfg
 
 
 def _ensure_base_model(cfg: TrainConfig) -> None:
-    """Fail fast on a missing local base model; build the tiny zoo if the preset points into it."""
-    from pipeline.zoo import DEFAULT_ZOO_DIR, ensure_tiny_zoo
+    """Fail fast on a missing local base model, naming the field; hub ids resolve on the workers."""
+    from pipeline.models import check_local_model
 
+    check_local_model("model.pretrained", cfg.model.pretrained)
     path = Path(cfg.model.pretrained).expanduser()
-    if path.resolve().is_relative_to(DEFAULT_ZOO_DIR.resolve()) and not path.exists():
-        ensure_tiny_zoo(DEFAULT_ZOO_DIR)
-    if path.exists():
-        if not (path / (cfg.model.subfolder or "") / "config.json").is_file():
-            raise FileNotFoundError(
-                f"model.pretrained={cfg.model.pretrained}: no diffusers UNet config found there"
-            )
-    elif cfg.model.pretrained.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model.pretrained={cfg.model.pretrained} does not exist")
-    # Anything else is a hub id; from_pretrained resolves (and reports) it on the workers.
+    if path.exists() and not (path / (cfg.model.subfolder or "") / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.pretrained={cfg.model.pretrained}: no diffusers UNet config found there"
+        )
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
@@ -84,7 +78,7 @@ def export_kind(cfg: TrainConfig, kind: str | None = None) -> str:
     """The kind recorded with the export: pyoco_<stage> for a cascade stage, else `kind` (default harivo)."""
     if cfg.cascade.stage == "none":
         return kind or "harivo"
-    from training.cascade import stage_kind
+    from training.diffusion.cascade import stage_kind
 
     expected = stage_kind(cfg.cascade.stage)
     if kind is not None and kind != expected:
@@ -98,20 +92,20 @@ def build_trainer(cfg: TrainConfig, kind: str = "harivo", callbacks: list | None
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    from training.data import build_datasets, inspect_store
-    from training.worker import train_fn_per_worker
+    from training.distributed.data import build_datasets, inspect_store
+    from training.distributed.worker import WorkerConfig, train_fn_per_worker
 
     info = inspect_store(cfg)
     run_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
     local = "://" not in run_dir
-    loop_config = {
-        "cfg": to_dict(cfg),
-        "store": asdict(info),
-        "export_dir": f"{run_dir}/export",
-        "kind": kind,
-        "tensorboard_dir": f"{run_dir}/tensorboard" if local else None,
-        "fault_marker": f"{run_dir}/.fault_injected" if local and cfg.run.fail_at_step else None,
-    }
+    loop_config = WorkerConfig(
+        cfg,
+        info,
+        export_dir=f"{run_dir}/export",
+        kind=kind,
+        tensorboard_dir=f"{run_dir}/tensorboard" if local else None,
+        fault_marker=f"{run_dir}/.fault_injected" if local and cfg.run.fail_at_step else None,
+    ).to_loop_config()
     resources = {"CPU": cfg.run.cpus_per_worker, **cfg.run.resources_per_worker}
     return TorchTrainer(
         train_fn_per_worker,
@@ -185,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.print_config:
         print(to_yaml(cfg))
         return
-    from training.data import LatentStoreError
+    from training.distributed.data import LatentStoreError
 
     try:
         summary = train(cfg)

@@ -17,36 +17,9 @@ import statistics
 import time
 from pathlib import Path
 
-from pipeline.config import load_config
+from pipeline.configlib import load_config
 
 DEMO_SAMPLING = Path(__file__).resolve().parent / "configs" / "demo_sampling.yaml"
-
-
-def tiny_checkpoint(sd_dir: str | Path, run_dir: str | Path) -> Path:
-    """A run dir (RUN/export/...) of a tiny 4-frame HARIVO model with perturbed ("trained") temporal layers."""
-    import torch
-
-    from training.checkpoint import export_weights
-    from training.config import TrainConfig
-    from training.model import VideoUNet
-
-    overrides = {
-        "model.pretrained": str(sd_dir),
-        "model.latent_size": 8,
-        "model.num_frames": 4,
-        "harivo.mapping_heads": 2,
-        "harivo.mapping_head_dim": 16,
-    }
-    cfg = load_config(TrainConfig, None, overrides)
-    torch.manual_seed(0)
-    model = VideoUNet.from_pretrained(cfg.model, cfg.harivo)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.motion_adapter.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    run = Path(run_dir)
-    export_weights(model.trainable_state_dict(), dict(model.motion_adapter.config), cfg, str(run / "export"))
-    return run
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -61,9 +34,10 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
     import torch
 
-    from pipeline.zoo import DEFAULT_ZOO_DIR, ensure_tiny_zoo
+    from fixtures.checkpoints import tiny_checkpoint
+    from fixtures.zoo import DEFAULT_ZOO_DIR, ensure_tiny_zoo
     from training.evaluate import evaluate
-    from training.sample_config import SampleConfig
+    from training.sampling.config import SampleConfig
     from tuning.config import SweepConfig
     from tuning.objectives import trial_config
     from tuning.run import prepare, run_sweep

@@ -1,9 +1,9 @@
 """Config of a sweep (`python -m tuning.run`): what is searched, how, and where results go.
 
 A sweep is a YAML preset of this `SweepConfig`. Its `space` maps dotted keys of the *trial* config
-(`training.config.TrainConfig` for kind 'train', `training.sample_config.SampleConfig` for kind
+(`training.config.TrainConfig` for kind 'train', `training.sampling.config.SampleConfig` for kind
 'sampling') to distributions; a trial is the base preset plus `fixed` plus `budget` plus the sampled
-values, merged by the one config path every CLI uses (`pipeline.config.load_config`):
+values, merged by the one config path every CLI uses (`pipeline.configlib.load_config`):
 
     kind: train
     base: training/configs/demo.yaml
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 TRAIN_METRICS = ("val_loss", "loss", "loss_simple", "loss_reg", "loss_trs", "loss_dc")
-"""Metrics a training trial reports with its validation loss (training/worker.py)."""
+"""Metrics a training trial reports with its validation loss (training/distributed/worker.py)."""
 SAMPLING_METRICS = ("clipsim", "frame_consistency", "latent_flicker", "fvd")
 """Metrics a sampling trial reports (`training.evaluate.evaluate`)."""
 

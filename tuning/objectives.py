@@ -2,7 +2,7 @@
 
 A trial's config is the sweep's base trial config (preset + fixed + budget overrides, resolved once on
 the driver into a plain nested dict) with the sampled values set at their dotted keys, re-validated by
-`pipeline.config.from_dict`: the same types and checks as `load_config`.
+`pipeline.configlib.from_dict`: the same types and checks as `load_config`.
 
 - `train_trial`: one Ray Train run of `training.run.train` (Train V2 pattern: the Tune trial is only the
   driver of the Train run and reserves ~0 CPU; its workers reserve theirs). The workers' reports reach
@@ -14,40 +14,23 @@ the driver into a plain nested dict) with the sampled values set at their dotted
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, from_dict
+from pipeline.configlib import from_dict
 
 log = logging.getLogger(__name__)
 
 LOCAL_DIR = "local-dir:"  # open_clip's prefix for a local model directory
 
 
-def set_dotted(tree: dict, key: str, value: Any) -> None:
-    """tree["a"]["b"] = value for key "a.b"; a section that does not exist raises KeyError."""
-    *parents, leaf = key.split(".")
-    node = tree
-    for part in parents:
-        if not isinstance(node.get(part), dict):
-            raise KeyError(key)
-        node = node[part]
-    node[leaf] = value
-
-
 def trial_config(schema: type, base_tree: Mapping[str, Any], params: Mapping[str, Any]):
-    """`schema` instance of `base_tree` with `params` ({"noise.alpha": 1.0, ...}) set, validated."""
-    tree = copy.deepcopy(dict(base_tree))
-    for key, value in params.items():
-        try:
-            set_dotted(tree, key, value)
-        except KeyError:
-            raise ConfigError(f"unknown config key '{key}' in the trial's parameters") from None
-    return from_dict(schema, tree)
+    """`schema` instance of `base_tree` with `params` ({"noise.alpha": 1.0, ...}) merged as dotted overrides
+    by the one config path (`pipeline.configlib`), validated."""
+    return from_dict(schema, base_tree, params)
 
 
 def absolute_paths(tree: dict) -> dict:
@@ -116,7 +99,7 @@ def sampling_trial(config: dict, *, base_tree: dict, checkpoint: str, prompts: l
     import torch
 
     from training.evaluate import evaluate
-    from training.sample_config import SampleConfig
+    from training.sampling.config import SampleConfig
 
     _leave_trial_dir()
     cfg = trial_config(SampleConfig, base_tree, config)

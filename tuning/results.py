@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import to_yaml
+from pipeline.configlib import to_yaml
 from tuning.config import SweepConfig
 from tuning.objectives import trial_config
 

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, flatten, load_config, to_dict, to_yaml
+from pipeline.configlib import ConfigError, config_args, flatten, load_config, to_dict, to_yaml
 from tuning.config import SweepConfig
 from tuning.objectives import absolute_paths, sampling_trial, train_trial
 from tuning.space import SpaceError, check_space, grid_size, to_tune
@@ -44,7 +44,7 @@ def target_schema(sweep: SweepConfig) -> type:
         from training.config import TrainConfig
 
         return TrainConfig
-    from training.sample_config import SampleConfig
+    from training.sampling.config import SampleConfig
 
     return SampleConfig
 
@@ -87,7 +87,7 @@ def prepare(sweep: SweepConfig) -> dict[str, Any]:
     trial_tree = absolute_paths(to_dict(trial_cfg))
     prompts: list[str] = []
     if sweep.kind == "sampling":
-        from training.sample import read_prompts
+        from training.sampling.write import read_prompts
 
         ckpt = sweep.sampling.checkpoint
         if not ckpt:
@@ -278,12 +278,11 @@ def run_sweep(sweep: SweepConfig, resume: bool = False) -> dict:
 
 def resolve(args: argparse.Namespace) -> SweepConfig:
     """The sweep: preset (or OUTPUT/sweep.yaml on --resume) + overrides, with --data/--checkpoint/--output."""
-    config = args.config
-    if config is None and args.resume and args.output:
-        config = str(Path(args.output) / "sweep.yaml")
-    if config is None:
+    config, overrides = config_args(args)
+    if not config and args.resume and args.output:
+        config = [str(Path(args.output) / "sweep.yaml")]
+    if not config:
         raise ConfigError("pass --config SWEEP.yaml (or --resume with the --output of an earlier sweep)")
-    overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data={args.data}")
     if args.checkpoint:
@@ -296,7 +295,10 @@ def resolve(args: argparse.Namespace) -> SweepConfig:
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(prog="python -m tuning.run", description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--config", help="sweep preset (tuning/configs/*.yaml); default on --resume: OUTPUT/sweep.yaml"
+        "--config",
+        nargs="+",
+        metavar="PRESET",
+        help="sweep preset(s) (tuning/configs/*.yaml), merged in order; default on --resume: OUTPUT/sweep.yaml",
     )
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. search.num_samples=8"

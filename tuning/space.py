@@ -20,7 +20,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.config import ConfigError, load_config
+from pipeline.configlib import ConfigError, load_config
 
 RANGES = ("uniform", "loguniform", "quniform", "qloguniform", "randint")
 LISTS = ("choice", "grid")

@@ -4,7 +4,8 @@ cluster in a child process (rehearsal_cluster.py) so it never meets the session-
 from __future__ import annotations
 
 import pytest
-from cluster_helpers import CLUSTER, cluster_package
+
+from tests.cluster.cluster_helpers import CLUSTER, cluster_package
 
 
 @pytest.fixture(scope="session")

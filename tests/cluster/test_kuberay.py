@@ -11,8 +11,16 @@ import re
 import jsonschema
 import pytest
 import yaml
-from cluster_helpers import CLUSTER, CRD_FILES, KUBERAY_MANIFESTS, LAUNCHER_YAMLS, crd_schema, load_yaml
 from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+from tests.cluster.cluster_helpers import (
+    CLUSTER,
+    CRD_FILES,
+    KUBERAY_MANIFESTS,
+    LAUNCHER_YAMLS,
+    crd_schema,
+    load_yaml,
+)
 
 ids = [p.name for p in KUBERAY_MANIFESTS]
 DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

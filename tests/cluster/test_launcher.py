@@ -14,9 +14,10 @@ import re
 import jsonschema
 import pytest
 import ray.autoscaler
-from cluster_helpers import LAUNCHER_YAMLS, load_yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.autoscaler.v2.instance_manager.config import AutoscalingConfig
+
+from tests.cluster.cluster_helpers import LAUNCHER_YAMLS, load_yaml
 
 ids = [p.name for p in LAUNCHER_YAMLS]
 

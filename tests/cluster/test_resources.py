@@ -8,9 +8,10 @@ would either never receive its work or take another stage's.
 from __future__ import annotations
 
 import pytest
-from cluster_helpers import CLUSTER, LAUNCHER_YAMLS, load_yaml
 from ray._private.label_utils import validate_node_label_syntax
 from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+from tests.cluster.cluster_helpers import CLUSTER, LAUNCHER_YAMLS, load_yaml
 
 BUILTIN = {"CPU", "GPU", "memory", "object_store_memory"}
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import zipfile
 
-from cluster_helpers import CLUSTER, REPO, load_yaml
 from ray._private.runtime_env.packaging import create_package
 from ray.runtime_env import RuntimeEnv
+
+from tests.cluster.cluster_helpers import CLUSTER, REPO, load_yaml
 
 KEEP = ["pipeline/run.py", "training/configs/a.yaml", "cluster/resources.yaml", "tests/test_a.py"]
 DROP = [

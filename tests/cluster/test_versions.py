@@ -10,10 +10,11 @@ from __future__ import annotations
 import re
 
 import pytest
-from cluster_helpers import CLUSTER, LAUNCHER_YAMLS, load_yaml, pyproject, ray_requirement
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
+
+from tests.cluster.cluster_helpers import CLUSTER, LAUNCHER_YAMLS, load_yaml, pyproject, ray_requirement
 
 # Where Ray versions appear in cluster/: image tags, pip pins, KubeRay's rayVersion.
 RAY_VERSION_PATTERNS = [

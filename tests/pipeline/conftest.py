@@ -19,7 +19,7 @@ def decoder_killing_mp4(index: int = 0) -> bytes:
     by fuzzing the synthetic videos (every one tried crashes). The byte size is unchanged, so the
     metadata guards let it through to the decoder, as a real corrupted upload would.
     """
-    from pipeline.synth import make_video_sample
+    from fixtures.synth import make_video_sample
 
     _, members = make_video_sample(index, 0, 24, 8, 64, 64)
     data = bytearray(members["mp4"])
@@ -41,7 +41,7 @@ def crash_shard_dir(tmp_path_factory):
     """One shard: 3 good videos and one decoder-killing one (key `..._decoder_killer`)."""
     import json
 
-    from pipeline.synth import make_video_sample
+    from fixtures.synth import make_video_sample
 
     out = tmp_path_factory.mktemp("crash-shard")
     samples = {}

@@ -1,97 +1,87 @@
-"""The one config path: defaults <- YAML preset <- dotted overrides, with errors that name the key."""
+"""Pipeline config: presets load, bad values fail with a message naming the field."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, flatten, load_config, to_yaml
+from pipeline.config import PipelineConfig
+from pipeline.configlib import ConfigError, load_config
+from pipeline.run import config_hash, main
+
+CONFIGS = Path(__file__).resolve().parents[2] / "pipeline" / "configs"
 
 
-@dataclass
-class NoiseConfig:
-    prior: Literal["iid", "mixed", "progressive"] = "iid"
-    """Noise prior."""
-    alpha: float = 0.0
-    """Correlation strength."""
+@pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_presets_load(preset):
+    cfg = load_config(PipelineConfig, CONFIGS / preset)
+    assert cfg.primary_view in cfg.views
 
 
-@dataclass
-class OptimConfig:
-    lr: float = 1e-4
-    """Learning rate."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """Adam betas."""
+def test_production_preset_uses_real_models():
+    cfg = load_config(PipelineConfig, CONFIGS / "webvid_sd15.yaml")
+    assert (cfg.clip.model, cfg.clip.pretrained) == ("ViT-L-14", "openai")
+    assert cfg.views["main"].num_frames == 24 and cfg.views["main"].fps == 6.0
 
 
-@dataclass
-class DemoConfig:
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    name: str = "run"
-    """Run name."""
-    steps: int = 10
-    """Steps."""
-
-    def validate(self) -> None:
-        if self.steps <= 0:
-            raise ConfigError(f"steps must be > 0, got {self.steps}")
-
-
-@pytest.fixture
-def preset(tmp_path):
-    path = tmp_path / "preset.yaml"
-    path.write_text("noise:\n  prior: mixed\n  alpha: 1.0\nsteps: 5\n")
-    return path
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("views.main.height=30", r"multiple.* of 8"),
+        ("decode.clip_per_video=2", r"unknown config key 'decode\.clip_per_video'"),
+        ("decode.start=middle", r"'decode\.start'.*'center', 'uniform', 'random'"),
+        ("encode.latent_dist=mode", r"'encode\.latent_dist'"),
+        ("decode.clips_per_video=0", r"clips_per_video must be >= 1"),
+        ("clip.min_score=high", r"invalid value for config field 'clip\.min_score'"),
+    ],
+)
+def test_bad_config_is_a_clear_error(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(PipelineConfig, CONFIGS / "demo.yaml", [override])
 
 
-def test_defaults_preset_and_overrides_merge_in_order(preset):
-    cfg = load_config(DemoConfig, preset, ["noise.alpha=2.5", "optim.lr=3e-4"])
-    assert isinstance(cfg, DemoConfig) and isinstance(cfg.noise, NoiseConfig)
-    assert cfg.noise.prior == "mixed"  # from the preset
-    assert cfg.noise.alpha == 2.5  # override beats preset
-    assert cfg.optim.lr == pytest.approx(3e-4)  # "3e-4" parsed as a float
-    assert cfg.steps == 5 and cfg.name == "run"  # preset / default
+def test_cli_reports_config_errors(capsys, tmp_path):
+    assert (
+        main(
+            [
+                "--config",
+                str(CONFIGS / "demo.yaml"),
+                "--input",
+                str(tmp_path),
+                "--output",
+                str(tmp_path),
+                "motion.min_scor=1",
+            ]
+        )
+        == 2
+    )
+    assert "unknown config key 'motion.min_scor'" in capsys.readouterr().err
+    assert main(["--config", str(CONFIGS / "demo.yaml")]) == 2
+    assert "--input and --output are required" in capsys.readouterr().err
 
 
-def test_mapping_overrides_keep_python_types(preset):
-    # A Ray Tune trial passes {dotted key: value}; lists and floats survive the trip.
-    cfg = load_config(DemoConfig, preset, {"noise.alpha": 0.75, "optim.betas": [0.8, 0.95], "name": "a b"})
-    assert cfg.noise.alpha == 0.75 and cfg.optim.betas == [0.8, 0.95] and cfg.name == "a b"
+def test_config_hash_ignores_speed_knobs_only():
+    base = load_config(PipelineConfig, CONFIGS / "demo.yaml")
+    faster = load_config(
+        PipelineConfig, CONFIGS / "demo.yaml", ["decode.concurrency=4", "score.batch_size=64"]
+    )
+    other = load_config(PipelineConfig, CONFIGS / "demo.yaml", ["clip.min_score=0.3"])
+    assert config_hash(base) == config_hash(faster) != config_hash(other)
 
 
-def test_unknown_key_names_the_key(preset, tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown config key 'noise\.alpah'.*Did you mean"):
-        load_config(DemoConfig, preset, ["noise.alpah=1"])
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("optim:\n  lrr: 0.1\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'optim\.lrr' in config file .*bad\.yaml"):
-        load_config(DemoConfig, bad)
+def test_a_missing_local_model_fails_naming_the_field_before_any_ray_work(capsys, tmp_path, demo_shards):
+    from pipeline.run import main
 
-
-def test_invalid_value_names_field_and_allowed_values():
-    with pytest.raises(
-        ConfigError, match=r"'noise\.prior'.*expected one of \['iid', 'mixed', 'progressive'\]"
-    ):
-        load_config(DemoConfig, None, ["noise.prior=gaussian"])
-    with pytest.raises(ConfigError, match=r"invalid value for config field 'steps'"):
-        load_config(DemoConfig, None, ["steps=many"])
-
-
-def test_validate_hook_and_malformed_inputs(tmp_path):
-    with pytest.raises(ConfigError, match="steps must be > 0"):
-        load_config(DemoConfig, None, ["steps=0"])
-    with pytest.raises(ConfigError, match="not of the form"):
-        load_config(DemoConfig, None, ["steps"])
-    with pytest.raises(ConfigError, match="config file not found"):
-        load_config(DemoConfig, tmp_path / "missing.yaml")
-
-
-def test_resolved_yaml_round_trips(preset, tmp_path):
-    cfg = load_config(DemoConfig, preset, ["optim.lr=0.01"])
-    out = tmp_path / "resolved.yaml"
-    out.write_text(to_yaml(cfg))
-    assert load_config(DemoConfig, out) == cfg
-    assert flatten(cfg)["optim.lr"] == 0.01 and flatten(cfg)["noise.prior"] == "mixed"
+    args = [
+        "--config",
+        str(CONFIGS / "demo.yaml"),
+        "--input",
+        str(demo_shards),
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    assert main([*args, f"encode.model={tmp_path / 'no-such-sd'}"]) == 2
+    err = capsys.readouterr().err
+    assert "encode.model=" in err and "no-such-sd" in err and "python -m pipeline.zoo" in err
+    assert not (tmp_path / "o").exists()  # nothing written, no zoo built on the way

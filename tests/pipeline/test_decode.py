@@ -27,7 +27,7 @@ def request(data: bytes, clips: int = 1, views=(VIEW,)) -> dict:
 
 
 def good_mp4(index: int = 0) -> bytes:
-    from pipeline.synth import make_video_sample
+    from fixtures.synth import make_video_sample
 
     return make_video_sample(index, 0, 24, 8, 64, 64)[1]["mp4"]
 

@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.config import load_config, to_dict
+from pipeline.config import PipelineConfig
+from pipeline.configlib import load_config, to_dict
 from pipeline.filters import ClipScorer, MetadataFilter, MotionFilter, declared, iso_seconds, motion_score
 from pipeline.schema import Reason
-from pipeline.settings import PipelineConfig
 from tests.pipeline.conftest import DEMO, zoo_overrides
 
 

@@ -8,9 +8,9 @@ import tarfile
 
 import pytest
 
+from pipeline.config import ReadConfig
 from pipeline.read import TarTruncated, iter_tar, list_shards, read_shard, split_key
 from pipeline.schema import Reason
-from pipeline.settings import ReadConfig
 
 
 def rows_of(shard, fs, cfg=None):
@@ -51,7 +51,7 @@ def test_demo_shard_reads_every_sample_once(demo_shards):
 
 
 def test_cut_shard_yields_its_good_samples(tmp_path):
-    from pipeline.synth import write_shards
+    from fixtures.synth import write_shards
 
     manifest = write_shards(
         tmp_path, shards=1, per_shard=6, frames=8, fps=8, height=32, width=32, cut_last=True

@@ -1,19 +1,24 @@
-"""End to end on the session's local Ray with the tiny zoo: accounting, output contract, damaged input."""
+"""End to end on the session's local Ray with the tiny zoo: accounting, output contract, damaged input, and
+resume (kill the driver part-way, re-run, and get exactly what a clean run writes)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline import schema as S
+from tests.pipeline.conftest import DEMO
 
-# What each bad demo sample must be rejected for (pipeline/synth.py BAD_KINDS).
+# What each bad demo sample must be rejected for (fixtures/synth.py BAD_KINDS).
 EXPECTED_REASON = {
     "truncated": S.Reason.TRUNCATED_FILE,
     "zero_bytes": S.Reason.EMPTY_FILE,
@@ -115,7 +120,7 @@ def test_damaged_inputs_do_not_fail_the_job(run_pipeline, crash_shard_dir, image
     """A decoder-killing video, a cut shard and an image shard in one run: good samples all come out.
 
     (Run with scoring in its own actor pool; the other tests use the default, scoring in the encode actors.)"""
-    from pipeline.synth import write_shards
+    from fixtures.synth import write_shards
 
     src = tmp_path / "in"
     src.mkdir()
@@ -149,7 +154,7 @@ def test_damaged_inputs_do_not_fail_the_job(run_pipeline, crash_shard_dir, image
 
 
 def test_a_layout_that_leaves_no_cpu_for_reading_is_refused(run_pipeline, demo_shards, tmp_path):
-    from pipeline.config import ConfigError
+    from pipeline.configlib import ConfigError
 
     # 2 CPUs here: decode 0.5 + scoring 1.0 + encode 0.5 leaves nothing for a read task; Ray Data would hang.
     with pytest.raises(ConfigError, match=r"need 2.25 CPUs; Ray has 2"):
@@ -157,7 +162,7 @@ def test_a_layout_that_leaves_no_cpu_for_reading_is_refused(run_pipeline, demo_s
 
 
 def test_rerun_with_another_config_is_refused(run_pipeline, demo_run, demo_shards):
-    from pipeline.config import ConfigError
+    from pipeline.configlib import ConfigError
 
     out, _ = demo_run
     with pytest.raises(ConfigError, match="another config"):
@@ -166,10 +171,10 @@ def test_rerun_with_another_config_is_refused(run_pipeline, demo_run, demo_shard
 
 def test_read_and_metadata_filter_run_as_one_task(ray_local, tiny_zoo, demo_shards, capsys):
     """One read task per shard, not split, so Ray Data fuses the metadata filter into it (no extra hop)."""
-    from pipeline.config import load_config
+    from pipeline.config import PipelineConfig
+    from pipeline.configlib import load_config
     from pipeline.read import list_shards
     from pipeline.run import build_dataset
-    from pipeline.settings import PipelineConfig
     from tests.conftest import DEMO_PIPELINE, zoo_overrides
 
     cfg = load_config(PipelineConfig, DEMO_PIPELINE, zoo_overrides(tiny_zoo))
@@ -177,3 +182,102 @@ def test_read_and_metadata_filter_run_as_one_task(ray_local, tiny_zoo, demo_shar
     build_dataset(cfg, shards, fs).explain()  # plans only; nothing runs
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[ReadShard->MapBatches(MetadataFilter)]" in optimized
+
+
+# ---- resume ----------------------------------------------------------------------------------------
+
+# One shard at a time and one-sample blocks, so shards complete one after another (~0.4 s apart here)
+# instead of together, and a kill can land between them.
+SLOW_OVERRIDES = [
+    "read.concurrency=1",
+    "read.samples_per_block=1",
+    "ray.max_block_mb=0.01",
+    "decode.batch_size=1",
+    "score.batch_size=1",
+    "encode.batch_size=1",
+]
+
+
+def cli(src, out):
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.run",
+        "--config",
+        str(DEMO),
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "ray.num_cpus=2",
+        "ray.progress_bars=false",
+        *SLOW_OVERRIDES,
+    ]
+
+
+def stems(out, kind="clips"):
+    return sorted(p.name[: -len(".parquet")] for p in (out / kind).glob("*.parquet"))
+
+
+@pytest.mark.slow
+def test_kill_then_resume_matches_a_clean_run(run_pipeline, tiny_zoo, tmp_path):
+    from fixtures.synth import write_shards
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_shards(src, shards=4, per_shard=10, frames=24, fps=8, seed=3)
+    env = dict(
+        os.environ, T2V_TINY_ZOO=str(tiny_zoo.root), HF_HUB_OFFLINE="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0"
+    )
+
+    # 1. Start the CLI and SIGKILL its whole process group (driver + the local Ray it started) as soon as
+    #    the first shard is complete.
+    proc = subprocess.Popen(
+        cli(src, out), env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    try:
+        while not (out / "clips").is_dir() or not stems(out):
+            assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before it could be killed"
+            assert time.monotonic() < deadline, "no shard completed within 300 s"
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = stems(out)
+    assert 1 <= len(done) < 4, f"kill landed after {done}: nothing left to resume"
+    # Leftovers of a shard that was being written when the driver died: a rejected file without its
+    # clips file, and a temp file. Both must be redone, not trusted.
+    partial = next(s for s in ["00000", "00001", "00002", "00003"] if s not in done)
+    (out / "rejected" / f"{partial}.parquet").write_bytes(b"half written")
+    (out / "clips" / f"{partial}.parquet.tmp").write_bytes(b"half written")
+    kept = {s: (out / "clips" / f"{s}.parquet").stat().st_mtime_ns for s in done}
+
+    # 2. Re-run: complete shards are skipped (files untouched), the rest written once.
+    rerun = subprocess.run(cli(src, out), env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert {s: (out / "clips" / f"{s}.parquet").stat().st_mtime_ns for s in done} == kept
+    assert stems(out) == stems(out, "rejected") == ["00000", "00001", "00002", "00003"]
+    assert not list(out.rglob("*.tmp"))
+
+    # 3. A clean run with the same config writes the same rows.
+    clean = tmp_path / "clean"
+    run_pipeline(src, clean, *SLOW_OVERRIDES)
+    for stem in stems(clean):
+        for kind in ("clips", "rejected"):
+            a, b = (
+                pq.read_table(out / kind / f"{stem}.parquet"),
+                pq.read_table(clean / kind / f"{stem}.parquet"),
+            )
+            assert a[S.KEY].to_pylist() == b[S.KEY].to_pylist(), f"{kind}/{stem} differs from the clean run"
+        a, b = (
+            pq.read_table(out / "clips" / f"{stem}.parquet"),
+            pq.read_table(clean / "clips" / f"{stem}.parquet"),
+        )
+        rejected = pq.read_table(out / "rejected" / f"{stem}.parquet")
+        keys = a[S.KEY].to_pylist() + rejected[S.KEY].to_pylist()
+        assert len(keys) == len(set(keys)) == 10, f"{stem}: duplicated or missing samples {keys}"
+        cols = [S.KEY, S.CLIP_INDEX, S.CAPTION, S.FRAME_INDICES]
+        assert a.select(cols).to_pylist() == b.select(cols).to_pylist()
+        np.testing.assert_allclose(
+            S.latents_array(a).astype(np.float32), S.latents_array(b).astype(np.float32), atol=1e-2
+        )

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import load_config
+from fixtures import checkpoints
+from pipeline.configlib import load_config
 from training.config import TrainConfig
-from training.model import VideoUNet
+from training.model.unet import VideoUNet
 
 
 def tiny_train_config(zoo, flavor: str = "sd", **overrides) -> TrainConfig:
     """TrainConfig for the tiny zoo: 8x8 latents, the given dotted overrides on top."""
-    base = {"model.pretrained": str(getattr(zoo, flavor)), "model.latent_size": 8, "model.num_frames": 4}
-    return load_config(TrainConfig, None, {**base, **overrides})
+    return checkpoints.tiny_train_config(getattr(zoo, flavor), **overrides)
 
 
 @pytest.fixture
@@ -31,32 +31,14 @@ def make_video_model(tiny_zoo):
 @pytest.fixture
 def perturb_temporal():
     """perturb_temporal(model): give the zero-initialised temporal layers non-zero weights ("trained")."""
-
-    def perturb(model: VideoUNet, std: float = 0.05, seed: int = 1) -> None:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.motion_adapter.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * std)
-
-    return perturb
+    return checkpoints.perturb_temporal
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_zoo, tmp_path_factory):
     """A run dir as `training.run` leaves it (RUN/export/...), from a tiny 4-frame HARIVO model with
     perturbed ("trained") temporal layers; for the sampler and evaluation tests. Returns RUN."""
-    from training.checkpoint import export_weights
-
-    cfg = tiny_train_config(tiny_zoo, **{"harivo.mapping_heads": 2, "harivo.mapping_head_dim": 16})
-    torch.manual_seed(0)
-    model = VideoUNet.from_pretrained(cfg.model, cfg.harivo)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.motion_adapter.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    run = tmp_path_factory.mktemp("tiny-run")
-    export_weights(model.trainable_state_dict(), dict(model.motion_adapter.config), cfg, str(run / "export"))
-    return run
+    return checkpoints.tiny_checkpoint(tiny_zoo.sd, tmp_path_factory.mktemp("tiny-run"))
 
 
 @pytest.fixture(scope="session")
@@ -65,8 +47,8 @@ def cascade_latents(ray_local, tiny_zoo, demo_shards, tmp_path_factory):
     view `main` and the same frames at 64 px in view `sr` (the PYoCo cascade stages' store)."""
     from pathlib import Path
 
+    from pipeline.config import PipelineConfig
     from pipeline.run import run
-    from pipeline.settings import PipelineConfig
 
     preset = Path(__file__).resolve().parents[2] / "pipeline" / "configs" / "cascade_demo.yaml"
     zoo = [

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
+from fixtures.tiny_i3d import build_tiny_i3d
 from training import evaluate
-from training.metrics import load_i3d
-from training.sample import read_prompts
-from training.tiny_i3d import build_tiny_i3d
-from training.video_io import write_gif, write_mp4
+from training.evaluation.metrics import load_i3d
+from training.sampling.video_io import write_gif, write_mp4
+from training.sampling.write import read_prompts
 
 PROMPTS = Path(__file__).parents[2] / "training" / "prompts" / "harivo_a3.txt"
 

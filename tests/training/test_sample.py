@@ -1,273 +1,98 @@
-"""Sampling: hand-written steps vs diffusers, MG/JVID inside the sampler vs independent loops, personalised bases."""
+"""`python -m training.sample` end to end: mp4 + gif + latents + JSON per video; exact regeneration from the JSON."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
-from diffusers import ControlNetModel, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file
 
-from pipeline.config import load_config
-from training.config import DiffusionConfig
-from training.guidance import cfg_scale
-from training.personalize import merge_lora
-from training.sample import load_pipeline, mg_guidance, p_video, smooth_latents  # noqa: F401 (public names)
-from training.sample_config import SampleConfig
-from training.samplers import (
-    ddim_scheduler,
-    ddim_step,
-    ddpm_scheduler,
-    ddpm_step,
-    discrete_schedule,
-    karras_sigmas,
-    sample_euler,
-    sample_heun,
-    v_to_eps,
-)
-
-STEPS = 3
-FAST = {"sampler.steps": STEPS, "output.device": "cpu"}
+from pipeline.configlib import ConfigError
+from training import sample
+from training.model.export import resolve_checkpoint
+from training.sampling.video_io import read_video
 
 
-# ---- pure sampler math ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("eta", [0.0, 0.7])
-def test_ddim_step_matches_diffusers(prediction_type, eta):
-    cfg = DiffusionConfig(prediction_type=prediction_type)
-    ref = ddim_scheduler(cfg)
-    schedule = discrete_schedule(ddim_scheduler(cfg), 25)
-    ref.set_timesteps(25)
-    assert torch.equal(schedule.timesteps, ref.timesteps)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, 5, 8, 8, generator=gen)
-    for t, a_t, a_prev in schedule:
-        pred = torch.randn(x.shape, generator=gen)
-        noise = torch.randn(x.shape, generator=gen)
-        want = ref.step(pred, t, x, eta=eta, variance_noise=noise if eta else None).prev_sample
-        eps = v_to_eps(pred, x, a_t) if prediction_type == "v_prediction" else pred
-        got = ddim_step(x, eps, a_t, a_prev, eta, noise)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        x = want
-
-
-def test_ddpm_step_matches_diffusers():
-    cfg = DiffusionConfig()
-    ref = ddpm_scheduler(cfg)
-    schedule = discrete_schedule(ddpm_scheduler(cfg), 50)
-    ref.set_timesteps(50)
-    assert isinstance(ref, DDPMScheduler) and ref.config.variance_type == "fixed_small"
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, 5, 8, 8, generator=gen)
-    for i, (t, a_t, a_prev) in enumerate(schedule):
-        eps = torch.randn(x.shape, generator=gen)
-        want = ref.step(eps, t, x, generator=torch.Generator().manual_seed(i)).prev_sample
-        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(i)) if t > 0 else None
-        torch.testing.assert_close(ddpm_step(x, eps, a_t, a_prev, noise), want, rtol=1e-5, atol=1e-5)
-        x = want
-
-
-@pytest.mark.parametrize("sampler,order", [(sample_heun, 2), (sample_euler, 1)])
-def test_edm_samplers_solve_the_gaussian_ode_at_their_order(sampler, order):
-    # Data N(0, s^2): D(x; sigma) = x s^2 / (s^2 + sigma^2); the ODE solution is x(sigma) ~ sqrt(s^2 + sigma^2).
-    s, x_t = 0.5, torch.full((2, 4, 2, 1, 1), 80.0, dtype=torch.float64)
-    want = x_t * s / (s**2 + 80.0**2) ** 0.5
-
-    def error(steps: int) -> float:
-        sigmas = karras_sigmas(steps, 0.002, 80.0).double()
-        out = sampler(lambda x, sigma, i: x * s**2 / (s**2 + sigma**2), x_t, sigmas)
-        return float(((out - want) / want).abs().max())
-
-    e1, e2 = error(40), error(80)
-    assert e2 < e1 and e1 / e2 == pytest.approx(2**order, rel=0.25)  # global error O(h^order)
-    assert error(160) < (1e-3 if order == 2 else 2e-2)
-    sigmas = karras_sigmas(5, 0.002, 80.0)
-    assert sigmas[0] == pytest.approx(80.0) and sigmas[-2] == pytest.approx(0.002) and sigmas[-1] == 0
-
-
-def test_p_video_without_warmup_is_a_pure_image_schedule():
-    assert p_video(0.0, 0.0, 0.0, 0.0, 0.0) == 0.0
-    assert p_video(0.0, 0.0, 0.5, 0.2, 0.1) == 1.0  # continuous: the ramp starts at 1
-
-
-# ---- the pipeline on the tiny checkpoint --------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_checkpoint):
-    """One loaded pipeline (JVID image model = the frozen base); tests swap in other configs."""
-    return load_pipeline(tiny_checkpoint, load_config(SampleConfig, None, {**FAST, "jvid.enabled": True}))
-
-
-def with_cfg(pipe, **overrides):
-    p = copy.copy(pipe)
-    p.cfg = load_config(SampleConfig, None, {**FAST, **overrides})
-    return p
-
-
-def _independent_loop(pipe, prompt, seed, model, mg_alpha, cfg_early, cfg_late):
-    """DDIM written against diffusers' DDIMScheduler.step, CFG and mg_guidance applied by hand."""
-    sched = DDIMScheduler.from_config(ddim_scheduler(pipe.train_cfg.diffusion).config)
-    sched.set_timesteps(STEPS)
-    text = pipe.encode_prompt(["", prompt])
-    shape = (1, 4, pipe.num_frames, pipe.height // 8, pipe.width // 8)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    for i, t in enumerate(sched.timesteps):
-        uncond = model(x, t, text[:1])
-        cond = model(x, t, text[1:])
-        w = cfg_scale(i / STEPS, cfg_early, cfg_late, 0.7)
-        eps = uncond + w * (cond - uncond)
-        if mg_alpha:
-            eps = mg_guidance(eps, x, sched.alphas_cumprod[int(t)], mg_alpha)
-        x = sched.step(eps, t, x).prev_sample
-    return x
-
-
-def test_mg_inside_the_sampler_matches_an_independent_loop(pipe):
-    p = with_cfg(pipe, **{"guidance.mg_alpha": 40.0, "guidance.cfg_early": 9.0, "guidance.cfg_late": 3.0})
-    got = p.sample("a dog runs", seed=3).latents
-    want = _independent_loop(p, "a dog runs", 3, lambda x, t, c: p.video(x, t, c), 40.0, 9.0, 3.0)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    no_mg = with_cfg(pipe, **{"guidance.mg_alpha": 0.0, "guidance.cfg_early": 9.0, "guidance.cfg_late": 3.0})
-    assert not torch.allclose(no_mg.sample("a dog runs", seed=3).latents, got, atol=1e-3)  # MG did something
-
-
-def test_jvid_with_p_video_one_is_pure_video_sampling_bit_for_bit(pipe):
-    jvid = {
-        "sampler.kind": "ddpm",
-        "jvid.t_v": 1.0,
-        "jvid.t_e": 1.0,
-        "jvid.p_e": 1.0,
-        "jvid.p_f": 1.0,
-        "jvid.gamma": 0.1,
-        "jvid.r": 0.5,
-        "jvid.smooth_threshold": 0.0,
-    }
-    mixed = with_cfg(pipe, **{"jvid.enabled": True, **jvid}).sample("a cat", seed=5)
-    pure = with_cfg(pipe, **{"jvid.enabled": False, **jvid}).sample("a cat", seed=5)
-    assert all(mixed.video_steps)
-    assert torch.equal(mixed.latents, pure.latents)
-
-
-def test_jvid_with_p_video_zero_is_the_frozen_base_per_frame(pipe):
-    jvid = {
-        "jvid.enabled": True,
-        "jvid.t_v": 0.0,
-        "jvid.t_e": 0.0,
-        "jvid.p_e": 0.0,
-        "jvid.p_f": 0.0,
-        "jvid.smooth_threshold": 0.0,
-        "guidance.mg_alpha": 0.0,
-    }
-    p = with_cfg(pipe, **jvid)
-    got = p.sample("a cat", seed=2)
-    assert not any(got.video_steps)
-    unet = p.video.unet
-
-    def per_frame(x, t, text):  # the frozen SD UNet on every frame on its own
-        frames = [unet(x[:, :, f], t, encoder_hidden_states=text).sample for f in range(x.shape[2])]
-        return torch.stack(frames, dim=2)
-
-    want = _independent_loop(p, "a cat", 2, per_frame, 0.0, 12.5, 7.5)
-    torch.testing.assert_close(got.latents, want, rtol=1e-4, atol=1e-4)
-    # A real mixture uses both models, is seeded, and smooths the final latents.
-    mix = with_cfg(pipe, **{"jvid.enabled": True, "sampler.kind": "ddpm", "jvid.t_v": 0.0, "jvid.t_e": 0.5})
-    a, b = mix.sample("a cat", seed=4), mix.sample("a cat", seed=4)
-    assert torch.equal(a.latents, b.latents) and a.video_steps == b.video_steps
-
-
-def test_edm_samplers_run_on_a_ddpm_checkpoint(pipe):
-    for kind in ("euler", "heun"):
-        out = with_cfg(pipe, **{"sampler.kind": kind}).sample("a cat", seed=0).latents
-        assert out.shape == (1, 4, 4, 8, 8) and torch.isfinite(out).all()
-
-
-def test_merge_lora_matches_the_formula(tiny_zoo, tmp_path):
-    unet = UNet2DConditionModel.from_pretrained(tiny_zoo.sd, subfolder="unet")
-    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-    layer = dict(unet.named_modules())[name]
-    before = layer.weight.detach().clone()
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(4, before.shape[1], generator=g), torch.randn(before.shape[0], 4, generator=g)
-    meta = {"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 8}), "format": "pt"}
-    path = tmp_path / "pytorch_lora_weights.safetensors"
-    save_file({f"unet.{name}.lora_A.weight": a, f"unet.{name}.lora_B.weight": b}, str(path), metadata=meta)
-    assert merge_lora({"unet": unet}, str(path), scale=0.5) == {"unet": 1}
-    torch.testing.assert_close(layer.weight, before + 0.5 * (8 / 4) * b @ a)
-    with pytest.raises(KeyError, match="no layer"):
-        bad = tmp_path / "bad.safetensors"
-        save_file({"unet.nope.to_q.lora_A.weight": a, "unet.nope.to_q.lora_B.weight": b}, str(bad))
-        merge_lora({"unet": unet}, str(bad))
-
-
-def test_personalised_bases_change_the_video(tiny_zoo, tiny_checkpoint, pipe, tmp_path):
-    base = with_cfg(pipe, **{"guidance.mg_alpha": 0.0}).sample("a cat", seed=1).latents
-    # DreamBooth-style: a fine-tuned copy of the base UNet.
-    unet = UNet2DConditionModel.from_pretrained(tiny_zoo.sd, subfolder="unet")
-    with torch.no_grad():
-        for p in unet.up_blocks.parameters():
-            p.mul_(1.05)
-    unet.save_pretrained(tmp_path / "dreambooth")
-    over = {**FAST, "guidance.mg_alpha": 0.0}
-    swapped = load_pipeline(
-        tiny_checkpoint, load_config(SampleConfig, None, {**over, "base.unet": str(tmp_path / "dreambooth")})
+def test_cli_writes_videos_and_regenerates_exactly_from_the_json(tiny_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\nA dog is running left to right.\n\nThe kite is flying.\n")
+    out = tmp_path / "out"
+    records = sample.main(
+        [
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--prompts",
+            str(prompts),
+            "--prompt",
+            "A cat jumps.",
+            "--output",
+            str(out),
+            "sampler.steps=3",
+            "output.fps=8",
+            "output.device=cpu",
+            "noise.prior=progressive",
+            "noise.alpha=1.0",
+        ]
     )
-    assert not torch.allclose(swapped.sample("a cat", seed=1).latents, base, atol=1e-4)
-    # LoRA on every self-attention query of the base.
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for name, module in unet.named_modules():
-        if name.endswith("attn1.to_q"):
-            state[f"unet.{name}.lora_A.weight"] = torch.randn(2, module.in_features, generator=g) * 0.3
-            state[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, 2, generator=g) * 0.3
-    save_file(state, str(tmp_path / "lora.safetensors"))
-    lora = load_pipeline(
-        tiny_checkpoint,
-        load_config(SampleConfig, None, {**over, "base.lora": str(tmp_path / "lora.safetensors")}),
-    )
-    assert not torch.allclose(lora.sample("a cat", seed=1).latents, base, atol=1e-4)
+    assert [r["prompt"] for r in records] == [
+        "A cat jumps.",
+        "A dog is running left to right.",
+        "The kite is flying.",
+    ]
+    assert [r["seed"] for r in records] == [0, 1, 2]
+    first = records[0]
+    for suffix in (".mp4", ".gif", ".json", ".latents.safetensors"):
+        assert (out / f"{first['name']}{suffix}").is_file()
+    video = read_video(out / f"{first['name']}.mp4")
+    assert video.shape == (4, 3, 64, 64)  # F frames of 8 x 8-latent pixels
+    assert read_video(out / f"{first['name']}.gif").shape == (4, 3, 64, 64)
+    record = json.loads((out / f"{first['name']}.json").read_text())
+    assert record["config"]["sampler"]["steps"] == 3 and record["config"]["output"]["fps"] == 8
+    assert record["resolved"]["noise_prior"] == "progressive" and record["resolved"]["noise_alpha"] == 1.0
+    assert record["resolved"]["train_diffusion"]["beta_schedule"] == "linear"
+    assert len(record["resolved"]["levels"]) == 3
+    index = json.loads((out / "samples.json").read_text())
+    assert len(index["videos"]) == 3
+
+    # Regenerate the second video from its JSON alone: identical latents.
+    second = records[1]
+    again = sample.main(
+        ["--replay", str(out / f"{second['name']}.json"), "--output", str(tmp_path / "again")]
+    )[0]
+    want = load_file(str(out / second["files"]["latents"]))["latents"]
+    got = load_file(str(tmp_path / "again" / again["files"]["latents"]))["latents"]
+    assert again["seed"] == 1 and torch.equal(got, want)
 
 
-def test_controlnet_conditions_only_listed_frames(tiny_zoo, tiny_checkpoint, tmp_path):
-    unet = UNet2DConditionModel.from_pretrained(tiny_zoo.sd, subfolder="unet")
-    torch.manual_seed(0)
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
-    with torch.no_grad():  # its zero convs start at 0; make it "trained"
-        for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
-            block.weight.normal_(0, 0.5)
-    controlnet.save_pretrained(tmp_path / "controlnet")
-    Image.fromarray(
-        (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()
-    ).save(tmp_path / "edges.png")
-    per_frame = {
-        **FAST,
-        "jvid.enabled": True,
-        "jvid.t_v": 0.0,
-        "jvid.t_e": 0.0,
-        "jvid.p_e": 0.0,
-        "jvid.p_f": 0.0,
-        "jvid.smooth_threshold": 0.0,
-        "guidance.mg_alpha": 0.0,
-    }
-    control = {
-        "controlnet.path": str(tmp_path / "controlnet"),
-        "controlnet.images": [str(tmp_path / "edges.png")],
-        "controlnet.frames": [0, -1],
-    }
-    plain = load_pipeline(tiny_checkpoint, load_config(SampleConfig, None, per_frame))
-    ctrl = load_pipeline(tiny_checkpoint, load_config(SampleConfig, None, {**per_frame, **control}))
-    a, b = plain.sample("a cat", seed=0).latents, ctrl.sample("a cat", seed=0).latents
-    # With the per-frame image model frames are independent: only frames 0 and 3 may change.
-    torch.testing.assert_close(b[:, :, 1:3], a[:, :, 1:3], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(b[:, :, 0], a[:, :, 0], atol=1e-3)
-    assert not torch.allclose(b[:, :, 3], a[:, :, 3], atol=1e-3)
-    # And through the video model (temporal layers on), all frames conditioned.
-    video = load_pipeline(
-        tiny_checkpoint, load_config(SampleConfig, None, {**FAST, **control, "controlnet.frames": None})
-    )
-    assert torch.isfinite(video.sample("a cat", seed=0).latents).all()
+def test_cli_errors_name_the_problem(tiny_checkpoint, tmp_path):
+    with pytest.raises(ConfigError, match="sampler.stepz"):
+        sample.main(
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--prompt",
+                "x",
+                "--output",
+                str(tmp_path),
+                "sampler.stepz=3",
+            ]
+        )
+    with pytest.raises(ConfigError, match="sampler.kind"):
+        sample.main(
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--prompt",
+                "x",
+                "--output",
+                str(tmp_path),
+                "sampler.kind=plms",
+            ]
+        )
+    (tmp_path / "run" / "checkpoint_00000010").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="not for sampling"):
+        resolve_checkpoint(tmp_path / "run")
+    export = tiny_checkpoint / "export"
+    assert resolve_checkpoint(export) == resolve_checkpoint(tiny_checkpoint)
+    assert resolve_checkpoint(export / "trainable.safetensors") == export / "trainable.safetensors"

@@ -1,0 +1,180 @@
+"""The one config path shared by every CLI and by Ray Tune.
+
+Each package declares its config as nested dataclasses (defaults + a one-line docstring per field).
+A YAML preset holds only the fields it changes; dotted overrides (`optim.lr=3e-4`) come last:
+
+    dataclass defaults  <-  YAML preset  <-  dotted overrides (CLI strings or a Tune trial dict)
+
+The merge is OmegaConf's structured-config merge, so types are checked and `Literal[...]` fields
+only accept their listed values. Every failure is raised as `ConfigError` naming the key or field
+and where the bad value came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+T = TypeVar("T")
+
+Overrides = Sequence[str] | Mapping[str, Any]
+
+
+class ConfigError(ValueError):
+    """A config key that does not exist, or a value a field does not accept."""
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    full_key = getattr(exc, "full_key", None) or "?"
+    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, ConfigKeyError):
+        return ConfigError(f"unknown config key '{full_key}' in {source}: {first_line}")
+    if isinstance(exc, ValidationError):
+        return ConfigError(f"invalid value for config field '{full_key}' in {source}: {first_line}")
+    return ConfigError(f"bad config in {source} (key '{full_key}'): {first_line}")
+
+
+def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, source) from None
+
+
+def _dotlist(overrides: Overrides) -> list[str]:
+    if isinstance(overrides, Mapping):
+        # A Ray Tune trial: {"noise.alpha": 1.5, ...}. Values keep their Python type.
+        return [f"{key}={_yaml_scalar(value)}" for key, value in overrides.items()]
+    bad = [item for item in overrides if "=" not in item or item.startswith("=")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form dotted.key=value")
+    return list(overrides)
+
+
+def _yaml_scalar(value: Any) -> str:
+    # OmegaConf parses dotlist values as YAML; dump non-strings as YAML flow so lists/None survive.
+    if isinstance(value, str):
+        return value
+    return OmegaConf.to_yaml(OmegaConf.create({"v": value})).split(":", 1)[1].strip()
+
+
+Presets = str | Path | Sequence[str | Path] | None
+
+EXTENDS = "extends"
+"""Top-level preset key naming the preset(s) it builds on, relative to its own directory (merged first)."""
+
+
+def load_config(schema: type[T], path: Presets = None, overrides: Overrides = ()) -> T:
+    """Merge `schema`'s defaults, the YAML preset(s) at `path` and dotted `overrides` into a `schema`.
+
+    `path` is one preset or a list of them, merged in order (later wins); a preset may start from others
+    with `extends: other.yaml` (or a list), resolved relative to its own file and merged before it.
+    `overrides` is a list of "a.b=value" strings (the CLI) or a {"a.b": value} mapping (Ray Tune).
+    Raises `ConfigError` naming the unknown key or the invalid field and its allowed values.
+    """
+    cfg: DictConfig = OmegaConf.structured(schema)
+    for preset in _presets(path):
+        cfg = _merge_preset(cfg, Path(preset), ())
+    return _to_validated_object(apply_overrides(cfg, overrides), "the merged config")
+
+
+def _presets(path: Presets) -> list[str | Path]:
+    if path is None:
+        return []
+    return [path] if isinstance(path, str | Path) else list(path)
+
+
+def _merge_preset(cfg: DictConfig, path: Path, chain: tuple[Path, ...]) -> DictConfig:
+    """`cfg` <- the presets `path` extends (depth first) <- `path` itself."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (extended by {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ConfigError(f"config file {path} extends itself: {' -> '.join(map(str, (*chain, path)))}")
+    preset = OmegaConf.load(path)
+    if not isinstance(preset, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping, not {type(preset).__name__}")
+    parents = preset.pop(EXTENDS, None)
+    for parent in _presets(OmegaConf.to_container(parents) if isinstance(parents, ListConfig) else parents):
+        cfg = _merge_preset(cfg, path.parent / str(parent), (*chain, path.resolve()))
+    return _merge(cfg, preset, f"config file {path}")
+
+
+def from_dict(schema: type[T], tree: Mapping[str, Any], overrides: Overrides = ()) -> T:
+    """Rebuild a config from `to_dict`'s nested dict (e.g. after crossing a Ray boundary), re-validated,
+    with dotted `overrides` on top (a Tune trial's sampled values)."""
+    cfg = _merge(OmegaConf.structured(schema), tree, "a config dict")
+    return _to_validated_object(apply_overrides(cfg, overrides), "a config dict")
+
+
+def apply_overrides(cfg: DictConfig, overrides: Overrides) -> DictConfig:
+    """Merge dotted overrides one at a time, so an error names the override that failed."""
+    for item in _dotlist(overrides):
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+    return cfg
+
+
+def _to_validated_object(cfg: DictConfig, source: str) -> Any:
+    """The dataclass instance of a merged config, after its `validate()` hook (if it has one)."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        # e.g. a required field (MISSING) that neither the preset nor an override set.
+        raise _explain(exc, source) from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain nested dict of a config dataclass (for JSON, checkpoints and Ray boundaries)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    """The fully resolved config as YAML; `load_config(schema, that_file)` reproduces it."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b": value} for every leaf of a config dataclass or nested dict."""
+    tree = cfg if isinstance(cfg, Mapping) else to_dict(cfg)
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def add_config_args(parser: argparse.ArgumentParser, default_preset: str | None = None) -> None:
+    """The `--config PRESET [PRESET ...] [a.b=value ...]` part every CLI shares (see `config_args`)."""
+    parser.add_argument(
+        "--config",
+        nargs="+",
+        default=[default_preset] if default_preset else None,
+        metavar="PRESET",
+        help="YAML preset(s) holding only the fields they change, merged in order (later wins)"
+        + (f"; default {default_preset}" if default_preset else ""),
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=3e-4"
+    )
+
+
+def config_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(presets, overrides) of a parsed `add_config_args` command line.
+
+    `--config a.yaml b.yaml optim.lr=3e-4` hands argparse every word after --config; the KEY=VALUE words
+    among them are overrides (a preset path never holds '=')."""
+    words = list(args.config or [])
+    presets = [w for w in words if "=" not in w]
+    return presets, [w for w in words if "=" in w] + list(args.overrides)

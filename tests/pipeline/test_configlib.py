@@ -1,0 +1,144 @@
+"""The one config path: defaults <- YAML preset <- dotted overrides, with errors that name the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from pipeline.configlib import ConfigError, flatten, load_config, to_yaml
+
+
+@dataclass
+class NoiseConfig:
+    prior: Literal["iid", "mixed", "progressive"] = "iid"
+    """Noise prior."""
+    alpha: float = 0.0
+    """Correlation strength."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+
+
+@dataclass
+class DemoConfig:
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    name: str = "run"
+    """Run name."""
+    steps: int = 10
+    """Steps."""
+
+    def validate(self) -> None:
+        if self.steps <= 0:
+            raise ConfigError(f"steps must be > 0, got {self.steps}")
+
+
+@pytest.fixture
+def preset(tmp_path):
+    path = tmp_path / "preset.yaml"
+    path.write_text("noise:\n  prior: mixed\n  alpha: 1.0\nsteps: 5\n")
+    return path
+
+
+def test_defaults_preset_and_overrides_merge_in_order(preset):
+    cfg = load_config(DemoConfig, preset, ["noise.alpha=2.5", "optim.lr=3e-4"])
+    assert isinstance(cfg, DemoConfig) and isinstance(cfg.noise, NoiseConfig)
+    assert cfg.noise.prior == "mixed"  # from the preset
+    assert cfg.noise.alpha == 2.5  # override beats preset
+    assert cfg.optim.lr == pytest.approx(3e-4)  # "3e-4" parsed as a float
+    assert cfg.steps == 5 and cfg.name == "run"  # preset / default
+
+
+def test_mapping_overrides_keep_python_types(preset):
+    # A Ray Tune trial passes {dotted key: value}; lists and floats survive the trip.
+    cfg = load_config(DemoConfig, preset, {"noise.alpha": 0.75, "optim.betas": [0.8, 0.95], "name": "a b"})
+    assert cfg.noise.alpha == 0.75 and cfg.optim.betas == [0.8, 0.95] and cfg.name == "a b"
+
+
+def test_unknown_key_names_the_key(preset, tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'noise\.alpah'.*Did you mean"):
+        load_config(DemoConfig, preset, ["noise.alpah=1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim\.lrr' in config file .*bad\.yaml"):
+        load_config(DemoConfig, bad)
+
+
+def test_invalid_value_names_field_and_allowed_values():
+    with pytest.raises(
+        ConfigError, match=r"'noise\.prior'.*expected one of \['iid', 'mixed', 'progressive'\]"
+    ):
+        load_config(DemoConfig, None, ["noise.prior=gaussian"])
+    with pytest.raises(ConfigError, match=r"invalid value for config field 'steps'"):
+        load_config(DemoConfig, None, ["steps=many"])
+
+
+def test_validate_hook_and_malformed_inputs(tmp_path):
+    with pytest.raises(ConfigError, match="steps must be > 0"):
+        load_config(DemoConfig, None, ["steps=0"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(DemoConfig, None, ["steps"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(DemoConfig, tmp_path / "missing.yaml")
+
+
+def test_resolved_yaml_round_trips(preset, tmp_path):
+    cfg = load_config(DemoConfig, preset, ["optim.lr=0.01"])
+    out = tmp_path / "resolved.yaml"
+    out.write_text(to_yaml(cfg))
+    assert load_config(DemoConfig, out) == cfg
+    assert flatten(cfg)["optim.lr"] == 0.01 and flatten(cfg)["noise.prior"] == "mixed"
+
+
+def test_presets_stack_in_order_and_extend_relative_to_their_file(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "root.yaml").write_text("noise: {prior: mixed, alpha: 1.0}\nname: root\n")
+    (tmp_path / "base" / "mid.yaml").write_text("extends: root.yaml\nnoise: {alpha: 2.0}\nsteps: 3\n")
+    (tmp_path / "top.yaml").write_text("extends: [base/mid.yaml]\nname: top\n")
+    (tmp_path / "last.yaml").write_text("steps: 7\n")
+    cfg = load_config(DemoConfig, tmp_path / "top.yaml")
+    # root <- mid <- top: each later layer wins only on the keys it sets
+    assert (cfg.noise.prior, cfg.noise.alpha, cfg.steps, cfg.name) == ("mixed", 2.0, 3, "top")
+    stacked = load_config(DemoConfig, [tmp_path / "top.yaml", tmp_path / "last.yaml"], ["name=cli"])
+    assert (stacked.noise.alpha, stacked.steps, stacked.name) == (2.0, 7, "cli")
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(DemoConfig, tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml.*extended by"):
+        load_config(DemoConfig, tmp_path / "orphan.yaml")
+
+
+def test_cli_takes_several_presets_then_overrides(tmp_path):
+    import argparse
+
+    from pipeline.configlib import add_config_args, config_args
+
+    (tmp_path / "a.yaml").write_text("steps: 2\n")
+    (tmp_path / "b.yaml").write_text("steps: 5\nname: b\n")
+    p = argparse.ArgumentParser()
+    add_config_args(p)
+    args = p.parse_args(["--config", str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml"), "noise.alpha=0.5"])
+    presets, overrides = config_args(args)
+    assert presets == [str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")] and overrides == [
+        "noise.alpha=0.5"
+    ]
+    cfg = load_config(DemoConfig, presets, overrides)
+    assert (cfg.steps, cfg.name, cfg.noise.alpha) == (5, "b", 0.5)
+
+
+def test_from_dict_applies_overrides_through_the_same_path():
+    from pipeline.configlib import from_dict, to_dict
+
+    tree = to_dict(load_config(DemoConfig))
+    cfg = from_dict(DemoConfig, tree, {"noise.alpha": 1.5, "optim.betas": [0.5, 0.9]})
+    assert (cfg.noise.alpha, cfg.optim.betas) == (1.5, [0.5, 0.9])
+    with pytest.raises(ConfigError, match="noise.alpah"):
+        from_dict(DemoConfig, tree, {"noise.alpah": 1.0})

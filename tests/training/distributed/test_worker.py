@@ -1,0 +1,235 @@
+"""Ray Train + DeepSpeed runner on 2 CPU workers with the tiny zoo and the demo pipeline's latents.
+
+Runs are short (6 optimiser steps) but real: 2 Ray Train workers, DeepSpeed ZeRO over gloo, the
+pipeline's Parquet streamed through Ray Data, checkpoints persisted by Ray Train.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.configlib import load_config
+from training.config import TrainConfig
+
+DEMO = Path(__file__).resolve().parents[3] / "training" / "configs" / "demo.yaml"
+STEPS = 6  # checkpoints at 3 and 6
+
+
+def _cfg(zoo, store, run_dir, *overrides) -> TrainConfig:
+    from training.run import split_output
+
+    storage, name = split_output(str(run_dir))
+    return load_config(
+        TrainConfig,
+        DEMO,
+        [
+            f"model.pretrained={zoo.sd}",
+            f"data.path={store}",
+            f"run.storage_path={storage}",
+            f"run.name={name}",
+            f"optim.max_steps={STEPS}",
+            "optim.warmup_steps=2",
+            "run.checkpoint_every=3",
+            "run.log_every=3",
+            "run.val_every=0",
+            *overrides,
+        ],
+    )
+
+
+def _train(cfg: TrainConfig) -> dict:
+    from training.run import train
+
+    return train(cfg)
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "export" / "trainable.safetensors"))
+
+
+def _assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, f"max |diff| = {worst}"
+
+
+@pytest.fixture(scope="module")
+def store(demo_latents):
+    return demo_latents[0]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_local, tiny_zoo, store, tmp_path_factory):
+    """A ZeRO-2 run of STEPS steps from start to end: the reference for resume and fault tests."""
+    run_dir = tmp_path_factory.mktemp("runs") / "reference"
+    summary = _train(_cfg(tiny_zoo, store, run_dir))
+    return run_dir, summary
+
+
+def _fixed_batch_loss(cfg: TrainConfig, zoo, store, weights: dict | None) -> float:
+    """L_simple on the first 4 stored clips at 8 fixed seeds, for the initial or the trained model."""
+    import pyarrow.parquet as pq
+
+    from pipeline import schema
+    from training.diffusion.objective import HarivoObjective
+    from training.model.unet import VideoUNet
+
+    table = pq.read_table(Path(store) / "clips")
+    latents = torch.from_numpy(schema.latents_array(table)[:4].astype("float32")).permute(0, 2, 1, 3, 4)
+    text = torch.from_numpy(
+        table.column(schema.PROMPT_EMBEDS).combine_chunks().to_numpy_ndarray()[:4]
+    ).float()
+    torch.manual_seed(cfg.run.seed)
+    model = VideoUNet.from_pretrained(cfg.model, cfg.harivo).eval()
+    if weights is not None:
+        model.load_trainable_state_dict(weights)
+    objective = HarivoObjective(load_config(TrainConfig, None, {"loss.lambda_dc": 0.0}))  # L_simple only
+    with torch.no_grad():
+        losses = [
+            objective(model, latents, text, generator=torch.Generator().manual_seed(s)).simple.item()
+            for s in range(8)
+        ]
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.slow
+def test_zero2_trains_checkpoints_and_exports(uninterrupted, tiny_zoo, store):
+    run_dir, summary = uninterrupted
+    assert summary["metrics"]["step"] == STEPS
+    # Every rank's ZeRO shard is in the checkpoint (ray #33369), without the frozen base.
+    ckpt = Path(summary["checkpoint"])
+    assert ckpt.name == f"checkpoint_{STEPS:08d}"
+    shards = sorted(p.name for p in (ckpt / "deepspeed").iterdir())
+    assert (
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt" in shards
+        and "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
+    )
+    assert {"rank0.pt", "rank1.pt", "trainer_state.json", "config.yaml"} <= {p.name for p in ckpt.iterdir()}
+    model_states = torch.load(ckpt / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert model_states and not any(k.startswith("unet.") for k in model_states)
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == [
+        "checkpoint_00000003",
+        "checkpoint_00000006",
+    ]
+    # Exports: trained weights on their own, and the loss on a fixed batch went down.
+    weights = _weights(run_dir)
+    assert weights and not any(k.startswith("unet.") for k in weights)
+    cfg = _cfg(tiny_zoo, store, run_dir)
+    before = _fixed_batch_loss(cfg, tiny_zoo, store, None)
+    after = _fixed_batch_loss(cfg, tiny_zoo, store, weights)
+    assert after < before, (before, after)
+    assert (run_dir / "tensorboard").is_dir() and any((run_dir / "tensorboard").iterdir())
+    assert json.loads((run_dir / "result.json").read_text())["metrics"]["step"] == STEPS
+
+
+@pytest.mark.slow
+def test_zero3_trains(ray_local, tiny_zoo, store, tmp_path, uninterrupted):
+    run_dir = tmp_path / "zero3"
+    summary = _train(_cfg(tiny_zoo, store, run_dir, "deepspeed.zero_stage=3"))
+    assert summary["metrics"]["step"] == STEPS
+    shards = {p.name for p in (Path(summary["checkpoint"]) / "deepspeed").iterdir()}
+    assert {
+        "zero_pp_rank_0_mp_rank_00_model_states.pt",
+        "zero_pp_rank_1_mp_rank_00_model_states.pt",
+    } <= shards
+    # ZeRO-3 partitions parameters; the export gathers them, so it has the same weights as ZeRO-2's.
+    _assert_same_weights(_weights(run_dir), _weights(uninterrupted[0]), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_rerun_resumes_to_the_same_weights(ray_local, tiny_zoo, store, tmp_path, uninterrupted):
+    run_dir = tmp_path / "resumed"
+    # First attempt dies after the step-3 checkpoint (no retries): the user's job crashed.
+    with pytest.raises(Exception):  # noqa: B017 (Ray wraps the worker's exit in its own error types)
+        _train(_cfg(tiny_zoo, store, run_dir, "run.fail_at_step=4", "run.max_failures=0"))
+    assert (run_dir / "checkpoint_00000003").is_dir() and not (run_dir / "export").exists()
+    # The same command again resumes from the latest checkpoint and ends where an uninterrupted run ends.
+    summary = _train(_cfg(tiny_zoo, store, run_dir))
+    assert summary["metrics"]["step"] == STEPS
+    _assert_same_weights(_weights(run_dir), _weights(uninterrupted[0]), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_worker_crash_restarts_from_checkpoint(ray_local, tiny_zoo, store, tmp_path, uninterrupted):
+    run_dir = tmp_path / "fault"
+    summary = _train(_cfg(tiny_zoo, store, run_dir, "run.fail_at_step=5", "run.max_failures=1"))
+    assert (run_dir / ".fault_injected").is_file()  # the crash did happen
+    assert summary["metrics"]["step"] == STEPS
+    _assert_same_weights(_weights(run_dir), _weights(uninterrupted[0]), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_motion_adapter_export_loads_in_animatediff(uninterrupted, tiny_zoo):
+    from diffusers import AnimateDiffPipeline, MotionAdapter
+
+    adapter = MotionAdapter.from_pretrained(uninterrupted[0] / "export" / "motion_adapter")
+    pipe = AnimateDiffPipeline.from_pretrained(tiny_zoo.sd, motion_adapter=adapter)
+    frames = pipe(
+        "a red circle moves up",
+        num_frames=8,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).frames
+    assert frames.shape == (1, 8, 64, 64, 3) and torch.isfinite(torch.from_numpy(frames)).all()
+    # The exported temporal weights are the trained ones, not a fresh adapter's zeros.
+    trained = _weights(uninterrupted[0])
+    key = next(k for k in trained if k.startswith("motion_adapter.") and "proj_out.weight" in k)
+    exported = dict(adapter.named_parameters())[key[len("motion_adapter.") :]]
+    assert torch.equal(exported.detach(), trained[key]) and exported.abs().sum() > 0
+
+
+def test_bad_inputs_fail_fast_with_a_message(tiny_zoo, store, tmp_path, capsys):
+    from training.distributed.data import LatentStoreError, inspect_store
+    from training.run import main
+
+    with pytest.raises(SystemExit, match="data.path not found: .*nowhere"):
+        main(
+            [
+                "--config",
+                str(DEMO),
+                "--data",
+                str(tmp_path / "nowhere"),
+                "--output",
+                str(tmp_path / "r"),
+                f"model.pretrained={tiny_zoo.sd}",
+            ]
+        )
+    with pytest.raises(SystemExit, match="unknown config key 'optim.lrr'"):
+        main(["--config", str(DEMO), "--output", str(tmp_path / "r"), "optim.lrr=1"])
+    with pytest.raises(SystemExit, match="deepspeed.zero_stage=5"):
+        main(["--config", str(DEMO), "--output", str(tmp_path / "r"), "deepspeed.zero_stage=5"])
+    with pytest.raises(SystemExit, match="no training data"):
+        main(["--config", str(DEMO), "--output", str(tmp_path / "r"), f"model.pretrained={tiny_zoo.sd}"])
+    # Latents encoded with another model's VAE are refused, naming both (a copy of the base whose VAE
+    # weights differ: same config, other content).
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    other = tmp_path / "other-vae-sd"
+    shutil.copytree(tiny_zoo.sd, other)
+    torch.manual_seed(123)
+    AutoencoderKL.from_config(AutoencoderKL.load_config(other, subfolder="vae")).save_pretrained(
+        other / "vae"
+    )
+    cfg = _cfg(tiny_zoo, store, tmp_path / "r", f"model.pretrained={other}")
+    with pytest.raises(
+        LatentStoreError, match=r"encoded with the VAE of .*sd.*but model.pretrained=.*other-vae-sd"
+    ):
+        inspect_store(cfg)
+    cfg = _cfg(tiny_zoo, store, tmp_path / "r", "model.num_frames=16")
+    with pytest.raises(LatentStoreError, match="stores 8 frames; model.num_frames=16"):
+        inspect_store(cfg)
+    info = inspect_store(_cfg(tiny_zoo, store, tmp_path / "r"))
+    assert info.latents_shape == [8, 4, 8, 8] and info.has_prompt_embeds
+    # A copy of the base elsewhere (same VAE files) is accepted: the VAE is compared by content.
+    shutil.copytree(tiny_zoo.sd, tmp_path / "moved-sd")
+    assert inspect_store(_cfg(tiny_zoo, store, tmp_path / "r", f"model.pretrained={tmp_path / 'moved-sd'}"))

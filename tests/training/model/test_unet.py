@@ -1,0 +1,187 @@
+"""The video UNet: frozen base, zero-init equivalence to the image model, capture hooks, weight I/O."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+from training.model.unet import VideoUNet
+
+TRAINABLE = ("motion_adapter.", "mapping_network.", "frame_tokens.", "contrastive_head.")
+
+
+def inputs(b: int, f: int, seed: int = 0, text_dim: int = 32):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(b, 4, f, 8, 8, generator=g)  # (B, C, F, H, W)
+    timesteps = torch.randint(0, 1000, (b,), generator=g)
+    text = torch.randn(b, 77, text_dim, generator=g)  # (B, M, D)
+    return latents, timesteps, text
+
+
+def per_frame_2d(unet: UNet2DConditionModel, latents, timesteps, text) -> torch.Tensor:
+    """The image model applied to every frame independently: (B, C, F, H, W)."""
+    b, c, f, h, w = latents.shape
+    out = unet(
+        latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w),
+        timesteps.repeat_interleave(f),
+        encoder_hidden_states=text.repeat_interleave(f, dim=0),
+    ).sample
+    return out.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+def test_only_temporal_and_harivo_parameters_train(make_video_model):
+    model, _ = make_video_model()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(TRAINABLE) for n in trainable)
+    assert not any(p.requires_grad for p in model.unet.parameters())
+    for prefix in TRAINABLE:
+        assert any(n.startswith(prefix) for n in trainable), prefix
+    model.train()
+    assert not model.unet.training and model.motion_adapter.training
+
+
+@pytest.mark.parametrize("flavor", ["sd", "sd21"])
+@torch.no_grad()
+def test_zero_init_video_model_equals_image_model_per_frame(make_video_model, flavor):
+    # Frame tokens off: they add K tokens to every frame's cross-attention, by design never neutral.
+    model, _ = make_video_model(flavor, **{"harivo.frame_tokens": False, "model.num_frames": 16})
+    latents, timesteps, text = inputs(2, 16, text_dim=model.unet.config.cross_attention_dim)
+    expected = per_frame_2d(model.unet, latents, timesteps, text)
+    plain = model(latents, timesteps, text)
+    with model.capture() as captured:
+        hooked = model(latents, timesteps, text)
+    assert plain.shape == latents.shape
+    assert (plain - expected).abs().max() <= 1e-5
+    assert (hooked - expected).abs().max() <= 1e-5
+    assert len(captured.attention_maps) == len(model.decoder_self_attentions()) > 0
+    assert captured.hspace is not None
+
+
+@torch.no_grad()
+def test_capture_does_not_change_a_trained_model(make_video_model, perturb_temporal):
+    model, _ = make_video_model(**{"model.num_frames": 6})
+    perturb_temporal(model)
+    latents, timesteps, text = inputs(1, 6)
+    plain = model(latents, timesteps, text)
+    with model.capture() as captured:
+        hooked = model(latents, timesteps, text)
+    assert torch.equal(plain, hooked)
+    heads = model.unet.up_blocks[1].attentions[0].transformer_blocks[0].attn1.heads
+    for maps in captured.attention_maps:
+        assert maps.shape == (1, 6, heads, 64, 64)  # (B, F, heads, HW, HW) at the 8x8 decoder level
+        assert torch.allclose(maps.sum(-1), torch.ones(()), atol=1e-5)  # rows are distributions
+    assert captured.hspace.shape == (1, 6, 64, 4, 4)  # (B, F, ch, h, w)
+    assert model(latents, timesteps, text) is not None and model._state.store is None  # capture ended
+
+
+@torch.no_grad()
+def test_image_mode_skips_temporal_layers(make_video_model, perturb_temporal):
+    model, _ = make_video_model(**{"harivo.mapping_network": False, "harivo.frame_tokens": False})
+    perturb_temporal(model)
+    latents, timesteps, text = inputs(2, 4)
+    expected = per_frame_2d(model.unet, latents, timesteps, text)
+    assert (model(latents, timesteps, text, image_mode=True) - expected).abs().max() <= 1e-5
+    assert (model(latents, timesteps, text) - expected).abs().max() > 1e-3
+    # The base UNet called on its own stays a plain image model (hooks inert outside VideoUNet.forward).
+    assert (per_frame_2d(model.unet, latents, timesteps, text) - expected).abs().max() == 0
+    # Joint image-video batches: images are single frames.
+    single = model(latents[:, :, :1], timesteps, text, image_mode=True)
+    assert (single - expected[:, :, :1]).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_temporal_layers_match_diffusers_unet_motion_model(make_video_model, perturb_temporal):
+    """Same weights, same placement: the adapter exports as a MotionAdapter that UNetMotionModel runs."""
+    model, _ = make_video_model(**{"harivo.mapping_network": False, "harivo.frame_tokens": False})
+    perturb_temporal(model)
+    assert isinstance(model.motion_adapter, MotionAdapter)
+    latents, timesteps, text = inputs(1, 4)
+    reference = UNetMotionModel.from_unet2d(model.unet, model.motion_adapter).eval()
+    expected = reference(latents, timesteps, encoder_hidden_states=text.repeat_interleave(4, dim=0)).sample
+    assert (model(latents, timesteps, text) - expected).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_frame_tokens_condition_each_frame(make_video_model):
+    model, _ = make_video_model(**{"model.num_frames": 4, "harivo.mapping_network": False})
+    latents, timesteps, text = inputs(1, 1)
+    same_frames = latents.expand(1, 4, 4, 8, 8).contiguous()  # (B, C, F, H, W), four equal frames
+    out = model(same_frames, timesteps, text)
+    assert (out[:, :, 1:] - out[:, :, :1]).abs().max() > 0  # only the frame-wise tokens differ per frame
+    assert model.frame_tokens(text).shape == (1, 4, 3, 32)  # (B, F, K, D)
+    with pytest.raises(ValueError, match="model.num_frames=4, got 5 frames"):
+        model(inputs(1, 5)[0], timesteps, text)
+    with pytest.raises(ValueError, match="exceed model.max_frames=32"):
+        model(torch.zeros(1, 4, 33, 8, 8), timesteps, text)
+
+
+def test_optimizer_step_changes_only_trainable_weights(make_video_model):
+    model, _ = make_video_model(**{"model.num_frames": 4})
+    base_before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    trainable_before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+    latents, timesteps, text = inputs(1, 4)
+    with model.capture() as captured:
+        pred = model(latents, timesteps, text)
+    loss = (
+        pred.pow(2).mean()
+        + captured.attention_maps[-1].mean()
+        + model.contrastive_head(captured.hspace[:, 0]).mean()
+    )
+    loss.backward()
+    assert all(p.grad is None for p in model.unet.parameters())
+    optimizer.step()
+    for k, v in model.unet.state_dict().items():
+        assert torch.equal(v, base_before[k]), k
+    changed = [k for k, v in model.trainable_state_dict().items() if not torch.equal(v, trainable_before[k])]
+    assert any(k.startswith("motion_adapter.") for k in changed)
+
+
+def test_trainable_weights_saved_apart_from_the_base(make_video_model, perturb_temporal, tmp_path):
+    model, cfg = make_video_model()
+    perturb_temporal(model)
+    path = model.save_trainable(tmp_path / "trainable.safetensors")
+    state = model.trainable_state_dict()
+    assert state and not any(k.startswith("unet.") for k in state)
+
+    fresh, _ = make_video_model()
+    latents, timesteps, text = inputs(1, 4)
+    with torch.no_grad():
+        assert not torch.equal(fresh(latents, timesteps, text), model(latents, timesteps, text))
+        fresh.load_trainable(path)
+        assert torch.equal(fresh(latents, timesteps, text), model(latents, timesteps, text))
+    with pytest.raises(ValueError, match="frozen-base keys"):
+        fresh.load_trainable_state_dict({"unet.conv_in.weight": torch.zeros(1)})
+
+    # The temporal layers alone, as a diffusers MotionAdapter, initialise a new model.
+    model.motion_adapter.save_pretrained(tmp_path / "adapter")
+    cfg.model.motion_adapter = str(tmp_path / "adapter")
+    reloaded = VideoUNet.from_pretrained(cfg.model, cfg.harivo)
+    for k, v in model.motion_adapter.state_dict().items():
+        assert torch.equal(reloaded.motion_adapter.state_dict()[k], v), k
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(make_video_model, perturb_temporal):
+    grads = []
+    for checkpointing in (False, True):
+        model, _ = make_video_model(**{"model.gradient_checkpointing": checkpointing})
+        perturb_temporal(model)
+        latents, timesteps, text = inputs(1, 4)
+        model(latents, timesteps, text).pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.motion_adapter.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@torch.no_grad()
+def test_deepcopy_gives_an_independent_model(make_video_model, perturb_temporal):
+    """EMA copies: the copy's hooks must run the copy's temporal layers, not the original's."""
+    model, _ = make_video_model(**{"harivo.frame_tokens": False})
+    latents, timesteps, text = inputs(1, 4)
+    before = model(latents, timesteps, text)
+    twin = copy.deepcopy(model)
+    perturb_temporal(twin)
+    assert torch.equal(model(latents, timesteps, text), before)
+    assert not torch.equal(twin(latents, timesteps, text), before)

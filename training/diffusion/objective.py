@@ -1,0 +1,160 @@
+"""One training step's objective: noise -> timesteps/sigmas -> noisy latents -> model_pred -> L_all terms.
+
+`HarivoObjective(cfg)(model, latents, encoder_hidden_states)` returns every term of HARIVO eq. 5
+separately. Single-device and framework-free: the runner calls it inside its loop and backpropagates
+`terms.total` with whatever engine wraps the model.
+
+Two forward processes:
+- 'ddpm' (HARIVO): discrete t ~ U{0, T-1}, `noisy_latents = sqrt(abar_t) latents + sqrt(1-abar_t) noise`,
+  L_simple on epsilon or v.
+- 'edm' (PYoCo): ln sigma ~ N(P_mean, P_std^2), `x = latents + sigma noise`, L_simple replaced by
+  lambda(sigma) ||D(x; sigma) - latents||^2 with the configured preconditioning. L_reg's lambda_t then
+  uses the DDPM timestep whose sigma is nearest (the SD 2.1-as-EDM correspondence, seed 000 eq. 12).
+
+A PYoCo cascade stage (`cfg.cascade.stage`) adds its conditioning to every forward: the keyframes and
+mask (interp), or the upsampled, noise-augmented low-resolution latents and their level (sr); see
+`training/diffusion/cascade.py`. The loss is the same denoising loss on all frames.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from training.config import TrainConfig
+from training.diffusion.cascade import training_condition
+from training.diffusion.edm import (
+    Denoiser,
+    ddpm_sigmas,
+    edm_loss,
+    effective_sigma_data,
+    sample_sigmas,
+    sigma_to_timestep,
+)
+from training.diffusion.losses import (
+    LossTerms,
+    NegativeQueue,
+    dc_loss_from_hspace,
+    reg_loss,
+    simple_loss,
+    trs_loss,
+    weighted_total,
+)
+from training.diffusion.noise import video_noise
+from training.diffusion.samplers import ddpm_scheduler
+from training.model.unet import VideoUNet
+
+
+class HarivoObjective(nn.Module):
+    """L_all of HARIVO eq. 5 for a batch; holds the schedule and L_DC's negative queue (in its state_dict)."""
+
+    def __init__(self, cfg: TrainConfig, hspace_channels: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.scheduler = ddpm_scheduler(cfg.diffusion)
+        self.register_buffer("sigmas", ddpm_sigmas(self.scheduler.alphas_cumprod), persistent=False)
+        self.queue = (
+            NegativeQueue(cfg.loss.queue_size, hspace_channels)
+            if hspace_channels is not None and cfg.loss.lambda_dc > 0
+            else None
+        )
+
+    @classmethod
+    def for_model(cls, cfg: TrainConfig, model: VideoUNet) -> HarivoObjective:
+        """The objective sized for `model`'s contrastive head (the queue stores its outputs)."""
+        head = model.contrastive_head
+        return cls(cfg, head.layers[-1].out_features if head is not None else None)
+
+    def forward(
+        self,
+        model: VideoUNet,
+        latents: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        generator: torch.Generator | None = None,
+        image_mode: bool = False,
+        cond_latents: torch.Tensor | None = None,
+    ) -> LossTerms:
+        """All loss terms for clean latents (B, C, F, H, W) and text embeddings (B, M, D).
+
+        `image_mode`: an image batch (F = 1, or frames to treat independently): temporal layers and
+        frame tokens are skipped and only L_simple is computed (joint image-video training).
+        `generator` drives every random draw (noise, timesteps, positive frames): one per rank.
+        `cond_latents` (B, C, F, h, w): the SR stage's low-resolution latents of the same frames.
+        """
+        cfg, b, f = self.cfg, latents.shape[0], latents.shape[2]
+        video = not image_mode and f > 1
+        zero = latents.new_zeros((), dtype=torch.float32)
+        need_reg = video and cfg.loss.lambda_reg > 0
+        need_trs = video and cfg.loss.lambda_trs > 0
+        need_dc = video and cfg.loss.lambda_dc > 0
+        if need_dc and (self.queue is None or model.contrastive_head is None):
+            raise ValueError(
+                "loss.lambda_dc > 0 needs the model's contrastive head (HarivoObjective.for_model)"
+            )
+
+        # Cascade conditioning (none for HARIVO / the base stage), drawn before the noise.
+        cond, cond_level = training_condition(cfg.cascade, latents, cond_latents, generator)
+        stage_kwargs = {"cond": cond, "cond_level": cond_level} if cond is not None else {}
+
+        # Noise: the configured prior, correlated along F (i.i.d. for HARIVO, PYoCo mixed/progressive).
+        noise = video_noise(
+            latents.shape,
+            cfg.noise.prior,
+            cfg.noise.alpha,
+            generator,
+            device=latents.device,
+            dtype=latents.dtype,
+        )  # (B, C, F, H, W)
+        gen_device = generator.device if generator is not None else latents.device
+
+        if cfg.diffusion.objective == "ddpm":
+            # Timesteps uniform over the T training steps; the forward process in closed form.
+            timesteps = torch.randint(
+                0, cfg.diffusion.num_train_timesteps, (b,), generator=generator, device=gen_device
+            )
+            timesteps = timesteps.to(latents.device)
+            noisy_latents = self.scheduler.add_noise(latents, noise, timesteps)  # (B, C, F, H, W)
+            if cfg.diffusion.prediction_type == "epsilon":
+                target = noise
+            else:  # v = sqrt(abar_t) noise - sqrt(1 - abar_t) latents
+                target = self.scheduler.get_velocity(latents, noise, timesteps)
+
+            def predict(image: bool) -> torch.Tensor:
+                return model(
+                    noisy_latents, timesteps, encoder_hidden_states, image_mode=image, **stage_kwargs
+                )
+
+            with model.capture(attention_maps=need_trs, hspace=need_dc) as captured:  # outputs unchanged
+                model_pred = predict(image_mode)
+            simple = simple_loss(model_pred, target)
+            reg_timesteps = timesteps
+        else:
+            # EDM: log-normal sigmas, variance-exploding noisy input; the Denoiser owns the preconditioning.
+            sigma = sample_sigmas(b, cfg.edm.p_mean, cfg.edm.p_std, generator, gen_device).to(latents.device)
+            denoiser = Denoiser(model, cfg.edm.kind, cfg.edm.sigma_data, self.sigmas)
+            noisy_latents = latents + noise * sigma.reshape(b, 1, 1, 1, 1)  # (B, C, F, H, W)
+
+            def predict(image: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                kwargs = {"encoder_hidden_states": encoder_hidden_states, "image_mode": image, **stage_kwargs}
+                return denoiser(noisy_latents, sigma, return_model_pred=True, **kwargs)
+
+            with model.capture(attention_maps=need_trs, hspace=need_dc) as captured:
+                denoised, model_pred = predict(image_mode)
+            sigma_data = effective_sigma_data(cfg.edm.kind, cfg.edm.sigma_data)
+            simple = edm_loss(denoised.float(), latents.float(), sigma, sigma_data).mean()
+            reg_timesteps = sigma_to_timestep(sigma, self.sigmas)
+
+        # L_reg: the same weights with temporal layers off (mapping network kept); no L_simple on that path.
+        reg = zero
+        if need_reg:
+            image_pred = predict(True)
+            image_pred = image_pred[1] if isinstance(image_pred, tuple) else image_pred
+            reg = reg_loss(model_pred, image_pred, reg_timesteps, cfg.diffusion.num_train_timesteps)
+        # L_TRS on the decoder self-attention maps of the frozen layers, L_DC on the h-space.
+        trs = trs_loss(captured.attention_maps) if need_trs else zero
+        dc = zero
+        if need_dc:
+            dc = dc_loss_from_hspace(
+                model.contrastive_head, captured.hspace, self.queue, cfg.loss.tau, generator
+            )
+        return weighted_total(simple, reg, trs, dc, cfg.loss)

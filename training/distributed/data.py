@@ -1,0 +1,260 @@
+"""Training data: the pipeline's Parquet latents (pipeline/schema.py) as Ray Datasets, and batch collation.
+
+The driver calls `build_datasets` (train / held-out val split by a hash of the key, checked against the
+model config); each worker streams its shard with `iter_batches` and turns numpy batches into
+`(B, C, F, h, w)` latents with `collate`. Training never decodes video or runs the VAE encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from pipeline import schema
+from training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class LatentStoreError(ValueError):
+    """The latent store is missing, empty, or was made with another VAE / scaling factor / text encoder."""
+
+
+CACHE_LIMIT_BYTES = 1 << 30
+
+
+@dataclass
+class StoreInfo:
+    """What the driver learned from the store's first file: where, which columns, what shape."""
+
+    clips_path: str
+    latents_column: str
+    latents_shape: list[int]  # (F_stored, C, h, w)
+    has_prompt_embeds: bool
+    metadata: dict[str, Any]
+    total_bytes: int = 0  # of all Parquet files in the store
+    cond_column: str | None = None  # SR stage: latents of cascade.cond_view (same frames, lower resolution)
+    cond_shape: list[int] | None = None  # (F_stored, C, h / scale, w / scale)
+
+
+def _clips_path(path: str) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, fs path, user-facing path) of the clips directory given the pipeline output or clips dir."""
+    fs, fs_path = (
+        pafs.FileSystem.from_uri(path)
+        if "://" in path
+        else (pafs.LocalFileSystem(), str(Path(path).resolve()))
+    )
+    info = fs.get_file_info(fs_path)
+    if info.type == pafs.FileType.NotFound:
+        raise LatentStoreError(
+            f"data.path not found: {path} (run `python -m pipeline.run ... --output {path}` first)"
+        )
+    sub = fs_path.rstrip("/") + "/clips"
+    if fs.get_file_info(sub).type == pafs.FileType.Directory:
+        fs_path = sub
+        path = path.rstrip("/") + "/clips"
+    return fs, fs_path, path
+
+
+def _vae_scaling_factor(pretrained: str) -> float:
+    from diffusers import AutoencoderKL
+
+    return float(AutoencoderKL.load_config(pretrained, subfolder="vae")["scaling_factor"])
+
+
+def _same_model(recorded: str, configured: str) -> bool:
+    """Hub ids compare as strings; local directories by their resolved path."""
+    if recorded == configured:
+        return True
+    a, b = Path(recorded), Path(configured)
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
+def _same_vae(meta: dict[str, Any], pretrained: str, revision: str | None) -> bool:
+    """The configured base has the VAE the latents were encoded with: same id/dir, or same VAE files (hash)."""
+    if _same_model(str(meta.get(schema.META_VAE)), pretrained):
+        return True
+    if not Path(pretrained).is_dir():
+        return False  # a different hub id
+    from pipeline.config import EncodeConfig
+    from pipeline.encode import model_info
+
+    return model_info(EncodeConfig(model=pretrained, revision=revision or ""))["vae_hash"] == meta.get(
+        schema.META_VAE_HASH
+    )
+
+
+def inspect_store(cfg: TrainConfig) -> StoreInfo:
+    """Open the store's first Parquet file and refuse it if it does not fit `cfg` (clear error, no training)."""
+    if not cfg.data.path:
+        raise LatentStoreError(
+            "no training data: pass --data LATENTS (the pipeline's --output dir) or set data.path"
+        )
+    fs, fs_path, path = _clips_path(cfg.data.path)
+    infos = [f for f in fs.get_file_info(pafs.FileSelector(fs_path)) if f.path.endswith(".parquet")]
+    files = sorted(f.path for f in infos)
+    if not files:
+        raise LatentStoreError(f"no .parquet files in {path}")
+    with fs.open_input_file(files[0]) as f:
+        file_schema = pq.read_schema(f)
+    meta = schema.decode_metadata(file_schema)
+    if not meta:
+        raise LatentStoreError(f"{files[0]} has no t2v.* metadata: not written by pipeline.run")
+    views = meta.get(schema.META_VIEWS, {})
+    primary = next(iter(views), None)
+    view = cfg.data.view or primary
+    if view not in views:
+        raise LatentStoreError(f"data.view={view!r} not in the store's views {sorted(views)}")
+    column = schema.view_column(schema.LATENTS, view, primary)
+    shape = list(views[view]["latents_shape"])
+
+    vae = meta.get(schema.META_VAE)
+    if not _same_vae(meta, cfg.model.pretrained, cfg.model.revision):
+        raise LatentStoreError(
+            f"latents in {path} were encoded with the VAE of {vae!r}, but model.pretrained="
+            f"{cfg.model.pretrained!r} has another VAE; re-run the pipeline with that model or train on the "
+            "matching base"
+        )
+    expected = _vae_scaling_factor(cfg.model.pretrained)
+    recorded = meta.get(schema.META_SCALING_FACTOR)
+    if recorded is None or abs(float(recorded) - expected) > 1e-6:
+        raise LatentStoreError(
+            f"latents in {path} were scaled by {recorded}, but {cfg.model.pretrained}'s vae.config.scaling_factor "
+            f"is {expected}"
+        )
+    needed = (cfg.model.num_frames - 1) * cfg.data.frame_stride + 1
+    if shape[0] < needed:
+        raise LatentStoreError(
+            f"view {view!r} stores {shape[0]} frames; model.num_frames={cfg.model.num_frames} with "
+            f"data.frame_stride={cfg.data.frame_stride} needs {needed}"
+        )
+    # Precomputed prompt embeddings are used only if they come from this base's text encoder.
+    text_encoder = str(meta.get(schema.META_TEXT_ENCODER))
+    has_embeds = schema.PROMPT_EMBEDS in file_schema.names and any(
+        _same_model(text_encoder, c) for c in (cfg.model.pretrained, f"{cfg.model.pretrained}/text_encoder")
+    )
+    cond_column, cond_shape = _cond_view(cfg, views, view, primary, path)
+    return StoreInfo(
+        path, column, shape, has_embeds, meta, sum(f.size for f in infos), cond_column, cond_shape
+    )
+
+
+def _cond_view(
+    cfg: TrainConfig, views: dict[str, Any], view: str, primary: str, path: str
+) -> tuple[str | None, list[int] | None]:
+    """The SR stage's low-resolution view: same frames as `view` (same count, rate and stride), size / scale."""
+    c = cfg.cascade
+    if c.stage != "sr":
+        return None, None
+    if c.cond_view not in views:
+        raise LatentStoreError(
+            f"cascade.cond_view={c.cond_view!r} not in the views {sorted(views)} of {path}"
+        )
+    if c.cond_view == view:
+        raise LatentStoreError(f"cascade.cond_view={c.cond_view!r} is the training view itself")
+    hi, lo = views[view], views[c.cond_view]
+    timing = ("num_frames", "fps", "frame_stride")
+    if any(hi.get(k) != lo.get(k) for k in timing):
+        raise LatentStoreError(
+            f"views {view!r} and {c.cond_view!r} of {path} do not hold the same frames: "
+            f"{ {k: hi.get(k) for k in timing} } vs { {k: lo.get(k) for k in timing} }"
+        )
+    hi_shape, lo_shape = list(hi["latents_shape"]), list(lo["latents_shape"])
+    if hi_shape[2:] != [n * c.scale for n in lo_shape[2:]] or hi_shape[1] != lo_shape[1]:
+        raise LatentStoreError(
+            f"view {view!r} latents {hi_shape} are not cascade.scale={c.scale} x view {c.cond_view!r} "
+            f"latents {lo_shape}"
+        )
+    return schema.view_column(schema.LATENTS, c.cond_view, primary), lo_shape
+
+
+def is_validation(key: str, fraction: float) -> bool:
+    """Stable held-out membership: a hash of the key, independent of order, workers and runs."""
+    bucket = int.from_bytes(hashlib.sha1(key.encode()).digest()[:4], "big") / 2**32
+    return bucket < fraction
+
+
+def build_datasets(cfg: TrainConfig, info: StoreInfo) -> dict[str, Any]:
+    """{"train": ds, "val": ds} Ray Datasets of key, caption, latents (+ prompt_embeds)."""
+    import ray.data
+
+    columns = [schema.KEY, schema.CAPTION, info.latents_column]
+    if info.cond_column is not None:
+        columns.append(info.cond_column)
+    if info.has_prompt_embeds:
+        columns.append(schema.PROMPT_EMBEDS)
+    # Reading latents is light work: small CPU slices, so data tasks fit beside the training workers.
+    # Ordered execution makes each worker's shard, and so a resumed run, deterministic.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    light = {"num_cpus": 0.25}
+    ds = ray.data.read_parquet(info.clips_path, file_extensions=["parquet"], **light).select_columns(columns)
+    frac = cfg.data.val_fraction
+
+    def split(batch: dict[str, np.ndarray], val: bool) -> dict[str, np.ndarray]:
+        keep = np.array([is_validation(str(k), frac) == val for k in batch[schema.KEY]], dtype=bool)
+        return {k: v[keep] for k, v in batch.items()}
+
+    train = ds.map_batches(split, fn_kwargs={"val": False}, batch_format="numpy", **light)
+    val = ds.map_batches(split, fn_kwargs={"val": True}, batch_format="numpy", **light)
+    cache = cfg.data.cache == "always" or (cfg.data.cache == "auto" and info.total_bytes < CACHE_LIMIT_BYTES)
+    if cache:  # every epoch re-executes a lazy dataset; a small store is cheaper to keep in memory
+        train, val = train.materialize(), val.materialize()
+    return {"train": train, "val": val}
+
+
+def collate(
+    batch: dict[str, np.ndarray],
+    info: StoreInfo,
+    num_frames: int,
+    frame_stride: int,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+    """(latents (B, C, F, h, w) float32, captions, prompt_embeds (B, 77, D) or None) from a numpy batch.
+
+    Picks `num_frames` frames every `frame_stride` from the stored clip, starting at a random frame drawn
+    from `generator` (frame 0 when `generator` is None).
+    """
+    latents, captions, embeds, _ = collate_stage(batch, info, num_frames, frame_stride, generator, device)
+    return latents, captions, embeds
+
+
+def collate_stage(
+    batch: dict[str, np.ndarray],
+    info: StoreInfo,
+    num_frames: int,
+    frame_stride: int,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, list[str], torch.Tensor | None, torch.Tensor | None]:
+    """`collate` plus the SR stage's low-resolution latents (B, C, F, h', w') of the same frames (else None)."""
+
+    def stored(column: str) -> torch.Tensor:
+        return torch.from_numpy(np.array(batch[column], dtype=np.float32))  # (B, F_s, C, h, w)
+
+    def window(latents: torch.Tensor) -> torch.Tensor:
+        picked = latents[:, start : start + span : frame_stride]  # (B, F, C, h, w)
+        return picked.permute(0, 2, 1, 3, 4).contiguous().to(device)  # (B, C, F, h, w)
+
+    target = stored(info.latents_column)
+    span = (num_frames - 1) * frame_stride + 1
+    slack = target.shape[1] - span
+    start = (
+        int(torch.randint(0, slack + 1, (1,), generator=generator)) if generator is not None and slack else 0
+    )
+    latents = window(target)
+    # The paired view shares the window: frame k of both is the same source frame.
+    cond_latents = window(stored(info.cond_column)) if info.cond_column is not None else None
+    captions = [str(c) for c in batch[schema.CAPTION]]
+    embeds = None
+    if schema.PROMPT_EMBEDS in batch:
+        embeds = torch.from_numpy(np.array(batch[schema.PROMPT_EMBEDS], dtype=np.float32)).to(device)
+    return latents, captions, embeds, cond_latents

@@ -1,0 +1,209 @@
+"""The per-worker training loop Ray Train runs on every rank: `train_fn_per_worker`.
+
+One visible loop: batch -> latents -> objective (noise, timesteps, model_pred, losses) -> engine.backward
+-> engine.step -> log / validate / checkpoint. The model and objective are single-device code; DeepSpeed
+wraps them in `engine.py`; `checkpoint.py` restores and saves, `progress.py` logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+from pipeline.configlib import from_dict, to_dict
+from pipeline.models import TextEncoder, torch_dtype
+from training.config import TrainConfig
+from training.diffusion.objective import HarivoObjective
+from training.distributed import engine as ds
+from training.distributed.checkpoint import TrainerState, restore, save_checkpoint
+from training.distributed.data import StoreInfo, collate_stage
+from training.distributed.progress import Due, StepLogger
+from training.model.export import export_weights
+from training.model.unet import VideoUNet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerConfig:
+    """What the driver hands every rank (Ray Train's `train_loop_config`, plain dicts across Ray)."""
+
+    cfg: TrainConfig
+    store: StoreInfo
+    export_dir: str | None = None
+    """Where rank 0 writes the trained weights at the end (None: no export)."""
+    kind: str = "harivo"
+    """The export's kind (harivo, pyoco_<stage>)."""
+    tensorboard_dir: str | None = None
+    fault_marker: str | None = None
+    """Tests only (`run.fail_at_step`): the file that makes the injected crash happen once (`inject_fault`)."""
+
+    def to_loop_config(self) -> dict:
+        return {**asdict(self), "cfg": to_dict(self.cfg), "store": asdict(self.store)}
+
+    @classmethod
+    def from_loop_config(cls, config: dict) -> WorkerConfig:
+        return cls(
+            **{**config, "cfg": from_dict(TrainConfig, config["cfg"]), "store": StoreInfo(**config["store"])}
+        )
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """Ray Train entry point; `config` is `WorkerConfig.to_loop_config()`."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # the loop prints its own progress line
+    w = WorkerConfig.from_loop_config(config)
+    cfg, info, micro = w.cfg, w.store, w.cfg.optim.grad_accum
+    ctx = ray.train.get_context()
+    rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+    torch.manual_seed(cfg.run.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
+    model = VideoUNet.from_pretrained(cfg.model, cfg.harivo, cascade=cfg.cascade).to(device)
+    objective = HarivoObjective.for_model(cfg, model).to(device)
+    engine, precision = ds.initialize(model, cfg.deepspeed, cfg.optim, cfg.run.use_gpu)
+    dtype = torch_dtype(precision)
+    text_encoder = (
+        None
+        if info.has_prompt_embeds
+        else TextEncoder.from_pretrained(cfg.model.pretrained, device, cfg.model.revision)
+    )
+    # Per-rank random stream: noise, timesteps, frame starts and L_DC positives differ across ranks but are
+    # reproducible; its state is checkpointed, so a resumed run draws exactly what an uninterrupted one would.
+    generator = torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + rank)
+    state = restore(engine, cfg, rank, generator, objective)
+    logger = StepLogger(cfg, rank, w.tensorboard_dir, state.step)
+
+    shard = ray.train.get_dataset_shard("train")
+    engine.train()
+    while state.step < cfg.optim.max_steps:
+        t_data = time.perf_counter()
+        for batch in epoch_batches(shard, cfg, state, rank, world):
+            t_step = time.perf_counter()
+            latents, text, cond, image_mode = training_batch(batch, w, state, text_encoder, generator, dtype)
+            terms = objective(engine.module, latents, text, generator, image_mode, cond_latents=cond)
+            engine.backward(terms.total)
+            engine.step()  # DeepSpeed only updates at the accumulation boundary
+            state.batches_in_epoch += 1
+            logger.add(
+                terms.detached(), latents.shape[0] * world, t_step - t_data, time.perf_counter() - t_step
+            )
+            t_data = time.perf_counter()
+            if state.batches_in_epoch % micro:
+                continue
+            state.step += 1
+            if w.fault_marker:
+                inject_fault(cfg, w.fault_marker, state.step, rank)
+            due = Due.at(state.step, cfg)
+            if not due.any:
+                continue
+            metrics = logger.metrics(state.step, state.epoch, engine.get_lr()[0], device)
+            if due.validate:
+                engine.eval()
+                metrics["val_loss"] = validation_loss(engine.module, cfg, info, text_encoder, device, dtype)
+                engine.train()
+            logger.log(metrics)
+            if due.checkpoint:
+                save_checkpoint(engine, state, generator, objective, cfg, rank, metrics)
+            else:
+                ray.train.report(metrics)
+            t_data = time.perf_counter()
+        state.epoch += 1
+        state.batches_in_epoch = 0
+
+    # Export the trained weights on their own (ZeRO-3: every rank takes part in the gather).
+    weights = ds.gathered_trainable_state(engine, engine.module)
+    if rank == 0 and w.export_dir:
+        export_weights(weights, dict(engine.module.motion_adapter.config), cfg, w.export_dir, kind=w.kind)
+        print(f"exported trained weights to {w.export_dir}", flush=True)
+    logger.close()
+
+
+def epoch_batches(shard, cfg: TrainConfig, state: TrainerState, rank: int, world: int):
+    """This epoch's batches still to train on. The whole epoch is consumed (so every rank stays in step with
+    the split): a resumed run skips what its checkpoint already trained on, and batches after the last step
+    are read and dropped. Reshuffled every epoch, reproducibly."""
+    batches = shard.iter_batches(
+        batch_size=cfg.optim.batch_size,
+        batch_format="numpy",
+        drop_last=True,
+        local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+        local_shuffle_seed=cfg.run.seed * 1009 + state.epoch,
+    )
+    seen = 0
+    for batch in batches:
+        seen += 1
+        if seen > state.batches_in_epoch and state.step < cfg.optim.max_steps:
+            yield batch
+    if seen == 0:
+        raise RuntimeError(
+            f"rank {rank}'s training shard is empty: fewer clips than run.num_workers x optim.batch_size "
+            f"({world} x {cfg.optim.batch_size}) after the {cfg.data.val_fraction:.0%} validation split"
+        )
+
+
+def training_batch(batch, w: WorkerConfig, state: TrainerState, text_encoder, generator, dtype):
+    """(latents (B, C, F, h, w), text (B, 77, D), SR's low-resolution latents or None, image_mode) of one
+    batch, in the engine's dtype.
+
+    Every `data.image_mode_every`-th step trains a single random frame in image mode; a super-resolution
+    stage also gets the low-resolution latents of the same frames. Draw order (frame start, then the image
+    frame) is part of the resumable random stream."""
+    cfg, device = w.cfg, ray.train.torch.get_device()
+    rng = generator if cfg.data.random_start else None
+    latents, captions, embeds, cond_latents = collate_stage(
+        batch, w.store, cfg.model.num_frames, cfg.data.frame_stride, rng, device
+    )
+    text = embeds if embeds is not None else text_encoder(captions)
+    image_mode = cfg.data.image_mode_every > 0 and (state.step + 1) % cfg.data.image_mode_every == 0
+    if image_mode:
+        frame = int(torch.randint(0, latents.shape[2], (1,), generator=generator))
+        latents = latents[:, :, frame : frame + 1]  # (B, C, 1, h, w)
+        if cond_latents is not None:
+            cond_latents = cond_latents[:, :, frame : frame + 1]  # (B, C, 1, h', w')
+    cond_latents = cond_latents.to(dtype) if cond_latents is not None else None
+    return latents.to(dtype), text.to(dtype), cond_latents, image_mode
+
+
+@torch.no_grad()
+def validation_loss(model, cfg: TrainConfig, info: StoreInfo, text_encoder, device, dtype) -> float:
+    """Mean L_simple over this rank's val shard at fixed seeds (same noise and timesteps every time),
+    averaged over ranks. The whole shard is consumed so every rank stays in step with the split."""
+    val_cfg = from_dict(
+        TrainConfig, to_dict(cfg), {"loss.lambda_trs": 0.0, "loss.lambda_reg": 0.0, "loss.lambda_dc": 0.0}
+    )
+    objective = HarivoObjective(val_cfg).to(device)
+    total = torch.zeros(2, dtype=torch.float64)  # (sum of losses, batches)
+    shard = ray.train.get_dataset_shard("val")
+    for i, batch in enumerate(shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="numpy")):
+        if i >= cfg.data.val_batches:
+            continue
+        latents, captions, embeds, cond_latents = collate_stage(
+            batch, info, cfg.model.num_frames, cfg.data.frame_stride, None, device
+        )
+        text = embeds if embeds is not None else text_encoder(captions)
+        generator = torch.Generator(device).manual_seed(10_000 + i)
+        cond_latents = cond_latents.to(dtype) if cond_latents is not None else None
+        terms = objective(
+            model, latents.to(dtype), text.to(dtype), generator=generator, cond_latents=cond_latents
+        )
+        total += torch.tensor([float(terms.simple), 1.0], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return float(total[0] / total[1]) if total[1] else math.nan
+
+
+def inject_fault(cfg: TrainConfig, marker: str, step: int, rank: int) -> None:
+    """Test-only hook: at step `run.fail_at_step`, rank 0 dies once (the marker file records it), as a crashed
+    worker would; Ray Train then restarts the group from the last checkpoint."""
+    if cfg.run.fail_at_step == step and rank == 0 and not os.path.exists(marker):
+        Path(marker).parent.mkdir(parents=True, exist_ok=True)
+        Path(marker).write_text(json.dumps({"step": step}))
+        os._exit(1)

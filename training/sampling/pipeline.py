@@ -1,0 +1,258 @@
+"""The denoising pipeline (SPEC section 4): one reverse step is guided prediction -> eps/D -> MG -> update.
+
+`VideoPipeline.sample(prompt, seed)` -> latents; `decode` -> frames. One reverse step (`VideoPipeline._predict`):
+the chosen denoiser (video model, or JVID's image model) predicts for [uncond, cond] -> CFG with the
+time-dependent scale -> eps -> MG (Algorithm 1) -> the sampler's update. The noise schedule is the one the
+checkpoint was trained with. Loading lives in `training/sampling/loading.py`, writing in `write.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.models import TextEncoder
+from training.config import TrainConfig
+from training.diffusion.cascade import StageCondition
+from training.diffusion.edm import Denoiser, ddpm_sigmas
+from training.diffusion.guidance import cfg_scale, mg_guidance
+from training.diffusion.jvid import choose_video_steps, entropy_reduced_noise, smooth_latents
+from training.diffusion.noise import video_noise
+from training.diffusion.samplers import (
+    ddim_scheduler,
+    ddpm_scheduler,
+    discrete_schedule,
+    karras_sigmas,
+    sample_ddim,
+    sample_ddpm,
+    sample_euler,
+    sample_heun,
+    v_to_eps,
+)
+from training.sampling.config import SampleConfig
+from training.sampling.personalize import ControlNetHook
+
+# ---- the pipeline -------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleResult:
+    latents: torch.Tensor
+    """Final latents (1, C, F, h, w), float32, after smoothing."""
+    video_steps: list[bool]
+    """Per reverse step: True where the video model predicted (all True without JVID)."""
+    levels: list[float] = field(default_factory=list)
+    """Timesteps (DDIM/DDPM) or sigmas (EDM) of the reverse steps."""
+
+
+class VideoPipeline:
+    """A loaded video model plus base components; `sample(prompt, seed)` -> latents, `decode` -> frames."""
+
+    def __init__(
+        self,
+        video,
+        train_cfg: TrainConfig,
+        cfg: SampleConfig,
+        vae,
+        text: TextEncoder,
+        image_model=None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        checkpoint: str | None = None,
+        controlnet: ControlNetHook | None = None,
+    ):
+        self.video, self.train_cfg, self.cfg = video, train_cfg, cfg
+        self.image_model, self.device, self.dtype = image_model, torch.device(device), dtype
+        self.vae, self.text = vae, text
+        self.checkpoint, self.controlnet = checkpoint, controlnet
+        self._condition: StageCondition | None = None  # set by `sample` for a cascade stage
+        o, m = cfg.output, train_cfg.model
+        self.num_frames = o.num_frames or m.num_frames
+        self.height = o.height or 8 * m.latent_size
+        self.width = o.width or 8 * m.latent_size
+        if video.frame_tokens is not None and self.num_frames != video.frame_tokens.num_frames:
+            raise ValueError(
+                f"output.num_frames={self.num_frames}: this checkpoint's frame tokens need {m.num_frames} frames"
+            )
+        self.noise_prior = train_cfg.noise.prior if cfg.noise.prior == "train" else cfg.noise.prior
+        self.noise_alpha = train_cfg.noise.alpha if cfg.noise.alpha is None else cfg.noise.alpha
+        self.ddpm_sigmas = ddpm_sigmas(ddpm_scheduler(train_cfg.diffusion).alphas_cumprod)
+        if cfg.guidance.mg_alpha > 0 and self.num_frames < 3:
+            raise ValueError(f"MG sampling needs >= 3 frames, got {self.num_frames}; set guidance.mg_alpha=0")
+
+    # -- text, latents, pixels --
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """(B, 77, D) last hidden states of the base's text encoder, as training encoded captions."""
+        return self.text(prompts).to(self.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (1, C, F, h, w) -> frames (F, 3, H, W) in [0, 1], frame by frame through the VAE."""
+        c = self.vae.config
+        z = latents[0].permute(1, 0, 2, 3) / c.scaling_factor  # (F, C, h, w)
+        if getattr(c, "shift_factor", None):
+            z = z + c.shift_factor
+        frames = [
+            self.vae.decode(chunk.to(self.device, self.vae.dtype)).sample.float()
+            for chunk in z.split(self.cfg.output.decode_chunk)
+        ]
+        return ((torch.cat(frames) + 1) / 2).clamp(0, 1).cpu()  # (F, 3, H, W)
+
+    # -- one guided prediction --
+
+    def _predict(
+        self, fn, x: torch.Tensor, level: torch.Tensor, text: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """CFG: pred(uncond) + w (pred(cond) - pred(uncond)), both halves in one batch; w = 1 skips uncond."""
+        x_in = x.to(self.dtype)
+        if scale == 1.0:
+            return fn(x_in, level, text[1:]).float()
+        pred = fn(torch.cat([x_in, x_in]), level, text).float()  # (2, C, F, h, w)
+        uncond, cond = pred.chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    def _model(self, i: int, video_steps: list[bool]):
+        return self._video_fn if video_steps[i] else self.image_model
+
+    def _video_fn(self, x, t, text):
+        c = self._condition
+        if c is None:
+            return self.video(x, t, text)
+        n = x.shape[0]  # CFG runs [uncond, cond] in one batch: both see the same conditioning
+        cond = c.cond.to(x.device, x.dtype).expand(n, -1, -1, -1, -1)  # (N, C_cond, F, h, w)
+        level = None if c.level is None else c.level.to(x.device).reshape(-1).expand(n)  # (N,)
+        return self.video(x, t, text, cond=cond, cond_level=level)
+
+    def _mg(self, eps: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+        g = self.cfg.guidance
+        return mg_guidance(eps, x_t, a_t, g.mg_alpha) if g.mg_alpha > 0 else eps
+
+    # -- sampling --
+
+    def _step_noise(self, shape, generator: torch.Generator, video_steps: list[bool]):
+        j = self.cfg.jvid
+
+        def noise(i: int) -> torch.Tensor:
+            if not video_steps[i]:  # JVID eq. 8-9 on image-model steps
+                return entropy_reduced_noise(shape, j.r, j.gamma, generator).to(self.device)
+            return torch.randn(shape, generator=generator).to(self.device)
+
+        return noise
+
+    def video_steps(self, seed: int) -> list[bool]:
+        """JVID's seeded per-step model choice (all video without JVID)."""
+        j, n = self.cfg.jvid, self.cfg.sampler.steps
+        if not j.enabled:
+            return [True] * n
+        return choose_video_steps(n, j.t_v, j.t_e, j.p_e, j.p_f, seed if j.seed is None else j.seed)
+
+    @torch.no_grad()
+    def sample(self, prompt: str, seed: int, condition: StageCondition | None = None) -> SampleResult:
+        """The final latents (1, C, F, h, w) for one prompt and seed (CPU generator: same noise on any device).
+
+        `condition`: a cascade stage's conditioning (`training/diffusion/cascade.py`); its known latents (the
+        interpolation keyframes) replace the denoised estimate at their frames at every step.
+        """
+        if condition is not None and (self.cfg.jvid.enabled or self.cfg.sampler.kind in ("ddim", "ddpm")):
+            raise ValueError("a conditioned cascade stage samples with sampler.kind=euler/heun and no JVID")
+        self._condition = condition
+        try:
+            return self._sample(prompt, seed, condition)
+        finally:
+            self._condition = None
+
+    def _sample(self, prompt: str, seed: int, condition: StageCondition | None) -> SampleResult:
+        cfg, s = self.cfg, self.cfg.sampler
+        text = self.encode_prompt([cfg.guidance.negative_prompt, prompt])  # (2, 77, D): [uncond, cond]
+        shape = (1, self.video.unet.config.in_channels, self.num_frames, self.height // 8, self.width // 8)
+        generator = torch.Generator().manual_seed(seed)
+        x = video_noise(shape, self.noise_prior, self.noise_alpha, generator).to(
+            self.device
+        )  # (1, C, F, h, w)
+        steps = self.video_steps(seed)
+        step_noise = self._step_noise(shape, generator, steps)
+        g = cfg.guidance
+
+        def scale(i: int) -> float:
+            return cfg_scale(i / s.steps, g.cfg_early, g.cfg_late, g.cfg_switch)
+
+        if s.kind in ("ddim", "ddpm"):
+            if self.train_cfg.diffusion.objective != "ddpm":
+                raise ValueError(
+                    f"sampler.kind={s.kind} needs a DDPM-trained checkpoint; use euler/heun for EDM"
+                )
+            make = ddim_scheduler if s.kind == "ddim" else ddpm_scheduler
+            schedule = discrete_schedule(
+                make(self.train_cfg.diffusion, s.timestep_spacing, s.steps_offset), s.steps
+            )
+            v_pred = self.train_cfg.diffusion.prediction_type == "v_prediction"
+
+            def eps_fn(x_t: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+                a_t = schedule.alpha_bar[i].to(x_t.device)
+                pred = self._predict(self._model(i, steps), x_t, t.to(self.device), text, scale(i))
+                eps = v_to_eps(pred, x_t, a_t) if v_pred else pred
+                return self._mg(eps, x_t, a_t)
+
+            if s.kind == "ddim":
+                x = sample_ddim(eps_fn, x, schedule, step_noise, eta=s.eta)
+            else:
+                x = sample_ddpm(eps_fn, x, schedule, step_noise)
+            levels = schedule.timesteps.tolist()
+        else:
+            sigmas = self._sigmas()
+            denoise = {True: self._denoiser(self._video_fn), False: self._denoiser(self.image_model)}
+
+            def known(d: torch.Tensor) -> torch.Tensor:
+                """Keep the given latents (interpolation keyframes) where they are known."""
+                if condition is None or condition.known is None:
+                    return d
+                mask = condition.known_mask.to(d.device).reshape(1, 1, -1, 1, 1)  # (1, 1, F, 1, 1)
+                return torch.where(mask, condition.known.to(d.device, d.dtype), d)
+
+            def denoise_fn(x_s: torch.Tensor, sigma: torch.Tensor, i: int) -> torch.Tensor:
+                fn = denoise[steps[i]]
+                d = self._predict(fn, x_s, sigma.reshape(1), text, scale(i))  # CFG on D is CFG on eps
+                if g.mg_alpha <= 0:
+                    return known(d)
+                # MG in DDPM terms: x_t = x / sqrt(1 + sigma^2), abar = 1 / (1 + sigma^2), eps = (x - D) / sigma.
+                a_t = 1 / (1 + sigma.float() ** 2)
+                eps = self._mg((x_s - d) / sigma, x_s * a_t**0.5, a_t)
+                return known(x_s - sigma * eps)
+
+            sampler = sample_euler if s.kind == "euler" else sample_heun
+            x = sampler(
+                denoise_fn, x * sigmas[0], sigmas, step_noise, s.s_churn, s.s_tmin, s.s_tmax, s.s_noise
+            )
+            levels = sigmas[:-1].tolist()
+        if cfg.jvid.enabled and cfg.jvid.smooth_threshold > 0:
+            x = smooth_latents(x, cfg.jvid.smooth_threshold)  # JVID 3.6, on the final latent video
+        return SampleResult(x.float().cpu(), steps, levels)
+
+    def _sigmas(self) -> torch.Tensor:
+        s, tc = self.cfg.sampler, self.train_cfg
+        continuous = tc.diffusion.objective == "edm" and tc.edm.kind in ("edm", "modified")
+        lo = s.sigma_min or (0.002 if continuous else float(self.ddpm_sigmas[0]))
+        hi = s.sigma_max or (80.0 if continuous else float(self.ddpm_sigmas[-1]))
+        return karras_sigmas(s.steps, lo, hi, s.rho)
+
+    def _denoiser(self, fn):
+        """D(x; sigma) around fn(x, level, text): the training preconditioning, or a DDPM-trained UNet read
+        as EDM (kind 'sd21', seed 000 eq. 9-12; v-prediction models included). Float32 outside the model."""
+        if fn is None:
+            return None
+        tc = self.train_cfg
+        if tc.diffusion.objective == "edm":  # as trained (training/diffusion/objective.py)
+            kind, sigma_data, prediction_type = tc.edm.kind, tc.edm.sigma_data, "epsilon"
+        else:
+            kind, sigma_data, prediction_type = "sd21", 1.0, tc.diffusion.prediction_type
+        den = Denoiser(
+            lambda x_in, c_noise, text: fn(x_in.to(self.dtype), c_noise, text).float(),
+            kind,
+            sigma_data,
+            self.ddpm_sigmas,
+            prediction_type,
+        )
+        return lambda x, sigma, text: den(x.float(), sigma.to(x.device).float().expand(x.shape[0]), text=text)

@@ -101,3 +101,12 @@ def demo_latents(run_pipeline, demo_shards, tmp_path_factory):
     """(output dir, summary) of the demo pipeline on `demo_shards`: the training tests' latent store."""
     out = tmp_path_factory.mktemp("demo-latents")
     return out, run_pipeline(demo_shards, out)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_zoo, tmp_path_factory):
+    """A run dir as `training.run` leaves it (RUN/export/...), from a tiny 4-frame HARIVO model with
+    perturbed ("trained") temporal layers; for the sampler, evaluation and sweep tests. Returns RUN."""
+    from fixtures.checkpoints import tiny_checkpoint
+
+    return tiny_checkpoint(tiny_zoo.sd, tmp_path_factory.mktemp("tiny-run"))

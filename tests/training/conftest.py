@@ -35,13 +35,6 @@ def perturb_temporal():
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tiny_zoo, tmp_path_factory):
-    """A run dir as `training.run` leaves it (RUN/export/...), from a tiny 4-frame HARIVO model with
-    perturbed ("trained") temporal layers; for the sampler and evaluation tests. Returns RUN."""
-    return checkpoints.tiny_checkpoint(tiny_zoo.sd, tmp_path_factory.mktemp("tiny-run"))
-
-
-@pytest.fixture(scope="session")
 def cascade_latents(ray_local, tiny_zoo, demo_shards, tmp_path_factory):
     """(output dir, summary) of `pipeline/configs/cascade_demo.yaml` on the demo shards: a 16-frame 32 px
     view `main` and the same frames at 64 px in view `sr` (the PYoCo cascade stages' store)."""

@@ -31,12 +31,12 @@ def _rows(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_sampling_sweep_writes_a_best_preset_that_samples(ray_local, zoo_env, sweep_checkpoint, tmp_path):
+def test_sampling_sweep_writes_a_best_preset_that_samples(ray_local, zoo_env, tiny_checkpoint, tmp_path):
     out = tmp_path / "sweep"
     sweep = load_config(
         SweepConfig,
         CONFIGS / "demo_sampling.yaml",
-        [f"sampling.checkpoint={sweep_checkpoint}", f"output.dir={out}", "budget.sampler.steps=2"],
+        [f"sampling.checkpoint={tiny_checkpoint}", f"output.dir={out}", "budget.sampler.steps=2"],
     )
     summary = run_sweep(sweep)
 
@@ -62,7 +62,7 @@ def test_sampling_sweep_writes_a_best_preset_that_samples(ray_local, zoo_env, sw
     records = sample_main(
         [
             "--checkpoint",
-            str(sweep_checkpoint),
+            str(tiny_checkpoint),
             "--prompt",
             "a red ball",
             "--output",
@@ -126,13 +126,13 @@ def _experiment_done_trials(exp: Path) -> int:
 
 
 @pytest.mark.slow
-def test_killed_sweep_resumes_with_every_trial_accounted_for(zoo_env, sweep_checkpoint, tmp_path):
+def test_killed_sweep_resumes_with_every_trial_accounted_for(zoo_env, tiny_checkpoint, tmp_path):
     out = tmp_path / "sweep"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray, killed with it
     # Snapshot the experiment state after every event, so the kill lands after a recorded trial.
     env.update(TUNE_GLOBAL_CHECKPOINT_S="0", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "tuning.run", "--config", str(CONFIGS / "demo_sampling.yaml")]
-    cmd += ["--checkpoint", str(sweep_checkpoint), "--output", str(out)]
+    cmd += ["--checkpoint", str(tiny_checkpoint), "--output", str(out)]
     cmd += ["search.max_concurrent_trials=1", "budget.sampler.steps=2"]
     driver = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 300

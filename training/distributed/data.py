@@ -57,6 +57,10 @@ def _clips_path(path: str) -> tuple[pafs.FileSystem, str, str]:
         raise LatentStoreError(
             f"data.path not found: {path} (run `python -m pipeline.run ... --output {path}` first)"
         )
+    if info.type == pafs.FileType.File:
+        raise LatentStoreError(
+            f"data.path={path} is a file: pass the pipeline's --output directory (or its clips/ directory)"
+        )
     sub = fs_path.rstrip("/") + "/clips"
     if fs.get_file_info(sub).type == pafs.FileType.Directory:
         fs_path = sub

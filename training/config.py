@@ -77,6 +77,18 @@ class LossConfig:
     """Temperature of L_DC (eq. 4: 0.1)."""
     queue_size: int = 4096
     """Length of L_DC's FIFO queue of earlier positives used as negatives (not given in the paper; ours)."""
+    dc_in_batch_negatives: bool = True
+    """Also use the other videos of the batch as L_DC negatives (ours); false: the queue only (eq. 4 as printed)."""
+    trs_reduction: Literal["sum", "mean"] = "sum"
+    """L_TRS over the F - 1 frame pairs and N decoder layers: 'sum' (eq. 3) or 'mean' (sum / ((F - 1) N)), which
+    keeps its scale independent of the clip length and UNet depth."""
+    cond_drop_prob: float = 0.1
+    """Caption dropout for classifier-free guidance: the probability that a training caption's embedding is
+    replaced by the empty prompt's (AnimateDiff: 0.1; JVID 4.1: 0.3); 0 never trains the unconditional branch."""
+
+
+DEFAULT_ALPHA = {"iid": 0.0, "mixed": 1.0, "progressive": 2.0}
+"""noise.alpha when unset: PYoCo's best per prior (sec. 5.3: mixed a = 1, progressive a = 2)."""
 
 
 @dataclass
@@ -85,8 +97,14 @@ class NoiseConfig:
 
     prior: Literal["iid", "mixed", "progressive"] = "iid"
     """'iid' (HARIVO, which lets the mapping network learn correlations), 'mixed' or 'progressive' (PYoCo)."""
-    alpha: float = 2.0
-    """Correlation strength a of 'mixed'/'progressive'; 0 is i.i.d., inf a frozen video (PYoCo best: 1 / 2)."""
+    alpha: float | None = None
+    """Correlation strength a of 'mixed'/'progressive'; 0 is i.i.d., inf a frozen video. None: the prior's best
+    (PYoCo 5.3: mixed 1, progressive 2; i.i.d. 0): see `strength`."""
+
+    @property
+    def strength(self) -> float:
+        """The alpha in use: `alpha`, or the prior's default when unset."""
+        return DEFAULT_ALPHA[self.prior] if self.alpha is None else self.alpha
 
 
 @dataclass
@@ -119,6 +137,18 @@ class EDMConfig:
     """Mean of ln(sigma) for training (PYoCo / EDM: -1.2)."""
     p_std: float = 1.2
     """Standard deviation of ln(sigma) for training (PYoCo / EDM: 1.2)."""
+    sigma_sampling: Literal["auto", "uniform_t", "lognormal"] = "auto"
+    """Training noise levels: 'lognormal' (ln sigma ~ N(p_mean, p_std^2), tuned for pixels with sigma_data 0.5),
+    'uniform_t' (t ~ U{0, T-1}, sigma = sigma_t of the base's discrete levels: HARIVO's / SD's own distribution;
+    on SD latents the log-normal puts ~8% of samples at t >= 500, uniform t 50%). 'auto': uniform_t for kind
+    'sd21', lognormal otherwise (see `sigmas_from`; the export records the config, so the choice with it)."""
+
+    @property
+    def sigmas_from(self) -> str:
+        """The training sigma distribution in use ('auto' resolved by kind)."""
+        if self.sigma_sampling != "auto":
+            return self.sigma_sampling
+        return "uniform_t" if self.kind == "sd21" else "lognormal"
 
 
 @dataclass
@@ -279,8 +309,14 @@ class TrainConfig:
                 raise ValueError(f"loss.{name}={getattr(self.loss, name)} must be >= 0")
         if self.loss.lambda_dc > 0 and not self.harivo.contrastive_head:
             raise ValueError(f"loss.lambda_dc={self.loss.lambda_dc} needs harivo.contrastive_head=true")
-        if not self.noise.alpha >= 0:  # also catches nan
+        if not self.noise.strength >= 0:  # also catches nan
             raise ValueError(f"noise.alpha={self.noise.alpha} must be >= 0 (inf allowed)")
+        if not 0 <= self.loss.cond_drop_prob <= 1:
+            raise ValueError(f"loss.cond_drop_prob={self.loss.cond_drop_prob} must be in [0, 1]")
+        if self.edm.sigmas_from == "uniform_t" and self.edm.kind != "sd21":
+            raise ValueError(
+                f"edm.sigma_sampling=uniform_t needs the discrete levels of edm.kind=sd21, got edm.kind={self.edm.kind}"
+            )
         d = self.diffusion
         if not 0 < d.beta_start < d.beta_end < 1:
             raise ValueError(

@@ -62,6 +62,26 @@ def _ensure_base_model(cfg: TrainConfig) -> None:
         raise FileNotFoundError(
             f"model.pretrained={cfg.model.pretrained}: no diffusers UNet config found there"
         )
+    check_discrete_levels(cfg)
+
+
+def check_discrete_levels(cfg: TrainConfig) -> None:
+    """EDM kind 'sd21' feeds the frozen base the timestep whose sigma is nearest, on the levels of
+    `diffusion.*`: they must be the base's own (SD 1.5 / 2.1 read sigma = 3 as 2.05 on 'linear' betas)."""
+    if cfg.diffusion.objective != "edm" or cfg.edm.kind != "sd21":
+        return
+    from training.diffusion.samplers import base_scheduler_config, schedule_mismatch
+
+    base = base_scheduler_config(cfg.model.pretrained, cfg.model.revision) if cfg.model.subfolder else None
+    diff = schedule_mismatch(cfg.diffusion, base) if base is not None else {}
+    if diff:
+        fields = ", ".join(
+            f"diffusion.{k}={mine!r} (the base: {theirs!r})" for k, (mine, theirs) in diff.items()
+        )
+        raise ConfigError(
+            f"edm.kind=sd21 reads model.pretrained={cfg.model.pretrained} on its own discrete noise levels, but "
+            f"{fields}; set them to the base's scheduler/scheduler_config.json"
+        )
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:

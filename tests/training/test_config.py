@@ -73,3 +73,16 @@ def test_a_missing_local_base_fails_naming_the_field(tmp_path):
             ]
         )
     assert not (tmp_path / "run").exists()
+
+
+def test_noise_alpha_defaults_per_prior_and_new_fields_are_checked():
+    assert load_config(TrainConfig, None, ["noise.prior=mixed"]).noise.strength == 1.0  # PYoCo 5.3
+    assert load_config(TrainConfig, None, ["noise.prior=progressive"]).noise.strength == 2.0
+    assert load_config(TrainConfig, None, ["noise.prior=mixed", "noise.alpha=0.5"]).noise.strength == 0.5
+    assert load_config(TrainConfig).loss.cond_drop_prob == 0.1
+    with pytest.raises(ValueError, match="cond_drop_prob"):
+        load_config(TrainConfig, None, ["loss.cond_drop_prob=1.5"])
+    with pytest.raises(ValueError, match="uniform_t needs"):
+        load_config(
+            TrainConfig, None, ["diffusion.objective=edm", "edm.kind=edm", "edm.sigma_sampling=uniform_t"]
+        )

@@ -84,3 +84,20 @@ def test_sr_stage_trains_through_training_run(ray_local, tiny_zoo, cascade_laten
     assert kind == "pyoco_sr" and cfg.cascade.stage == "sr" and cfg.cascade.cond_view == "main"
     assert torch.isfinite(weights["cond_conv_in.weight"]).all()
     assert any(run_dir.glob("checkpoint_*"))
+
+
+def test_sd21_refuses_discrete_levels_other_than_the_bases(tiny_zoo):
+    """EDM kind sd21 feeds the frozen base the nearest discrete timestep: on 'linear' betas SD (trained on
+    'scaled_linear') would read sigma = 3 as another noise level."""
+    from pipeline.configlib import ConfigError
+    from training.run import check_discrete_levels
+
+    pyoco = str(CONFIGS / "pyoco_base_demo.yaml")
+    cfg = load_config(
+        TrainConfig, pyoco, [f"model.pretrained={tiny_zoo.sd}", "diffusion.beta_schedule=linear"]
+    )
+    with pytest.raises(ConfigError, match=r"diffusion.beta_schedule='linear' \(the base: 'scaled_linear'\)"):
+        check_discrete_levels(cfg)
+    check_discrete_levels(load_config(TrainConfig, pyoco, [f"model.pretrained={tiny_zoo.sd}"]))  # matches
+    for preset in ("pyoco_base.yaml", "pyoco_interp.yaml", "pyoco_sr.yaml", "pyoco_progressive.yaml"):
+        assert load_config(TrainConfig, CONFIGS / preset).diffusion.beta_schedule == "scaled_linear", preset

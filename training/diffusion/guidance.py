@@ -12,14 +12,28 @@ import torch
 
 
 def cfg_scale(progress: float, early: float = 12.5, late: float = 7.5, switch: float = 0.7) -> float:
-    """HARIVO's time-dependent classifier-free guidance scale.
+    """HARIVO's time-dependent classifier-free guidance scale (App. D: 10-15 while t > 0.7T, then 7.5).
 
-    `progress` is the fraction of reverse steps done (0 at pure noise). HARIVO uses 10-15 while
-    t > 0.7T, i.e. for the first 30% of the reverse process, then 7.5.
+    `progress` is 1 - t/T of the step's timestep t (0 at pure noise; `VideoPipeline.progress`), so the
+    switch is on the timestep, not on the fraction of steps taken: DDIM-25 gives 7 strong steps
+    (t = 961 ... 721), not 8.
     """
     if not 0.0 <= progress <= 1.0:
         raise ValueError(f"progress must be in [0, 1], got {progress}")
     return early if 1.0 - progress > switch else late  # t/T = 1 - progress
+
+
+def drop_captions(
+    text: torch.Tensor, empty: torch.Tensor, p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Caption dropout for classifier-free guidance: each clip's text embedding (B, M, D) is replaced by the
+    empty prompt's (1, M, D) with probability `p` (AnimateDiff 0.1, JVID 4.1 0.3), so the trained layers
+    learn the unconditional branch CFG samples with. `p = 0` draws nothing from `generator`."""
+    if p <= 0:
+        return text
+    device = generator.device if generator is not None else text.device
+    drop = torch.rand(text.shape[0], generator=generator, device=device) < p  # (B,)
+    return torch.where(drop.to(text.device)[:, None, None], empty.to(text.device, text.dtype), text)
 
 
 def mg_guidance(

@@ -14,7 +14,7 @@ import torch
 
 
 def p_video(progress: float, t_v: float, t_e: float, p_e: float, p_f: float) -> float:
-    """Probability that the video model denoises at `progress` (fraction of reverse steps done).
+    """Probability that the video model denoises at `progress` (1 - t/T: the fraction of the reverse process done).
 
     1 for the first `t_v` of the reverse process, linear 1 -> `p_e` until `t_e`, then linear
     `p_e` -> `p_f` until the end (P_V(t_v) = 1, P_V(t_e) = p_e). The paper's printed inequalities
@@ -40,12 +40,13 @@ def p_video(progress: float, t_v: float, t_e: float, p_e: float, p_f: float) -> 
 
 
 def choose_video_steps(
-    num_steps: int, t_v: float, t_e: float, p_e: float, p_f: float, seed: int
+    progress: list[float], t_v: float, t_e: float, p_e: float, p_f: float, seed: int
 ) -> list[bool]:
-    """Seeded per-step choice: True where the video model takes reverse step i (of `num_steps`)."""
+    """Seeded per-step choice: True where the video model takes reverse step i, at `progress[i]` (1 - t/T of
+    the step's noise level, the clock CFG's schedule uses too: `VideoPipeline.progress`)."""
     gen = torch.Generator().manual_seed(seed)
-    draws = torch.rand(num_steps, generator=gen).tolist()
-    return [u < p_video(i / max(num_steps - 1, 1), t_v, t_e, p_e, p_f) for i, u in enumerate(draws)]
+    draws = torch.rand(len(progress), generator=gen).tolist()
+    return [u < p_video(p, t_v, t_e, p_e, p_f) for p, u in zip(progress, draws)]
 
 
 def entropy_reduced_noise(

@@ -38,11 +38,15 @@ def reg_loss(
     return (reg_weight(timesteps, num_train_timesteps).to(per_sample.device) * per_sample).mean()
 
 
-def trs_loss(attention_maps: list[torch.Tensor]) -> torch.Tensor:
+def trs_loss(attention_maps: list[torch.Tensor], reduction: str = "sum") -> torch.Tensor:
     """L_TRS = sum_i sum_{j=2..F} lambda_i |A_i^(j) - A_i^(j-1)|, lambda_i = i / N (eq. 3).
 
     `attention_maps`: the N decoder self-attention maps in forward order, each (B, F, heads, HW, HW).
+    `reduction` 'mean' divides the sum by its (F - 1) N terms, so the loss keeps its scale across clip
+    lengths and UNet depths (eq. 3 is 'sum').
     """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"trs_loss reduction must be 'sum' or 'mean', got {reduction!r}")
     if not attention_maps:
         raise ValueError("trs_loss needs at least one decoder self-attention map; was the forward captured?")
     n = len(attention_maps)
@@ -51,6 +55,8 @@ def trs_loss(attention_maps: list[torch.Tensor]) -> torch.Tensor:
         diff = (maps[:, 1:] - maps[:, :-1]).float().abs()  # (B, F-1, heads, HW, HW)
         per_frame = diff.sum(dim=-1).mean(dim=(0, 2, 3))  # L1 over keys; mean over B, heads, queries: (F-1,)
         total = total + (i / n) * per_frame.sum()
+    if reduction == "mean":
+        return total / (n * (attention_maps[0].shape[1] - 1))
     return total
 
 
@@ -124,11 +130,12 @@ def dc_loss_from_hspace(
     queue: NegativeQueue,
     tau: float = 0.1,
     generator: torch.Generator | None = None,
+    in_batch_negatives: bool = True,
 ) -> torch.Tensor:
     """L_DC on the h-space (B, F, ch, h, w): two random frames per video are the positive pair.
 
-    Negatives: the queue of earlier positives plus the other videos of this batch (whose pairs
-    are also "other videos"; with one video per device only the queue remains). Afterwards this
+    Negatives: the queue of earlier positives, plus (`in_batch_negatives`, ours) the other videos of this
+    batch, whose pairs are also "other videos"; false is eq. 4 as printed (the queue only). Afterwards this
     step's positives enter the queue (HARIVO sec. 3.4).
     """
     b, f = hspace.shape[:2]  # (B, F, ch, h, w)
@@ -137,6 +144,10 @@ def dc_loss_from_hspace(
     z1 = head(hspace[rows, pairs[:, 0]])  # (B, D)
     z2 = head(hspace[rows, pairs[:, 1]])  # (B, D)
     queued = queue.negatives().to(z1.dtype)  # (Q, D)
+    if not in_batch_negatives:
+        loss = decoupled_contrastive_loss(z1, z2, queued, tau)
+        queue.push(F.normalize(torch.cat([z1, z2]), dim=-1))
+        return loss
     in_batch = torch.stack([z1, z2], dim=1)  # (B, 2, D)
     negatives = [
         torch.cat([queued, in_batch[torch.arange(b, device=hspace.device) != i].reshape(-1, z1.shape[1])])

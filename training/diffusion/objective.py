@@ -65,6 +65,21 @@ class HarivoObjective(nn.Module):
         head = model.contrastive_head
         return cls(cfg, head.layers[-1].out_features if head is not None else None)
 
+    def denoiser(self, model) -> Denoiser:
+        """D(x; sigma) around `model` with the configured preconditioning; kind 'sd21' reads the base's
+        `diffusion.prediction_type` (epsilon or v) as the discrete UNet predicts it."""
+        e, d = self.cfg.edm, self.cfg.diffusion
+        prediction_type = d.prediction_type if e.kind == "sd21" else "epsilon"
+        return Denoiser(model, e.kind, e.sigma_data, self.sigmas, prediction_type)
+
+    def training_sigmas(self, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
+        """(n,) training noise levels: sigma_t at t ~ U{0, T-1} ('uniform_t') or ln sigma ~ N(P_mean, P_std^2)."""
+        e = self.cfg.edm
+        if e.sigmas_from == "uniform_t":
+            t = torch.randint(0, len(self.sigmas), (n,), generator=generator, device=device)
+            return self.sigmas.to(device)[t]
+        return sample_sigmas(n, e.p_mean, e.p_std, generator, device)
+
     def forward(
         self,
         model: VideoUNet,
@@ -100,7 +115,7 @@ class HarivoObjective(nn.Module):
         noise = video_noise(
             latents.shape,
             cfg.noise.prior,
-            cfg.noise.alpha,
+            cfg.noise.strength,
             generator,
             device=latents.device,
             dtype=latents.dtype,
@@ -129,9 +144,10 @@ class HarivoObjective(nn.Module):
             simple = simple_loss(model_pred, target)
             reg_timesteps = timesteps
         else:
-            # EDM: log-normal sigmas, variance-exploding noisy input; the Denoiser owns the preconditioning.
-            sigma = sample_sigmas(b, cfg.edm.p_mean, cfg.edm.p_std, generator, gen_device).to(latents.device)
-            denoiser = Denoiser(model, cfg.edm.kind, cfg.edm.sigma_data, self.sigmas)
+            # EDM: sigmas (uniform over the base's discrete levels, or log-normal), variance-exploding noisy
+            # input; the Denoiser owns the preconditioning.
+            sigma = self.training_sigmas(b, generator, gen_device).to(latents.device)
+            denoiser = self.denoiser(model)
             noisy_latents = latents + noise * sigma.reshape(b, 1, 1, 1, 1)  # (B, C, F, H, W)
 
             def predict(image: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,10 +167,15 @@ class HarivoObjective(nn.Module):
             image_pred = image_pred[1] if isinstance(image_pred, tuple) else image_pred
             reg = reg_loss(model_pred, image_pred, reg_timesteps, cfg.diffusion.num_train_timesteps)
         # L_TRS on the decoder self-attention maps of the frozen layers, L_DC on the h-space.
-        trs = trs_loss(captured.attention_maps) if need_trs else zero
+        trs = trs_loss(captured.attention_maps, cfg.loss.trs_reduction) if need_trs else zero
         dc = zero
         if need_dc:
             dc = dc_loss_from_hspace(
-                model.contrastive_head, captured.hspace, self.queue, cfg.loss.tau, generator
+                model.contrastive_head,
+                captured.hspace,
+                self.queue,
+                cfg.loss.tau,
+                generator,
+                cfg.loss.dc_in_batch_negatives,
             )
         return weighted_total(simple, reg, trs, dc, cfg.loss)

@@ -16,9 +16,11 @@ DDIM and DDPM take the noise schedule the model was trained with from diffusers'
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -59,6 +61,33 @@ def _scheduler_kwargs(cfg: DiffusionConfig, spacing: str, steps_offset: int) -> 
         timestep_spacing=spacing,
         steps_offset=steps_offset,
     )
+
+
+SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+"""What fixes a model's discrete noise levels (diffusers scheduler config keys = DiffusionConfig fields)."""
+
+
+def base_scheduler_config(pretrained: str, revision: str | None = None) -> dict | None:
+    """The `scheduler/scheduler_config.json` of a diffusers SD directory or hub id (None: it has none, or a
+    hub id that cannot be reached)."""
+    path = Path(pretrained).expanduser() / "scheduler" / "scheduler_config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if Path(pretrained).expanduser().exists():
+        return None
+    try:
+        return dict(DDPMScheduler.load_config(pretrained, subfolder="scheduler", revision=revision))
+    except (OSError, ValueError):
+        return None
+
+
+def schedule_mismatch(cfg: DiffusionConfig, scheduler_config: dict) -> dict[str, tuple]:
+    """{field: (configured, the other model's)} for every schedule field that differs (empty: the same levels)."""
+    return {
+        k: (getattr(cfg, k), scheduler_config.get(k))
+        for k in SCHEDULE_FIELDS
+        if scheduler_config.get(k) != getattr(cfg, k)
+    }
 
 
 def ddim_scheduler(cfg: DiffusionConfig, spacing: str = "leading", steps_offset: int = 1) -> DDIMScheduler:

@@ -11,6 +11,9 @@ import torch
 
 from training.config import TrainConfig
 
+TERMS = ("loss_simple", "loss_reg", "loss_trs", "loss_dc")
+"""The loss terms of eq. 5 the progress line shows next to L_all (TensorBoard gets every metric)."""
+
 
 @dataclass
 class Due:
@@ -81,8 +84,10 @@ class StepLogger:
         step, total = int(metrics["step"]), self.cfg.optim.max_steps
         eta = (time.perf_counter() - self.started) / max(step - self.start_step, 1) * (total - step)
         val = f" val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+        # Each term's own magnitude (unweighted), so a loss that dominates L_all is visible at a glance.
+        terms = " ".join(f"{k[5:]} {metrics[k]:.3g}" for k in TERMS if k in metrics)
         print(
-            f"step {step}/{total} loss {metrics.get('loss', math.nan):.4f}{val} "
+            f"step {step}/{total} loss {metrics.get('loss', math.nan):.4f} ({terms}){val} "
             f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s "
             f"data-wait {metrics['data_wait_frac']:.0%} ETA {format_eta(eta)}",
             flush=True,

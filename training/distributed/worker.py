@@ -22,6 +22,7 @@ import torch.distributed as dist
 from pipeline.configlib import from_dict, to_dict
 from pipeline.models import TextEncoder, torch_dtype
 from training.config import TrainConfig
+from training.diffusion.guidance import drop_captions
 from training.diffusion.objective import HarivoObjective
 from training.distributed import engine as ds
 from training.distributed.checkpoint import TrainerState, restore, save_checkpoint
@@ -46,9 +47,13 @@ class WorkerConfig:
     tensorboard_dir: str | None = None
     fault_marker: str | None = None
     """Tests only (`run.fail_at_step`): the file that makes the injected crash happen once (`inject_fault`)."""
+    dtype: torch.dtype = torch.float32
+    """The engine's compute dtype (set on the worker once DeepSpeed has chosen the precision)."""
 
     def to_loop_config(self) -> dict:
-        return {**asdict(self), "cfg": to_dict(self.cfg), "store": asdict(self.store)}
+        tree = {**asdict(self), "cfg": to_dict(self.cfg), "store": asdict(self.store)}
+        tree.pop("dtype")
+        return tree
 
     @classmethod
     def from_loop_config(cls, config: dict) -> WorkerConfig:
@@ -69,12 +74,11 @@ def train_fn_per_worker(config: dict) -> None:
     model = VideoUNet.from_pretrained(cfg.model, cfg.harivo, cascade=cfg.cascade).to(device)
     objective = HarivoObjective.for_model(cfg, model).to(device)
     engine, precision = ds.initialize(model, cfg.deepspeed, cfg.optim, cfg.run.use_gpu)
-    dtype = torch_dtype(precision)
-    text_encoder = (
-        None
-        if info.has_prompt_embeds
-        else TextEncoder.from_pretrained(cfg.model.pretrained, device, cfg.model.revision)
-    )
+    w.dtype = dtype = torch_dtype(precision)
+    text_encoder = TextEncoder.from_pretrained(cfg.model.pretrained, device, cfg.model.revision)
+    empty_text = text_encoder([""])  # (1, 77, D): a dropped caption's embedding (loss.cond_drop_prob)
+    if info.has_prompt_embeds:  # the store's embeddings were saved in fp16: drop ones the same way
+        text_encoder, empty_text = None, empty_text.half().float()
     # Per-rank random stream: noise, timesteps, frame starts and L_DC positives differ across ranks but are
     # reproducible; its state is checkpointed, so a resumed run draws exactly what an uninterrupted one would.
     generator = torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + rank)
@@ -87,7 +91,9 @@ def train_fn_per_worker(config: dict) -> None:
         t_data = time.perf_counter()
         for batch in epoch_batches(shard, cfg, state, rank, world):
             t_step = time.perf_counter()
-            latents, text, cond, image_mode = training_batch(batch, w, state, text_encoder, generator, dtype)
+            latents, text, cond, image_mode = training_batch(
+                batch, w, state, text_encoder, empty_text, generator
+            )
             terms = objective(engine.module, latents, text, generator, image_mode, cond_latents=cond)
             engine.backward(terms.total)
             engine.step()  # DeepSpeed only updates at the accumulation boundary
@@ -149,14 +155,15 @@ def epoch_batches(shard, cfg: TrainConfig, state: TrainerState, rank: int, world
         )
 
 
-def training_batch(batch, w: WorkerConfig, state: TrainerState, text_encoder, generator, dtype):
+def training_batch(batch, w: WorkerConfig, state: TrainerState, text_encoder, empty_text, generator):
     """(latents (B, C, F, h, w), text (B, 77, D), SR's low-resolution latents or None, image_mode) of one
-    batch, in the engine's dtype.
+    batch, in the engine's dtype (`w.dtype`).
 
     Every `data.image_mode_every`-th step trains a single random frame in image mode; a super-resolution
-    stage also gets the low-resolution latents of the same frames. Draw order (frame start, then the image
-    frame) is part of the resumable random stream."""
-    cfg, device = w.cfg, ray.train.torch.get_device()
+    stage also gets the low-resolution latents of the same frames; captions are dropped to the empty
+    prompt with probability `loss.cond_drop_prob`. Draw order (frame start, image frame, caption dropout)
+    is part of the resumable random stream."""
+    cfg, device, dtype = w.cfg, empty_text.device, w.dtype
     rng = generator if cfg.data.random_start else None
     latents, captions, embeds, cond_latents = collate_stage(
         batch, w.store, cfg.model.num_frames, cfg.data.frame_stride, rng, device
@@ -168,6 +175,7 @@ def training_batch(batch, w: WorkerConfig, state: TrainerState, text_encoder, ge
         latents = latents[:, :, frame : frame + 1]  # (B, C, 1, h, w)
         if cond_latents is not None:
             cond_latents = cond_latents[:, :, frame : frame + 1]  # (B, C, 1, h', w')
+    text = drop_captions(text.float(), empty_text, cfg.loss.cond_drop_prob, generator)
     cond_latents = cond_latents.to(dtype) if cond_latents is not None else None
     return latents.to(dtype), text.to(dtype), cond_latents, image_mode
 

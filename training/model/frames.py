@@ -24,3 +24,14 @@ def unfold_frames(x: torch.Tensor, num_frames: int) -> torch.Tensor:
 def per_frame(values: torch.Tensor, num_frames: int) -> torch.Tensor:
     """Per-clip values (B, ...) -> per-frame values (B F, ...), in `fold_frames`' row order."""
     return values.repeat_interleave(num_frames, dim=0)
+
+
+def frame_windows(num_frames: int, window: int, overlap: int) -> list[tuple[int, int]]:
+    """[(start, end), ...] windows of `window` frames covering 0..num_frames, consecutive ones sharing at
+    least `overlap` frames (the last one ends at num_frames); one window when the clip fits."""
+    if num_frames <= window:
+        return [(0, num_frames)]
+    if not 0 <= overlap < window:
+        raise ValueError(f"window overlap {overlap} must be in [0, window={window})")
+    starts = list(range(0, num_frames - window, window - overlap)) + [num_frames - window]
+    return [(s, s + window) for s in starts]

@@ -166,6 +166,10 @@ class CascadeSampleConfig:
     as in training; not given in PYoCo, ours)."""
     seed_stride: int = 1_000_003
     """Stage k samples with seed + k * seed_stride (independent noise per stage, reproducible)."""
+    window_overlap: int = 4
+    """A stage asked for more frames than it was trained on (SR: 76 frames, trained on 16-frame windows) predicts
+    in windows of its trained length sharing this many frames, averaged where they overlap at every step, so
+    no frame position or attention length is one the model never saw."""
 
 
 @dataclass

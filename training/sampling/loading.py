@@ -4,7 +4,6 @@ LoRA and ControlNet. `load_pipeline(checkpoint, cfg)` -> `VideoPipeline`.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 
 from pipeline.models import TextEncoder, torch_dtype
 from training.config import TrainConfig
+from training.diffusion.samplers import base_scheduler_config, schedule_mismatch
 from training.model.export import SAMPLEABLE_KINDS, read_train_config, resolve_checkpoint
 from training.model.frames import fold_frames, per_frame, unfold_frames
 from training.model.unet import VideoUNet
@@ -65,19 +65,16 @@ def _build_video_model(trainable: Path, train_cfg: TrainConfig, base_unet, devic
 
 
 def _check_base_schedule(path: str, train_cfg: TrainConfig) -> None:
-    sched = Path(path) / "scheduler" / "scheduler_config.json"
-    if not sched.is_file():
-        return
-    sc, d = json.loads(sched.read_text()), train_cfg.diffusion
-    base = (sc.get("num_train_timesteps"), sc.get("beta_start"), sc.get("beta_end"), sc.get("beta_schedule"))
-    mine = (d.num_train_timesteps, d.beta_start, d.beta_end, d.beta_schedule)
-    if base != mine:  # e.g. SD 1.5 'scaled_linear' vs HARIVO's 'linear' fine-tuning schedule
-        log.warning(
-            "JVID image model %s was trained with schedule %s, the video model with %s; JVID assumes "
-            "both share one schedule",
-            path,
-            base,
-            mine,
+    """JVID mixes two denoisers step by step: both must have been trained on one noise schedule (refused, not
+    warned about: a mismatch reads every timestep at the wrong noise level)."""
+    base = base_scheduler_config(path)
+    diff = schedule_mismatch(train_cfg.diffusion, base) if base is not None else {}
+    if diff:  # e.g. SD 1.5's 'scaled_linear' vs HARIVO's 'linear' fine-tuning schedule
+        fields = ", ".join(f"diffusion.{k}={mine!r} vs {theirs!r}" for k, (mine, theirs) in diff.items())
+        raise ValueError(
+            f"JVID image model {path} was trained on another noise schedule than the video model ({fields}); "
+            "use jvid.image_model=image_mode (the video model with its temporal layers off), or train the "
+            "video model with the base's schedule (training/configs/jvid_video.yaml)"
         )
 
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.models import TextEncoder
-from training.config import TrainConfig
+from training.config import DEFAULT_ALPHA, TrainConfig
 from training.diffusion.cascade import StageCondition
-from training.diffusion.edm import Denoiser, ddpm_sigmas
+from training.diffusion.edm import Denoiser, ddpm_sigmas, sigma_to_timestep
 from training.diffusion.guidance import cfg_scale, mg_guidance
 from training.diffusion.jvid import choose_video_steps, entropy_reduced_noise, smooth_latents
 from training.diffusion.noise import video_noise
@@ -30,6 +30,7 @@ from training.diffusion.samplers import (
     sample_heun,
     v_to_eps,
 )
+from training.model.frames import frame_windows
 from training.sampling.config import SampleConfig
 from training.sampling.personalize import ControlNetHook
 
@@ -76,7 +77,12 @@ class VideoPipeline:
                 f"output.num_frames={self.num_frames}: this checkpoint's frame tokens need {m.num_frames} frames"
             )
         self.noise_prior = train_cfg.noise.prior if cfg.noise.prior == "train" else cfg.noise.prior
-        self.noise_alpha = train_cfg.noise.alpha if cfg.noise.alpha is None else cfg.noise.alpha
+        if cfg.noise.alpha is not None:
+            self.noise_alpha = cfg.noise.alpha
+        elif train_cfg.noise.alpha is not None or cfg.noise.prior == "train":
+            self.noise_alpha = train_cfg.noise.strength
+        else:  # another prior than the checkpoint's, no alpha given: that prior's default
+            self.noise_alpha = DEFAULT_ALPHA[self.noise_prior]
         self.ddpm_sigmas = ddpm_sigmas(ddpm_scheduler(train_cfg.diffusion).alphas_cumprod)
         if cfg.guidance.mg_alpha > 0 and self.num_frames < 3:
             raise ValueError(f"MG sampling needs >= 3 frames, got {self.num_frames}; set guidance.mg_alpha=0")
@@ -118,11 +124,27 @@ class VideoPipeline:
         return self._video_fn if video_steps[i] else self.image_model
 
     def _video_fn(self, x, t, text):
+        """The video model on (N, C, F, h, w); longer than it was trained on: in overlapping windows of its
+        trained length, averaged where they overlap (`cascade.window_overlap`)."""
+        f, trained = x.shape[2], self.train_cfg.model.num_frames
+        windows = frame_windows(f, trained, self.cfg.cascade.window_overlap)
+        if len(windows) == 1:
+            return self._video_window(x, t, text, 0, f)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        count = torch.zeros(f, device=x.device)
+        for s, e in windows:
+            out[:, :, s:e] += self._video_window(x[:, :, s:e], t, text, s, e).float()
+            count[s:e] += 1
+        return (out / count.reshape(1, 1, -1, 1, 1)).to(x.dtype)
+
+    def _video_window(self, x, t, text, start: int, end: int):
         c = self._condition
         if c is None:
             return self.video(x, t, text)
         n = x.shape[0]  # CFG runs [uncond, cond] in one batch: both see the same conditioning
-        cond = c.cond.to(x.device, x.dtype).expand(n, -1, -1, -1, -1)  # (N, C_cond, F, h, w)
+        cond = (
+            c.cond[:, :, start:end].to(x.device, x.dtype).expand(n, -1, -1, -1, -1)
+        )  # (N, C_cond, F', h, w)
         level = None if c.level is None else c.level.to(x.device).reshape(-1).expand(n)  # (N,)
         return self.video(x, t, text, cond=cond, cond_level=level)
 
@@ -142,12 +164,21 @@ class VideoPipeline:
 
         return noise
 
-    def video_steps(self, seed: int) -> list[bool]:
-        """JVID's seeded per-step model choice (all video without JVID)."""
-        j, n = self.cfg.jvid, self.cfg.sampler.steps
+    def video_steps(self, seed: int, progress: list[float]) -> list[bool]:
+        """JVID's seeded per-step model choice at each step's `progress` (all video without JVID)."""
+        j = self.cfg.jvid
         if not j.enabled:
-            return [True] * n
-        return choose_video_steps(n, j.t_v, j.t_e, j.p_e, j.p_f, seed if j.seed is None else j.seed)
+            return [True] * len(progress)
+        return choose_video_steps(progress, j.t_v, j.t_e, j.p_e, j.p_f, seed if j.seed is None else j.seed)
+
+    def progress(self, levels: torch.Tensor) -> list[float]:
+        """The one clock of CFG's schedule and JVID's P_V: 1 - t/T of each reverse step's noise level (t the
+        timestep; for EDM samplers the discrete timestep whose sigma is nearest), 0 at pure noise."""
+        if self.cfg.sampler.kind in ("ddim", "ddpm"):
+            t = levels.double()
+        else:
+            t = sigma_to_timestep(levels.float(), self.ddpm_sigmas).double()
+        return (1 - t / len(self.ddpm_sigmas)).clamp(0, 1).tolist()
 
     @torch.no_grad()
     def sample(self, prompt: str, seed: int, condition: StageCondition | None = None) -> SampleResult:
@@ -172,14 +203,8 @@ class VideoPipeline:
         x = video_noise(shape, self.noise_prior, self.noise_alpha, generator).to(
             self.device
         )  # (1, C, F, h, w)
-        steps = self.video_steps(seed)
-        step_noise = self._step_noise(shape, generator, steps)
-        g = cfg.guidance
-
-        def scale(i: int) -> float:
-            return cfg_scale(i / s.steps, g.cfg_early, g.cfg_late, g.cfg_switch)
-
-        if s.kind in ("ddim", "ddpm"):
+        discrete = s.kind in ("ddim", "ddpm")
+        if discrete:
             if self.train_cfg.diffusion.objective != "ddpm":
                 raise ValueError(
                     f"sampler.kind={s.kind} needs a DDPM-trained checkpoint; use euler/heun for EDM"
@@ -188,6 +213,17 @@ class VideoPipeline:
             schedule = discrete_schedule(
                 make(self.train_cfg.diffusion, s.timestep_spacing, s.steps_offset), s.steps
             )
+        else:
+            sigmas = self._sigmas()
+        progress = self.progress(schedule.timesteps if discrete else sigmas[:-1])
+        steps = self.video_steps(seed, progress)
+        step_noise = self._step_noise(shape, generator, steps)
+        g = cfg.guidance
+
+        def scale(i: int) -> float:
+            return cfg_scale(progress[i], g.cfg_early, g.cfg_late, g.cfg_switch)
+
+        if discrete:
             v_pred = self.train_cfg.diffusion.prediction_type == "v_prediction"
 
             def eps_fn(x_t: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
@@ -202,7 +238,6 @@ class VideoPipeline:
                 x = sample_ddpm(eps_fn, x, schedule, step_noise)
             levels = schedule.timesteps.tolist()
         else:
-            sigmas = self._sigmas()
             denoise = {True: self._denoiser(self._video_fn), False: self._denoiser(self.image_model)}
 
             def known(d: torch.Tensor) -> torch.Tensor:
@@ -244,8 +279,9 @@ class VideoPipeline:
         if fn is None:
             return None
         tc = self.train_cfg
-        if tc.diffusion.objective == "edm":  # as trained (training/diffusion/objective.py)
-            kind, sigma_data, prediction_type = tc.edm.kind, tc.edm.sigma_data, "epsilon"
+        if tc.diffusion.objective == "edm":  # as trained (`HarivoObjective.denoiser`)
+            kind, sigma_data = tc.edm.kind, tc.edm.sigma_data
+            prediction_type = tc.diffusion.prediction_type if kind == "sd21" else "epsilon"
         else:
             kind, sigma_data, prediction_type = "sd21", 1.0, tc.diffusion.prediction_type
         den = Denoiser(

@@ -97,3 +97,29 @@ def test_modified_kind_is_v_prediction_in_edm_form():
     sigma = ((1 - abar) / abar).sqrt()
     denoiser = Denoiser(lambda x, c_noise: v, "modified")
     assert torch.allclose(denoiser(x_t / a.sqrt(), sigma), a.sqrt() * x_t - (1 - a).sqrt() * v)
+
+
+def test_sd21_reads_a_v_prediction_unet_exactly():
+    """An oracle v-model (it returns the true v of x_t) read as EDM gives D(x; sigma) = x0: the v-coefficients
+    c_skip = 1/(sigma^2+1), c_out = -sigma/sqrt(sigma^2+1); read as epsilon the same model is far off."""
+
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    levels = ddpm_sigmas(torch.cumprod(1 - betas, 0))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 2, 5, 5, generator=g, dtype=torch.float64)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    sigma = levels[torch.tensor([10, 400, 990])]  # on the discrete levels: c_noise is exact
+    x = x0 + noise * sigma.reshape(-1, 1, 1, 1, 1)
+
+    def oracle_v(x_in, c_noise):
+        abar = 1 / (1 + levels[c_noise.long()] ** 2).reshape(-1, 1, 1, 1, 1)
+        return abar.sqrt() * noise - (1 - abar).sqrt() * x0  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+
+    v_model = Denoiser(oracle_v, "sd21", sigmas=levels, prediction_type="v_prediction")
+    assert (v_model(x, sigma) - x0).abs().max() < 1e-9
+    as_eps = Denoiser(oracle_v, "sd21", sigmas=levels)
+    assert (as_eps(x, sigma) - x0).abs().max() > 1.0
+    c_skip, c_out, c_in, _ = edm_coefficients(sigma, "sd21", sigmas=levels, prediction_type="v_prediction")
+    torch.testing.assert_close(c_skip, 1 / (sigma**2 + 1))
+    torch.testing.assert_close(c_out, -sigma / (sigma**2 + 1).sqrt())
+    torch.testing.assert_close(c_in, 1 / (sigma**2 + 1).sqrt())

@@ -59,6 +59,23 @@ def test_mg_pulls_frames_together_and_leaves_frozen_video_alone():
         mg_guidance(eps[:, :, :2], x_t[:, :, :2], a, 40.0)
 
 
+def test_drop_captions_replaces_whole_captions_at_the_rate_and_draws_nothing_at_zero():
+    from training.diffusion.guidance import drop_captions
+
+    text = torch.randn(4000, 7, 3, generator=torch.Generator().manual_seed(0))
+    empty = torch.full((1, 7, 3), 9.0)
+    g = torch.Generator().manual_seed(1)
+    state = g.get_state()
+    assert drop_captions(text, empty, 0.0, g) is text and torch.equal(g.get_state(), state)
+    out = drop_captions(text, empty, 0.3, g)
+    dropped = (out == 9.0).all(dim=(1, 2))
+    assert torch.equal(out[~dropped], text[~dropped])  # every caption is kept whole or dropped whole
+    assert abs(dropped.float().mean().item() - 0.3) < 0.03
+    again = drop_captions(text, empty, 0.3, torch.Generator().manual_seed(1))
+    assert torch.equal(again, out)  # drawn from the run's generator: a resumed run drops the same captions
+    assert (drop_captions(text[:5], empty, 1.0, g) == 9.0).all()
+
+
 def test_cfg_schedule_breakpoint():
     assert cfg_scale(0.0) == 12.5 and cfg_scale(0.29) == 12.5
     assert cfg_scale(0.3) == 7.5 and cfg_scale(1.0) == 7.5

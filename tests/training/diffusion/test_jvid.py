@@ -30,11 +30,12 @@ def test_p_video_rejects_bad_schedules():
 
 
 def test_step_choice_is_seeded_and_follows_p_video():
-    a = choose_video_steps(50, 0.1, 0.6, 0.2, 0.1, seed=3)
-    assert a == choose_video_steps(50, 0.1, 0.6, 0.2, 0.1, seed=3)
-    assert all(a[:5])  # first 10% of 50 steps: always the video model
-    assert choose_video_steps(50, 0.0, 1.0, 1.0, 1.0, seed=3) == [True] * 50
-    many = [choose_video_steps(50, 0.1, 0.6, 0.2, 0.1, seed=s) for s in range(400)]
+    progress = [i / 49 for i in range(50)]
+    a = choose_video_steps(progress, 0.1, 0.6, 0.2, 0.1, seed=3)
+    assert a == choose_video_steps(progress, 0.1, 0.6, 0.2, 0.1, seed=3)
+    assert all(a[:5])  # first 10% of the reverse process: always the video model
+    assert choose_video_steps(progress, 0.0, 1.0, 1.0, 1.0, seed=3) == [True] * 50
+    many = [choose_video_steps(progress, 0.1, 0.6, 0.2, 0.1, seed=s) for s in range(400)]
     late = sum(m[-1] for m in many) / len(many)
     assert abs(late - 0.1) < 0.05  # P_V(1) = p_f
 

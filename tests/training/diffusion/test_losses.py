@@ -117,3 +117,38 @@ def test_trs_through_the_model_zero_for_a_still_video(make_video_model):
         assert captured.hspace is None
         values[name] = trs_loss(captured.attention_maps)
     assert values["still"] <= 1e-6 < values["moving"]
+
+
+def test_trs_mean_is_the_sum_over_its_terms():
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.rand(2, 6, 2, 4, 4, generator=g).softmax(-1) for _ in range(3)]  # N = 3 layers, F = 6
+    assert torch.allclose(trs_loss(maps, "mean"), trs_loss(maps) / (3 * 5))
+    with pytest.raises(ValueError, match="reduction"):
+        trs_loss(maps, "max")
+
+
+def test_dc_without_in_batch_negatives_is_eq_4_on_the_queue():
+    from torch import nn
+
+    from training.diffusion.losses import NegativeQueue, dc_loss_from_hspace, decoupled_contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    hspace = torch.randn(3, 4, 2, 2, 2, generator=g)  # (B, F, ch, h, w)
+    head = nn.Flatten()
+    queue = NegativeQueue(16, 8)
+    queue.push(torch.randn(5, 8, generator=g))
+    queued = queue.negatives().clone()
+    pairs_g = torch.Generator().manual_seed(1)
+    got = dc_loss_from_hspace(head, hspace, queue, 0.1, pairs_g, in_batch_negatives=False)
+    from training.diffusion.losses import positive_frames
+
+    pairs = positive_frames(3, 4, torch.Generator().manual_seed(1))
+    rows = torch.arange(3)
+    want = decoupled_contrastive_loss(
+        head(hspace[rows, pairs[:, 0]]), head(hspace[rows, pairs[:, 1]]), queued, 0.1
+    )
+    torch.testing.assert_close(got, want)
+    with_batch = dc_loss_from_hspace(
+        head, hspace, NegativeQueue(16, 8), 0.1, torch.Generator().manual_seed(1)
+    )
+    assert not torch.allclose(with_batch, got)

@@ -88,3 +88,31 @@ def test_seeded_step_is_reproducible(make_video_model):
     b = objective(model, *batch(1, 4), generator=torch.Generator().manual_seed(3))
     assert torch.equal(a.total, b.total)
     assert objective.queue is None and a.dc == 0
+
+
+def _config(**overrides):
+    from pipeline.configlib import load_config
+    from training.config import TrainConfig
+
+    return load_config(TrainConfig, None, overrides)
+
+
+def test_sd21_trains_on_uniform_timesteps_and_reads_the_base_prediction_type():
+    """On SD's schedule the log-normal sigmas put ~8% of samples at t >= 500; uniform t puts half there."""
+    from training.diffusion.edm import sigma_to_timestep
+
+    sd = {"diffusion.objective": "edm", "diffusion.beta_schedule": "scaled_linear", "edm.kind": "sd21"}
+    uniform = HarivoObjective(_config(**sd))
+    lognormal = HarivoObjective(_config(**sd, **{"edm.sigma_sampling": "lognormal"}))
+    assert uniform.cfg.edm.sigmas_from == "uniform_t"  # the default for sd21
+    g = torch.Generator().manual_seed(0)
+    t_u = sigma_to_timestep(uniform.training_sigmas(20_000, g, "cpu"), uniform.sigmas)
+    t_l = sigma_to_timestep(lognormal.training_sigmas(20_000, g, "cpu"), lognormal.sigmas)
+    assert abs((t_u >= 500).float().mean().item() - 0.5) < 0.02
+    assert (t_l >= 500).float().mean().item() < 0.15
+    assert uniform.denoiser(lambda *a: None).prediction_type == "epsilon"
+    v = HarivoObjective(_config(**sd, **{"diffusion.prediction_type": "v_prediction"}))
+    assert v.denoiser(lambda *a: None).prediction_type == "v_prediction"
+    assert HarivoObjective(
+        _config(**{"diffusion.objective": "edm", "edm.kind": "edm"})
+    ).cfg.edm.sigmas_from == ("lognormal")

@@ -119,3 +119,39 @@ def test_wrong_kind_checkpoints_are_refused(stage_checkpoints, tiny_checkpoint, 
     with pytest.raises(ValueError, match="'up' is not one of"):
         parse_cascade("base=a,up=b")
     assert list(parse_cascade("sr=c, base=a")) == ["base", "sr"]
+
+
+def test_sr_samples_a_longer_clip_in_windows_of_its_trained_length(stage_checkpoints):
+    """The SR stage trained on 8 frames, asked for 20: every model call sees at most 8 frames (positions and
+    attention lengths it was trained on), overlaps are averaged, and at its trained length nothing changes."""
+    from training.model.frames import frame_windows
+    from training.sampling.config import SampleConfig
+    from training.sampling.loading import load_pipeline
+
+    assert frame_windows(20, 8, 4) == [(0, 8), (4, 12), (8, 16), (12, 20)]
+    assert frame_windows(8, 8, 4) == [(0, 8)] and frame_windows(76, 16, 4)[-1] == (60, 76)
+    over = {"sampler.kind": "euler", "sampler.steps": 2, "output.device": "cpu", "guidance.mg_alpha": 0.0}
+    sizes = {"output.height": 64, "output.width": 64}
+    long = load_pipeline(
+        stage_checkpoints["sr"],
+        load_config(SampleConfig, CONFIGS / "sample_pyoco.yaml", {**over, **sizes, "output.num_frames": 20}),
+        ("pyoco_sr",),
+    )
+    seen = []
+    forward = long.video.forward
+    long.video.forward = lambda x, *a, **k: seen.append(x.shape[2]) or forward(x, *a, **k)
+    low = torch.randn(1, 4, 20, 4, 4, generator=torch.Generator().manual_seed(0))
+    condition = cascade.sr_stage_condition(low, 0.1, 2, "bilinear")
+    out = long.sample("a red ball", 0, condition).latents
+    assert out.shape == (1, 4, 20, 8, 8) and torch.isfinite(out).all()
+    assert seen and max(seen) == 8
+    # At the trained length the windowed path is the plain one: one window, the same numbers.
+    short = load_pipeline(
+        stage_checkpoints["sr"],
+        load_config(SampleConfig, CONFIGS / "sample_pyoco.yaml", {**over, **sizes, "output.num_frames": 8}),
+        ("pyoco_sr",),
+    )
+    cond8 = cascade.sr_stage_condition(low[:, :, :8], 0.1, 2, "bilinear")
+    a = short.sample("a red ball", 0, cond8).latents
+    short.cfg.cascade.window_overlap = 7  # would change the windows if there were more than one
+    assert torch.equal(a, short.sample("a red ball", 0, cond8).latents)

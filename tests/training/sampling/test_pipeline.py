@@ -46,15 +46,26 @@ def _independent_loop(pipe, prompt, seed, model, mg_alpha, cfg_early, cfg_late):
     text = pipe.encode_prompt(["", prompt])
     shape = (1, 4, pipe.num_frames, pipe.height // 8, pipe.width // 8)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    for i, t in enumerate(sched.timesteps):
+    for t in sched.timesteps:
         uncond = model(x, t, text[:1])
         cond = model(x, t, text[1:])
-        w = cfg_scale(i / STEPS, cfg_early, cfg_late, 0.7)
+        w = cfg_scale(1 - int(t) / 1000, cfg_early, cfg_late, 0.7)  # the switch is on t/T
         eps = uncond + w * (cond - uncond)
         if mg_alpha:
             eps = mg_guidance(eps, x, sched.alphas_cumprod[int(t)], mg_alpha)
         x = sched.step(eps, t, x).prev_sample
     return x
+
+
+def test_cfg_switches_on_the_timestep_not_on_the_step_count(pipe):
+    """HARIVO App. D: 10-15 while t > 0.7T. DDIM-25 (leading, offset 1) visits t = 961, 921, ..., 1: 7 steps
+    have t > 700 (961 ... 721); switching on the fraction of steps taken gave 8."""
+    from training.diffusion.samplers import discrete_schedule
+
+    schedule = discrete_schedule(ddim_scheduler(pipe.train_cfg.diffusion), 25)
+    scales = [cfg_scale(p) for p in pipe.progress(schedule.timesteps)]
+    assert scales.count(12.5) == 7 and scales[:7] == [12.5] * 7
+    assert [int(t) for t in schedule.timesteps[6:8]] == [721, 681]
 
 
 def test_mg_inside_the_sampler_matches_an_independent_loop(pipe):

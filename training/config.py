@@ -174,6 +174,9 @@ class CascadeConfig:
     aug_sigma_max: float = 1.0
     """Super-resolution: training noise augmentation of the conditioning, sigma_aug ~ U(0, aug_sigma_max) per
     clip (not given in PYoCo; ours). The sampler picks a fixed level (SampleConfig cascade.sr_aug_sigma)."""
+    interp_aug_sigma_max: float = 0.0
+    """Interpolation: the same noise augmentation of the keyframes, sigma_aug ~ U(0, max) per clip with its level
+    fed to the model as SR's is (0: clean keyframes, no level embedding). Sampling: cascade.interp_aug_sigma."""
 
 
 @dataclass
@@ -364,6 +367,8 @@ class TrainConfig:
                     f"cascade.stage=interp: model.num_frames={f} must be (keyframes - 1) x "
                     f"cascade.keyframe_stride={k} + 1, so the first and last frames are keyframes"
                 )
+            if c.interp_aug_sigma_max < 0:
+                raise ValueError(f"cascade.interp_aug_sigma_max={c.interp_aug_sigma_max} must be >= 0")
             if self.data.image_mode_every > 0:
                 raise ValueError(
                     f"cascade.stage=interp: data.image_mode_every={self.data.image_mode_every} must be 0 "

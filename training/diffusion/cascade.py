@@ -98,11 +98,23 @@ def keyframe_condition(latents: torch.Tensor, keyframe_stride: int) -> torch.Ten
     return torch.cat([latents * mask, mask], dim=1)
 
 
-def interp_stage_condition(keyframes: torch.Tensor, keyframe_stride: int) -> StageCondition:
-    """Sampling conditioning of the interpolation stage from the base's keyframes (B, C, K, h, w)."""
+def interp_stage_condition(
+    keyframes: torch.Tensor,
+    keyframe_stride: int,
+    sigma_aug: float | None = None,
+    generator: torch.Generator | None = None,
+) -> StageCondition:
+    """Sampling conditioning of the interpolation stage from the base's keyframes (B, C, K, h, w).
+
+    `sigma_aug` (a stage trained with cascade.interp_aug_sigma_max > 0): the conditioning keyframes are
+    noise-augmented at that level, which the model is told; the keyframes kept exactly stay clean."""
     video = place_keyframes(keyframes, keyframe_stride)  # (B, C, F, h, w)
     mask = keyframe_mask(video.shape[2], keyframe_stride, video.device)  # (F,)
-    return StageCondition(keyframe_condition(video, keyframe_stride), known=video, known_mask=mask)
+    if sigma_aug is None:
+        return StageCondition(keyframe_condition(video, keyframe_stride), known=video, known_mask=mask)
+    level = torch.full((video.shape[0],), float(sigma_aug), device=video.device)  # (B,)
+    cond = keyframe_condition(augment_condition(video, level, generator), keyframe_stride)
+    return StageCondition(cond, level=level, known=video, known_mask=mask)
 
 
 # ---- super-resolution ------------------------------------------------------------------------------
@@ -150,6 +162,12 @@ def sr_stage_condition(
     return StageCondition(sr_condition(low_res, sigma, scale, mode, generator), level=sigma)
 
 
+def _uniform_levels(b: int, sigma_max: float, generator: torch.Generator | None, device) -> torch.Tensor:
+    """(B,) augmentation levels sigma_aug ~ U(0, sigma_max), drawn from the rank's generator."""
+    gen_device = generator.device if generator is not None else device
+    return (sigma_max * torch.rand((b,), generator=generator, device=gen_device)).to(device)
+
+
 def training_condition(
     cfg: CascadeConfig,
     latents: torch.Tensor,
@@ -161,15 +179,17 @@ def training_condition(
     `low_res` (B, C, F, h, w) are the SR stage's paired low-resolution latents of the same frames.
     """
     if cfg.stage == "interp":
-        return keyframe_condition(latents, cfg.keyframe_stride), None
+        if cfg.interp_aug_sigma_max <= 0:
+            return keyframe_condition(latents, cfg.keyframe_stride), None
+        sigma_aug = _uniform_levels(latents.shape[0], cfg.interp_aug_sigma_max, generator, latents.device)
+        return keyframe_condition(
+            augment_condition(latents, sigma_aug, generator), cfg.keyframe_stride
+        ), sigma_aug
     if cfg.stage != "sr":
         return None, None
     if low_res is None:
         raise ValueError("cascade.stage=sr needs the low-resolution latents of cascade.cond_view")
-    b = latents.shape[0]
-    gen_device = generator.device if generator is not None else latents.device
-    sigma_aug = cfg.aug_sigma_max * torch.rand((b,), generator=generator, device=gen_device)
-    sigma_aug = sigma_aug.to(latents.device)  # (B,)
+    sigma_aug = _uniform_levels(latents.shape[0], cfg.aug_sigma_max, generator, latents.device)
     cond = sr_condition(low_res, sigma_aug, cfg.scale, cfg.upsample, generator)
     if cond.shape != latents.shape:
         raise ValueError(

@@ -206,7 +206,8 @@ class VideoUNet(nn.Module):
         super().__init__()
         self.cfg = cfg = cfg or ModelConfig()
         harivo = harivo or HarivoConfig()
-        self.stage = (cascade or CascadeConfig()).stage
+        cascade_cfg = cascade or CascadeConfig()
+        self.stage = cascade_cfg.stage
         self.unet = unet.requires_grad_(False).eval()
         self.motion_adapter = (
             motion_adapter if motion_adapter is not None else build_motion_adapter(unet, cfg)
@@ -249,7 +250,7 @@ class VideoUNet(nn.Module):
                 unet.config.flip_sin_to_cos,
                 unet.config.freq_shift,
             )
-            if self.stage == "sr"
+            if self.stage == "sr" or (self.stage == "interp" and cascade_cfg.interp_aug_sigma_max > 0)
             else None
         )
         self._state = _RunState()

@@ -85,8 +85,13 @@ class CascadePipeline:
             stage_seed = seed + k * c.seed_stride
             condition = None
             if stage == "interp":
-                # Keyframes at every stride-th frame + mask; kept exactly if keyframe_replacement.
-                condition = interp_stage_condition(x, pipe.train_cfg.cascade.keyframe_stride)
+                # Keyframes at every stride-th frame + mask; kept exactly if keyframe_replacement. A stage
+                # trained on noise-augmented keyframes sees them at cascade.interp_aug_sigma.
+                tc = pipe.train_cfg.cascade
+                augmented = tc.interp_aug_sigma_max > 0
+                generator = torch.Generator().manual_seed(seed + (len(STAGES) + 1) * c.seed_stride)
+                sigma = c.interp_aug_sigma if augmented else None
+                condition = interp_stage_condition(x, tc.keyframe_stride, sigma, generator)
                 if not c.keyframe_replacement:
                     condition.known = condition.known_mask = None
             elif stage == "sr":

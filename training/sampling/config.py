@@ -164,6 +164,9 @@ class CascadeSampleConfig:
     sr_aug_sigma: float = 0.1
     """Super-resolution: noise augmentation sigma of the upsampled conditioning at sampling (fed to the model,
     as in training; not given in PYoCo, ours)."""
+    interp_aug_sigma: float = 0.1
+    """Interpolation stage trained with cascade.interp_aug_sigma_max > 0: the keyframes' augmentation sigma at
+    sampling (fed to the model; ignored for a stage trained on clean keyframes)."""
     seed_stride: int = 1_000_003
     """Stage k samples with seed + k * seed_stride (independent noise per stage, reproducible)."""
     window_overlap: int = 4

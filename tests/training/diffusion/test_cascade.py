@@ -219,3 +219,32 @@ def test_interp_stage_returns_the_keyframes_at_low_noise(tiny_zoo, kind):
     mask = condition.known_mask
     err = (denoised[:, :, mask] - video[:, :, mask]).abs().max()
     assert err < 0.05, f"keyframes moved by {err}"
+
+
+def test_interp_keyframe_augmentation_is_drawn_told_and_off_by_default(tiny_zoo):
+    """cascade.interp_aug_sigma_max > 0: the keyframes are noise-augmented at sigma ~ U(0, max) per clip and the
+    level reaches the model through a zero-initialised level embedding (as SR); 0 keeps clean keyframes."""
+    clean_cfg = stage_config(tiny_zoo.sd, "interp")
+    aug_cfg = stage_config(tiny_zoo.sd, "interp", "cascade.interp_aug_sigma_max=0.5")
+    f = clean_cfg.model.num_frames
+    latents = torch.randn(3, 4, f, 4, 4, generator=torch.Generator().manual_seed(0))
+    cond, level = cascade.training_condition(
+        clean_cfg.cascade, latents, None, torch.Generator().manual_seed(1)
+    )
+    assert level is None and torch.equal(cond, cascade.keyframe_condition(latents, 5))
+    cond, level = cascade.training_condition(aug_cfg.cascade, latents, None, torch.Generator().manual_seed(1))
+    assert level.shape == (3,) and ((level >= 0) & (level <= 0.5)).all()
+    mask = cond[:, -1:].bool().expand(-1, 4, -1, -1, -1)  # the mask channel marks the keyframes
+    diff = (cond[:, :-1] - latents)[mask]
+    assert diff.abs().max() > 0 and (cond[:, :-1][~mask] == 0).all()  # keyframes noised, the rest empty
+    model, _ = stage_model(tiny_zoo.sd, "interp", "cascade.interp_aug_sigma_max=0.5")
+    assert model.level_embedding is not None
+    assert stage_model(tiny_zoo.sd, "interp")[0].level_embedding is None
+    objective = HarivoObjective(aug_cfg)
+    terms = objective(model, latents, text(model, 3), generator=torch.Generator().manual_seed(2))
+    assert torch.isfinite(terms.total)
+    # Sampling: augmented conditioning with its level; the kept keyframes stay clean.
+    keyframes = latents[:, :, ::5]
+    s = cascade.interp_stage_condition(keyframes, 5, 0.2, torch.Generator().manual_seed(3))
+    assert torch.equal(s.level, torch.full((3,), 0.2)) and torch.equal(s.known[:, :, ::5], keyframes)
+    assert not torch.equal(s.cond[:, :-1, ::5], keyframes)

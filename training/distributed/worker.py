@@ -47,13 +47,9 @@ class WorkerConfig:
     tensorboard_dir: str | None = None
     fault_marker: str | None = None
     """Tests only (`run.fail_at_step`): the file that makes the injected crash happen once (`inject_fault`)."""
-    dtype: torch.dtype = torch.float32
-    """The engine's compute dtype (set on the worker once DeepSpeed has chosen the precision)."""
 
     def to_loop_config(self) -> dict:
-        tree = {**asdict(self), "cfg": to_dict(self.cfg), "store": asdict(self.store)}
-        tree.pop("dtype")
-        return tree
+        return {**asdict(self), "cfg": to_dict(self.cfg), "store": asdict(self.store)}
 
     @classmethod
     def from_loop_config(cls, config: dict) -> WorkerConfig:
@@ -74,7 +70,7 @@ def train_fn_per_worker(config: dict) -> None:
     model = VideoUNet.from_pretrained(cfg.model, cfg.harivo, cascade=cfg.cascade).to(device)
     objective = HarivoObjective.for_model(cfg, model).to(device)
     engine, precision = ds.initialize(model, cfg.deepspeed, cfg.optim, cfg.run.use_gpu)
-    w.dtype = dtype = torch_dtype(precision)
+    dtype = torch_dtype(precision)
     text_encoder = TextEncoder.from_pretrained(cfg.model.pretrained, device, cfg.model.revision)
     empty_text = text_encoder([""])  # (1, 77, D): a dropped caption's embedding (loss.cond_drop_prob)
     if info.has_prompt_embeds:  # the store's embeddings were saved in fp16: drop ones the same way
@@ -82,6 +78,7 @@ def train_fn_per_worker(config: dict) -> None:
     # Per-rank random stream: noise, timesteps, frame starts and L_DC positives differ across ranks but are
     # reproducible; its state is checkpointed, so a resumed run draws exactly what an uninterrupted one would.
     generator = torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + rank)
+    feed = BatchFeed(cfg, info, text_encoder, empty_text, generator, dtype)
     state = restore(engine, cfg, rank, generator, objective)
     logger = StepLogger(cfg, rank, w.tensorboard_dir, state.step)
 
@@ -91,9 +88,7 @@ def train_fn_per_worker(config: dict) -> None:
         t_data = time.perf_counter()
         for batch in epoch_batches(shard, cfg, state, rank, world):
             t_step = time.perf_counter()
-            latents, text, cond, image_mode = training_batch(
-                batch, w, state, text_encoder, empty_text, generator
-            )
+            latents, text, cond, image_mode = feed(batch, state.step)
             terms = objective(engine.module, latents, text, generator, image_mode, cond_latents=cond)
             engine.backward(terms.total)
             engine.step()  # DeepSpeed only updates at the accumulation boundary
@@ -155,29 +150,42 @@ def epoch_batches(shard, cfg: TrainConfig, state: TrainerState, rank: int, world
         )
 
 
-def training_batch(batch, w: WorkerConfig, state: TrainerState, text_encoder, empty_text, generator):
-    """(latents (B, C, F, h, w), text (B, 77, D), SR's low-resolution latents or None, image_mode) of one
-    batch, in the engine's dtype (`w.dtype`).
+@dataclass
+class BatchFeed:
+    """Numpy batches of the store -> what the objective takes, on this rank's device and in the engine's dtype."""
 
-    Every `data.image_mode_every`-th step trains a single random frame in image mode; a super-resolution
-    stage also gets the low-resolution latents of the same frames; captions are dropped to the empty
-    prompt with probability `loss.cond_drop_prob`. Draw order (frame start, image frame, caption dropout)
-    is part of the resumable random stream."""
-    cfg, device, dtype = w.cfg, empty_text.device, w.dtype
-    rng = generator if cfg.data.random_start else None
-    latents, captions, embeds, cond_latents = collate_stage(
-        batch, w.store, cfg.model.num_frames, cfg.data.frame_stride, rng, device
-    )
-    text = embeds if embeds is not None else text_encoder(captions)
-    image_mode = cfg.data.image_mode_every > 0 and (state.step + 1) % cfg.data.image_mode_every == 0
-    if image_mode:
-        frame = int(torch.randint(0, latents.shape[2], (1,), generator=generator))
-        latents = latents[:, :, frame : frame + 1]  # (B, C, 1, h, w)
-        if cond_latents is not None:
-            cond_latents = cond_latents[:, :, frame : frame + 1]  # (B, C, 1, h', w')
-    text = drop_captions(text.float(), empty_text, cfg.loss.cond_drop_prob, generator)
-    cond_latents = cond_latents.to(dtype) if cond_latents is not None else None
-    return latents.to(dtype), text.to(dtype), cond_latents, image_mode
+    cfg: TrainConfig
+    store: StoreInfo
+    text_encoder: TextEncoder | None
+    """None when the store holds the base's prompt embeddings."""
+    empty_text: torch.Tensor
+    """(1, 77, D) the empty prompt's embedding: a dropped caption's (loss.cond_drop_prob)."""
+    generator: torch.Generator
+    dtype: torch.dtype
+
+    def __call__(self, batch: dict, step: int):
+        """(latents (B, C, F, h, w), text (B, 77, D), SR's low-resolution latents or None, image_mode) of the
+        batch that optimiser step `step + 1` trains on.
+
+        Every `data.image_mode_every`-th step trains a single random frame in image mode; a super-resolution
+        stage also gets the low-resolution latents of the same frames; captions are dropped to the empty
+        prompt with probability `loss.cond_drop_prob`. The draw order (frame start, image frame, caption
+        dropout) is part of the resumable random stream."""
+        cfg, g, device = self.cfg, self.generator, self.empty_text.device
+        rng = g if cfg.data.random_start else None
+        latents, captions, embeds, cond_latents = collate_stage(
+            batch, self.store, cfg.model.num_frames, cfg.data.frame_stride, rng, device
+        )
+        text = embeds if embeds is not None else self.text_encoder(captions)
+        image_mode = cfg.data.image_mode_every > 0 and (step + 1) % cfg.data.image_mode_every == 0
+        if image_mode:
+            frame = int(torch.randint(0, latents.shape[2], (1,), generator=g))
+            latents = latents[:, :, frame : frame + 1]  # (B, C, 1, h, w)
+            if cond_latents is not None:
+                cond_latents = cond_latents[:, :, frame : frame + 1]  # (B, C, 1, h', w')
+        text = drop_captions(text.float(), self.empty_text, cfg.loss.cond_drop_prob, g)
+        cond_latents = cond_latents.to(self.dtype) if cond_latents is not None else None
+        return latents.to(self.dtype), text.to(self.dtype), cond_latents, image_mode
 
 
 @torch.no_grad()

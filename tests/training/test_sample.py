@@ -50,7 +50,7 @@ def test_cli_writes_videos_and_regenerates_exactly_from_the_json(tiny_checkpoint
     record = json.loads((out / f"{first['name']}.json").read_text())
     assert record["config"]["sampler"]["steps"] == 3 and record["config"]["output"]["fps"] == 8
     assert record["resolved"]["noise_prior"] == "progressive" and record["resolved"]["noise_alpha"] == 1.0
-    assert record["resolved"]["train_diffusion"]["beta_schedule"] == "linear"
+    assert record["resolved"]["train_diffusion"]["beta_schedule"] == "scaled_linear"  # the checkpoint's own
     assert len(record["resolved"]["levels"]) == 3
     index = json.loads((out / "samples.json").read_text())
     assert len(index["videos"]) == 3

@@ -21,7 +21,14 @@ from pathlib import Path
 import torch
 
 from pipeline.configlib import add_config_args, config_args, load_config, to_dict
-from training.evaluation.metrics import clipsim, frame_consistency, fvd, latent_flicker, load_i3d
+from training.evaluation.metrics import (
+    clipsim,
+    file_sha256,
+    frame_consistency,
+    fvd,
+    latent_flicker,
+    load_i3d,
+)
 from training.sampling.config import SampleConfig
 from training.sampling.loading import load_pipeline
 from training.sampling.pipeline import VideoPipeline
@@ -97,7 +104,16 @@ def evaluate(checkpoint: str, prompts: list[str], output: str | Path, cfg: Sampl
     if e.i3d_path and e.reference:
         detector = load_i3d(e.i3d_path)
         real = load_reference(e.reference, pipe, e.max_reference)
-        fvd_result = fvd(detector, real, videos, fps=cfg.output.fps, detector_name=Path(e.i3d_path).name)
+        fvd_result = fvd(
+            detector,
+            real,
+            videos,
+            fps=cfg.output.fps,
+            detector_name=Path(e.i3d_path).name,
+            detector_sha256=file_sha256(e.i3d_path),
+            min_videos=e.min_videos,
+            allow_few=e.allow_few_videos,
+        )
         metrics["fvd"] = fvd_result.fvd
     elif e.i3d_path or e.reference:
         raise ValueError("FVD needs both eval.i3d_path and eval.reference")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from fixtures.tiny_i3d import build_tiny_i3d
@@ -54,6 +56,7 @@ def test_evaluate_cli_writes_its_report(tiny_zoo, tiny_checkpoint, tmp_path):
             f"eval.clip_model={tiny_zoo.clip}",
             f"eval.i3d_path={i3d}",
             f"eval.reference={reference}",
+            "eval.allow_few_videos=true",
         ]
     )
     saved = json.loads((out / "report.json").read_text())
@@ -62,5 +65,19 @@ def test_evaluate_cli_writes_its_report(tiny_zoo, tiny_checkpoint, tmp_path):
     assert set(saved["metrics"]) == {"latent_flicker", "clipsim", "frame_consistency", "fvd"}
     assert saved["fvd"]["num_videos_real"] == 3 and saved["fvd"]["num_videos_fake"] == 2
     assert saved["fvd"]["frames"] == 4 and saved["fvd"]["fps"] == 6.0
+    # the protocol travels with the score: N below StyleGAN-V's 2048 is recorded, the I3D file is named by hash
+    assert saved["fvd"]["below_min_videos"] is True and saved["fvd"]["min_videos"] == 2048
+    assert saved["fvd"]["covariance"] == "biased"
+    assert saved["fvd"]["detector_sha256"] == hashlib.sha256(i3d.read_bytes()).hexdigest()
     assert report["metrics"] == saved["metrics"]
     assert len(list((out / "videos").glob("*.gif"))) == 2
+
+
+def test_fvd_below_the_protocols_n_is_refused_unless_asked_for():
+    from training.evaluation.metrics import fvd
+
+    real, fake = torch.rand(3, 4, 3, 16, 16), torch.rand(2, 4, 3, 16, 16)
+    with pytest.raises(
+        ValueError, match=r"3 real and 2 generated videos.*eval.min_videos=2048.*allow_few_videos"
+    ):
+        fvd(None, real, fake)

@@ -11,19 +11,24 @@ Videos are float tensors in [0, 1], `(B, F, 3, H, W)`; latents `(B, C, F, H, W)`
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
 
-def gaussian_stats(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance (unbiased, as the FID/FVD references) of `(N, D)` features, float64."""
+
+def gaussian_stats(features: np.ndarray | torch.Tensor, biased: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of `(N, D)` features, float64. `biased` (divide by N, StyleGAN-V's FeatureStats
+    and SPEC section 8) is the FVD protocol; False divides by N - 1."""
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"need (N >= 2, D) features, got shape {x.shape}")
-    return x.mean(axis=0), np.cov(x, rowvar=False)
+    return x.mean(axis=0), np.cov(x, rowvar=False, bias=biased)
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -58,9 +63,24 @@ class FVDResult:
     width: int
     fps: float | None
     detector: str
+    detector_sha256: str = ""
+    """Checksum of the feature network's file: scores from two I3D files are not comparable."""
+    covariance: str = "biased"
+    min_videos: int = 2048
+    """The protocol's N; `below_min_videos` records a score computed on fewer (eval.allow_few_videos)."""
+    below_min_videos: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file (the feature network's identity in every FVD record)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_i3d(path: str | Path, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
@@ -90,15 +110,43 @@ def fvd(
     fake: torch.Tensor,
     fps: float | None = None,
     detector_name: str = "i3d",
+    detector_sha256: str = "",
+    min_videos: int = 2048,
+    allow_few: bool = False,
 ) -> FVDResult:
-    """FVD between two video sets `(N, F, 3, H, W)` in [0, 1], with the protocol recorded."""
+    """FVD between two video sets `(N, F, 3, H, W)` in [0, 1] (biased covariance), with the protocol recorded.
+
+    Fewer than `min_videos` on either side is refused (I3D's 400-d features need N well above 400 for a
+    non-singular covariance; StyleGAN-V / PYoCo: 2048) unless `allow_few`, which is recorded and warned about."""
     if real.shape[1:] != fake.shape[1:]:
         raise ValueError(f"real and fake videos differ in (F, 3, H, W): {real.shape[1:]} vs {fake.shape[1:]}")
+    few = min(len(real), len(fake)) < min_videos
+    if few and not allow_few:
+        raise ValueError(
+            f"FVD on {len(real)} real and {len(fake)} generated videos: the protocol needs eval.min_videos="
+            f"{min_videos} of each; set eval.allow_few_videos=true to compute it anyway (recorded in the report)"
+        )
+    if few:
+        log.warning(
+            "FVD on %d real / %d generated videos, below the protocol's %d", len(real), len(fake), min_videos
+        )
     score = frechet_distance(
         *gaussian_stats(i3d_features(detector, real)), *gaussian_stats(i3d_features(detector, fake))
     )
     _, frames, _, height, width = real.shape
-    return FVDResult(score, len(real), len(fake), frames, height, width, fps, detector_name)
+    return FVDResult(
+        score,
+        len(real),
+        len(fake),
+        frames,
+        height,
+        width,
+        fps,
+        detector_name,
+        detector_sha256,
+        min_videos=min_videos,
+        below_min_videos=few,
+    )
 
 
 def _frame_embeds(clip, preprocess, videos: torch.Tensor) -> torch.Tensor:

@@ -189,6 +189,11 @@ class EvalConfig:
     """Real videos for FVD: a pipeline output dir (its clips' latents are decoded) or a dir of mp4/gif files."""
     max_reference: int = 2048
     """At most this many reference videos (StyleGAN-V protocol: 2048)."""
+    min_videos: int = 2048
+    """FVD needs at least this many real and generated videos (StyleGAN-V / PYoCo: 2048; fewer than I3D's 400
+    feature dimensions give a singular covariance)."""
+    allow_few_videos: bool = False
+    """Compute FVD on fewer than `min_videos` anyway (warned about, recorded as below_min_videos in the report)."""
     max_prompts: int | None = None
     """Use only the first N prompts of the prompt file (None: all)."""
 

@@ -37,6 +37,14 @@ def test_frechet_matches_scipy_and_its_invariants():
         gaussian_stats(np.zeros((1, 4)))
 
 
+def test_fvd_covariance_is_biased_by_default():
+    """StyleGAN-V's FeatureStats divide by N (SPEC section 8); the unbiased estimate divides by N - 1."""
+    x = np.random.default_rng(0).normal(size=(10, 3))
+    centred = x - x.mean(axis=0)
+    assert np.allclose(gaussian_stats(x)[1], centred.T @ centred / 10)
+    assert np.allclose(gaussian_stats(x, biased=False)[1], centred.T @ centred / 9)
+
+
 def test_clip_scores_on_tiny_clip(tiny_zoo):
     from pipeline.models import load_clip
 

@@ -47,21 +47,24 @@ def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
         raise _explain(exc, source) from None
 
 
-def _dotlist(overrides: Overrides) -> list[str]:
+def _layers(overrides: Overrides) -> list[tuple[Any, str]]:
+    """(a mergeable layer, its name for errors) per override, in order.
+
+    CLI strings "a.b=value" are parsed as YAML (OmegaConf's dotlist); a {"a.b": value} mapping (a Ray Tune
+    trial) is merged as the nested dict {"a": {"b": value}}, so values keep their Python type: the string
+    "45386_00000" stays a string instead of being read as the YAML integer 4538600000."""
     if isinstance(overrides, Mapping):
-        # A Ray Tune trial: {"noise.alpha": 1.5, ...}. Values keep their Python type.
-        return [f"{key}={_yaml_scalar(value)}" for key, value in overrides.items()]
+        layers = []
+        for key, value in overrides.items():
+            tree: Any = value
+            for part in reversed(str(key).split(".")):
+                tree = {part: tree}
+            layers.append((tree, f"override '{key}={value}'"))
+        return layers
     bad = [item for item in overrides if "=" not in item or item.startswith("=")]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not of the form dotted.key=value")
-    return list(overrides)
-
-
-def _yaml_scalar(value: Any) -> str:
-    # OmegaConf parses dotlist values as YAML; dump non-strings as YAML flow so lists/None survive.
-    if isinstance(value, str):
-        return value
-    return OmegaConf.to_yaml(OmegaConf.create({"v": value})).split(":", 1)[1].strip()
+    return [(OmegaConf.from_dotlist([item]), f"override '{item}'") for item in overrides]
 
 
 Presets = str | Path | Sequence[str | Path] | None
@@ -114,8 +117,8 @@ def from_dict(schema: type[T], tree: Mapping[str, Any], overrides: Overrides = (
 
 def apply_overrides(cfg: DictConfig, overrides: Overrides) -> DictConfig:
     """Merge dotted overrides one at a time, so an error names the override that failed."""
-    for item in _dotlist(overrides):
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+    for layer, source in _layers(overrides):
+        cfg = _merge(cfg, layer, source)
     return cfg
 
 

@@ -23,7 +23,15 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.configlib import ConfigError, add_config_args, config_args, load_config, to_yaml
+from pipeline.configlib import (
+    ConfigError,
+    add_config_args,
+    config_args,
+    from_dict,
+    load_config,
+    to_dict,
+    to_yaml,
+)
 from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -41,12 +49,12 @@ def split_output(output: str) -> tuple[str, str]:
 def resolve(args: argparse.Namespace) -> TrainConfig:
     """The run's config: preset + overrides, with --data / --output applied."""
     presets, overrides = config_args(args)
+    paths = {}  # set as Python strings: a path such as runs/2024_01 is not a YAML scalar to re-read
     if args.data:
-        overrides.append(f"data.path={args.data}")
+        paths["data.path"] = args.data
     if args.output:
-        storage, name = split_output(args.output)
-        overrides += [f"run.storage_path={storage}", f"run.name={name}"]
-    cfg = load_config(TrainConfig, presets, overrides)
+        paths["run.storage_path"], paths["run.name"] = split_output(args.output)
+    cfg = from_dict(TrainConfig, to_dict(load_config(TrainConfig, presets, overrides)), paths)
     if not cfg.run.storage_path or not cfg.run.name:
         raise ConfigError("no run directory: pass --output RUN_DIR (or set run.storage_path and run.name)")
     return cfg

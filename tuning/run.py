@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.configlib import ConfigError, config_args, flatten, load_config, to_dict, to_yaml
+from pipeline.configlib import ConfigError, config_args, flatten, from_dict, load_config, to_dict, to_yaml
 from tuning.config import SweepConfig
 from tuning.objectives import absolute_paths, sampling_trial, train_trial
 from tuning.space import SpaceError, check_space, grid_size, to_tune
@@ -283,13 +283,14 @@ def resolve(args: argparse.Namespace) -> SweepConfig:
         config = [str(Path(args.output) / "sweep.yaml")]
     if not config:
         raise ConfigError("pass --config SWEEP.yaml (or --resume with the --output of an earlier sweep)")
+    paths = {}  # set as Python strings: a path such as runs/2024_01 is not a YAML scalar to re-read
     if args.data:
-        overrides.append(f"data={args.data}")
+        paths["data"] = args.data
     if args.checkpoint:
-        overrides.append(f"sampling.checkpoint={args.checkpoint}")
+        paths["sampling.checkpoint"] = args.checkpoint
     if args.output:
-        overrides.append(f"output.dir={args.output}")
-    return load_config(SweepConfig, config, overrides)
+        paths["output.dir"] = args.output
+    return from_dict(SweepConfig, to_dict(load_config(SweepConfig, config, overrides)), paths)
 
 
 def main(argv: list[str] | None = None) -> dict | None:

@@ -142,3 +142,12 @@ def test_from_dict_applies_overrides_through_the_same_path():
     assert (cfg.noise.alpha, cfg.optim.betas) == (1.5, [0.5, 0.9])
     with pytest.raises(ConfigError, match="noise.alpah"):
         from_dict(DemoConfig, tree, {"noise.alpah": 1.0})
+
+
+def test_mapping_overrides_are_not_reparsed_as_yaml():
+    """A Tune trial's {"name": "45386_00000"} (a trial id) must stay that string; as a YAML dotlist it would be
+    read as the integer 4538600000 (underscores are digit separators in YAML 1.1)."""
+    assert load_config(DemoConfig, None, {"name": "45386_00000"}).name == "45386_00000"
+    assert load_config(DemoConfig, None, ["name=45386_00000"]).name == "4538600000"  # the CLI is YAML, as ever
+    with pytest.raises(ConfigError, match="noise.alpah"):
+        load_config(DemoConfig, None, {"noise.alpah": 1.0})

@@ -86,3 +86,18 @@ def test_noise_alpha_defaults_per_prior_and_new_fields_are_checked():
         load_config(
             TrainConfig, None, ["diffusion.objective=edm", "edm.kind=edm", "edm.sigma_sampling=uniform_t"]
         )
+
+
+def test_output_paths_are_taken_as_given(tmp_path):
+    """--output runs/2024_01 must name the run '2024_01', not the YAML integer 202401."""
+    import argparse
+
+    from pipeline.configlib import add_config_args
+    from training.run import resolve
+
+    p = argparse.ArgumentParser()
+    add_config_args(p)
+    p.add_argument("--data")
+    p.add_argument("--output")
+    cfg = resolve(p.parse_args(["--data", str(tmp_path / "1_000"), "--output", str(tmp_path / "2024_01")]))
+    assert cfg.run.name == "2024_01" and cfg.data.path == str(tmp_path / "1_000")

@@ -37,6 +37,9 @@ def torch_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
     return DTYPES[name]
 
 
+LOCAL_DIR = "local-dir:"
+"""open_clip's prefix for a model directory on disk (`local-dir:/path`)."""
+
 # Hidden widths of the LAION "improved aesthetic predictor" MLP (sac+logos+ava1-l14-linearMSE.pth).
 AESTHETIC_HIDDEN = (1024, 128, 64, 16)
 
@@ -120,7 +123,7 @@ def load_clip(model: str, pretrained: str | None = None, device: str | torch.dev
     """
     import open_clip
 
-    if model.startswith("local-dir:") and not Path(model[len("local-dir:") :]).is_dir():
+    if model.startswith(LOCAL_DIR) and not Path(model[len(LOCAL_DIR) :]).is_dir():
         raise FileNotFoundError(f"open_clip model directory not found: {model}")
     clip, _, preprocess = open_clip.create_model_and_transforms(
         model, pretrained=pretrained or None, device=device

@@ -27,12 +27,10 @@ from pipeline.configlib import ConfigError, add_config_args, config_args, load_c
 
 log = logging.getLogger(__name__)
 
-LOCAL_DIR = "local-dir:"  # open_clip's prefix for a local model directory
-
 
 def prepare_models(cfg: PipelineConfig) -> None:
     """Local model paths made absolute, and a missing one refused naming its field (before any Ray work)."""
-    from pipeline.models import check_local_model
+    from pipeline.models import LOCAL_DIR, check_local_model
 
     def local(field: str, spec: str, needed: bool) -> str:
         if needed:

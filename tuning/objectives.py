@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.configlib import from_dict
+from pipeline.models import LOCAL_DIR
 
 log = logging.getLogger(__name__)
-
-LOCAL_DIR = "local-dir:"  # open_clip's prefix for a local model directory
 
 
 def trial_config(schema: type, base_tree: Mapping[str, Any], params: Mapping[str, Any]):

@@ -148,6 +148,8 @@ def test_mapping_overrides_are_not_reparsed_as_yaml():
     """A Tune trial's {"name": "45386_00000"} (a trial id) must stay that string; as a YAML dotlist it would be
     read as the integer 4538600000 (underscores are digit separators in YAML 1.1)."""
     assert load_config(DemoConfig, None, {"name": "45386_00000"}).name == "45386_00000"
-    assert load_config(DemoConfig, None, ["name=45386_00000"]).name == "4538600000"  # the CLI is YAML, as ever
+    assert (
+        load_config(DemoConfig, None, ["name=45386_00000"]).name == "4538600000"
+    )  # the CLI is YAML, as ever
     with pytest.raises(ConfigError, match="noise.alpah"):
         load_config(DemoConfig, None, {"noise.alpah": 1.0})

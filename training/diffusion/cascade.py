@@ -41,7 +41,7 @@ class StageCondition:
     cond: torch.Tensor
     """(B, C_cond, F, h, w) concatenated to the input (interp: keyframes + mask; sr: upsampled latents)."""
     level: torch.Tensor | None = None
-    """(B,) SR: the augmentation sigma of `cond`."""
+    """(B,) the augmentation sigma of `cond` (SR; interp trained with cascade.interp_aug_sigma_max > 0)."""
     known: torch.Tensor | None = None
     """(B, C, F, h, w) interp: latents whose frames in `known_mask` are given (the keyframes)."""
     known_mask: torch.Tensor | None = None

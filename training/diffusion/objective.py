@@ -7,7 +7,8 @@ separately. Single-device and framework-free: the runner calls it inside its loo
 Two forward processes:
 - 'ddpm' (HARIVO): discrete t ~ U{0, T-1}, `noisy_latents = sqrt(abar_t) latents + sqrt(1-abar_t) noise`,
   L_simple on epsilon or v.
-- 'edm' (PYoCo): ln sigma ~ N(P_mean, P_std^2), `x = latents + sigma noise`, L_simple replaced by
+- 'edm' (PYoCo): sigma at t ~ U{0, T-1} of the base's levels (kind 'sd21') or ln sigma ~ N(P_mean, P_std^2)
+  (`edm.sigma_sampling`), `x = latents + sigma noise`, L_simple replaced by
   lambda(sigma) ||D(x; sigma) - latents||^2 with the configured preconditioning. L_reg's lambda_t then
   uses the DDPM timestep whose sigma is nearest (the SD 2.1-as-EDM correspondence, seed 000 eq. 12).
 

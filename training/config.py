@@ -41,6 +41,13 @@ class ModelConfig:
     """Initialise the temporal layers from this diffusers MotionAdapter (hub id or dir) instead of zero-init."""
     gradient_checkpointing: bool = False
     """Recompute the temporal layers' activations in the backward pass (less memory, ~1/3 more compute)."""
+    trainable_spatial: list[str] = field(default_factory=list)
+    """Base-UNet parameters that train too, as fnmatch patterns over `unet.named_parameters()` names, e.g.
+    ['*attentions*'] (the spatial transformers) or ['*'] (the whole UNet, PYoCo's joint fine-tuning). Empty: the
+    base stays frozen (HARIVO). They train at `optim.spatial_lr` and are exported with the temporal layers."""
+    from_scratch: bool = False
+    """Initialise the UNet randomly from `pretrained`'s UNet config instead of its weights: an image model trained
+    from nothing (needs trainable_spatial=['*']; see data.image_only)."""
 
 
 @dataclass
@@ -129,8 +136,11 @@ class DiffusionConfig:
 class EDMConfig:
     """EDM preconditioning (PYoCo sec. 3, seed 000 eq. 8-17); used when diffusion.objective = 'edm'."""
 
-    kind: Literal["edm", "sd21", "modified"] = "edm"
-    """'edm' (Karras et al.), 'sd21' (SD 2.1 as EDM, eq. 9-12) or 'modified' (eq. 14-17, sigma_data = 1)."""
+    kind: Literal["edm", "sd21", "modified"] = "sd21"
+    """'sd21' (SD 2.1 as EDM, eq. 9-12: the base's own discrete timesteps, so a frozen base reads its inputs as it
+    was trained), 'edm' (Karras et al.) or 'modified' (eq. 14-17, sigma_data = 1). 'edm' / 'modified' feed
+    c_noise = ln(sigma)/4 (about -1.5..1.1) into a timestep embedding trained on 0..999: they are refused unless
+    the base's spatial layers train (model.trainable_spatial)."""
     sigma_data: float = 0.5
     """Data standard deviation of kind 'edm' (PYoCo: 0.5)."""
     p_mean: float = -1.2
@@ -197,6 +207,9 @@ class OptimConfig:
     """Micro-batches per optimiser step (DeepSpeed gradient_accumulation_steps)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 disables)."""
+    spatial_lr: float | None = None
+    """Peak learning rate of the base UNet's trainable parameters (model.trainable_spatial); None: `lr`. The same
+    warmup and cosine multiplier scales both."""
     weight_decay: float = 0.01
     """AdamW weight decay (AnimateDiff: 0.01)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -223,8 +236,20 @@ class DataConfig:
     """Validation batches per worker per evaluation (fixed seeds and noise levels)."""
     shuffle_buffer: int = 64
     """Rows in each worker's local shuffle buffer (reseeded every epoch)."""
-    image_mode_every: int = 0
-    """Joint image-video training: every k-th step trains single frames in image mode (0: never)."""
+    image_path: str | None = None
+    """Image store for joint image-video training: `pipeline.run`'s output for image shards (jpg/png + txt; one
+    latent frame per image), same VAE and resolution as data.path."""
+    image_view: str | None = None
+    """Which view of the image store (None: its primary view)."""
+    images_per_clip: int = 0
+    """Joint image-video training (PYoCo sec. 5): N images concatenated to every clip on the time axis. They share
+    the clip's noise level, get i.i.d. noise and their own captions, and skip the temporal layers, the mapping
+    network and the frame tokens; L_simple covers clip and images, L_reg / L_TRS / L_DC the clip only. Needs
+    model.trainable_spatial (else nothing on the image path trains). 0: video only."""
+    image_only: bool = False
+    """Train an image model: data.path is an image store, every batch is single images in image mode (no temporal
+    layers); needs model.num_frames=1 and model.trainable_spatial (with model.from_scratch: an image base from
+    nothing). Only the UNet trains."""
     cache: Literal["auto", "always", "never"] = "auto"
     """Keep the store in Ray's object store after the first read ('auto': when its files total < 1 GiB),
     so later epochs skip the Parquet read; large stores always stream."""
@@ -339,6 +364,7 @@ class TrainConfig:
             raise ValueError(
                 f"deepspeed.zero_stage={self.deepspeed.zero_stage}: expected one of [0, 1, 2, 3]"
             )
+        self._validate_image_path()
         if not 0 <= self.data.val_fraction < 1:
             raise ValueError(f"data.val_fraction={self.data.val_fraction} must be in [0, 1)")
         if self.data.frame_stride < 1:
@@ -350,6 +376,54 @@ class TrainConfig:
                 f"run.num_workers={r.num_workers}, run.checkpoint_every={r.checkpoint_every}, "
                 f"run.keep_last={r.keep_last} and run.log_every={r.log_every} must be >= 1"
             )
+
+    def _validate_image_path(self) -> None:
+        """What trains on images, the EDM kinds a frozen base reads, and what joint training combines with."""
+        m, d, o = self.model, self.data, self.optim
+        spatial = bool(m.trainable_spatial)
+        if m.from_scratch and "*" not in m.trainable_spatial:
+            raise ValueError(
+                f"model.from_scratch=true needs model.trainable_spatial=['*'] (a random UNet must train entirely), "
+                f"got {m.trainable_spatial}"
+            )
+        if o.spatial_lr is not None and (o.spatial_lr <= 0 or not spatial):
+            raise ValueError(
+                f"optim.spatial_lr={o.spatial_lr} must be > 0 and needs model.trainable_spatial (got {m.trainable_spatial})"
+            )
+        if self.diffusion.objective == "edm" and self.edm.kind != "sd21" and not spatial:
+            raise ValueError(
+                f"edm.kind={self.edm.kind} feeds c_noise = ln(sigma)/4 into the frozen base's timestep embedding "
+                "(trained on 0..999): use edm.kind=sd21, or train the base's spatial layers (model.trainable_spatial)"
+            )
+        if d.images_per_clip < 0:
+            raise ValueError(f"data.images_per_clip={d.images_per_clip} must be >= 0")
+        images = d.images_per_clip > 0 or d.image_only
+        if images and not spatial:
+            field_ = "data.image_only=true" if d.image_only else f"data.images_per_clip={d.images_per_clip}"
+            raise ValueError(
+                f"{field_} trains nothing: images pass only the base UNet, which is frozen; set "
+                "model.trainable_spatial (e.g. ['*attentions*'] or ['*'])"
+            )
+        if d.images_per_clip > 0:
+            if d.image_only:
+                raise ValueError("data.images_per_clip and data.image_only exclude each other")
+            if not d.image_path:
+                raise ValueError(
+                    f"data.images_per_clip={d.images_per_clip} needs data.image_path (an image store from pipeline.run)"
+                )
+            if self.cascade.stage in ("interp", "sr"):
+                raise ValueError(
+                    f"cascade.stage={self.cascade.stage}: data.images_per_clip must be 0 (an image has no "
+                    "keyframes or low-resolution frames to be conditioned on)"
+                )
+        if d.image_only:
+            if m.num_frames != 1:
+                raise ValueError(f"data.image_only=true needs model.num_frames=1, got {m.num_frames}")
+            if self.harivo.mapping_network or self.cascade.stage != "none":
+                raise ValueError(
+                    "data.image_only=true trains a plain image UNet: set harivo.mapping_network=false and "
+                    f"cascade.stage=none (got {self.harivo.mapping_network}, {self.cascade.stage})"
+                )
 
     def _validate_cascade(self) -> None:
         c = self.cascade
@@ -369,11 +443,6 @@ class TrainConfig:
                 )
             if c.interp_aug_sigma_max < 0:
                 raise ValueError(f"cascade.interp_aug_sigma_max={c.interp_aug_sigma_max} must be >= 0")
-            if self.data.image_mode_every > 0:
-                raise ValueError(
-                    f"cascade.stage=interp: data.image_mode_every={self.data.image_mode_every} must be 0 "
-                    "(a single frame has nothing to interpolate)"
-                )
         if c.stage == "sr":
             if not c.cond_view:
                 raise ValueError("cascade.stage=sr needs cascade.cond_view (the low-resolution view)")

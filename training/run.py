@@ -47,11 +47,13 @@ def split_output(output: str) -> tuple[str, str]:
 
 
 def resolve(args: argparse.Namespace) -> TrainConfig:
-    """The run's config: preset + overrides, with --data / --output applied."""
+    """The run's config: preset + overrides, with --data / --images / --output applied."""
     presets, overrides = config_args(args)
     paths = {}  # set as Python strings: a path such as runs/2024_01 is not a YAML scalar to re-read
     if args.data:
         paths["data.path"] = args.data
+    if getattr(args, "images", None):
+        paths["data.image_path"] = args.images
     if args.output:
         paths["run.storage_path"], paths["run.name"] = split_output(args.output)
     cfg = from_dict(TrainConfig, to_dict(load_config(TrainConfig, presets, overrides)), paths)
@@ -94,7 +96,12 @@ def check_discrete_levels(cfg: TrainConfig) -> None:
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Local paths made absolute: Ray Train workers do not run in the driver's working directory."""
-    for section, name in (("model", "pretrained"), ("data", "path"), ("run", "resume_from")):
+    for section, name in (
+        ("model", "pretrained"),
+        ("data", "path"),
+        ("data", "image_path"),
+        ("run", "resume_from"),
+    ):
         obj = getattr(cfg, section)
         value = getattr(obj, name)
         if value and "://" not in value and Path(value).expanduser().exists():
@@ -120,15 +127,17 @@ def build_trainer(cfg: TrainConfig, kind: str = "harivo", callbacks: list | None
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    from training.distributed.data import build_datasets, inspect_store
+    from training.distributed.data import build_datasets, inspect_image_store, inspect_store
     from training.distributed.worker import WorkerConfig, train_fn_per_worker
 
     info = inspect_store(cfg)
+    image_info = inspect_image_store(cfg, info)
     run_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
     local = "://" not in run_dir
     loop_config = WorkerConfig(
         cfg,
         info,
+        image_info,
         export_dir=f"{run_dir}/export",
         kind=kind,
         tensorboard_dir=f"{run_dir}/tensorboard" if local else None,
@@ -148,7 +157,7 @@ def build_trainer(cfg: TrainConfig, kind: str = "harivo", callbacks: list | None
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_last),
             callbacks=callbacks,  # e.g. Ray Tune's TuneReportCallback when a sweep runs this trainer
         ),
-        datasets=build_datasets(cfg, info),
+        datasets=build_datasets(cfg, info, image_info),
         # preserve_order makes each worker's shard (and so a resumed run) deterministic.
         dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     ), run_dir
@@ -196,6 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.split("\n\n")[0])
     add_config_args(p, default_preset=None)
     p.add_argument("--data", help="the pipeline's output dir or URI (sets data.path)")
+    p.add_argument(
+        "--images",
+        help="an image store (pipeline output of image shards) for joint training (sets data.image_path)",
+    )
     p.add_argument("--output", help="run directory or URI (sets run.storage_path and run.name)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = p.parse_args(argv)

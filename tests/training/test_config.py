@@ -101,3 +101,62 @@ def test_output_paths_are_taken_as_given(tmp_path):
     p.add_argument("--output")
     cfg = resolve(p.parse_args(["--data", str(tmp_path / "1_000"), "--output", str(tmp_path / "2024_01")]))
     assert cfg.run.name == "2024_01" and cfg.data.path == str(tmp_path / "1_000")
+
+
+def test_image_training_and_edm_kinds_need_a_trainable_base():
+    """Images through a frozen base train nothing, and EDM's c_noise = ln(sigma)/4 is outside a frozen SD
+    timestep embedding: both are refused, naming the fields."""
+    from training.config import TrainConfig
+
+    def load(*overrides):
+        return load_config(TrainConfig, None, list(overrides))
+
+    assert load().edm.kind == "sd21"
+    with pytest.raises(ValueError, match=r"data.images_per_clip=2 trains nothing.*model.trainable_spatial"):
+        load("data.images_per_clip=2", "data.image_path=imgs")
+    with pytest.raises(ValueError, match="data.image_only=true trains nothing"):
+        load("data.image_only=true", "model.num_frames=1", "harivo.mapping_network=false")
+    with pytest.raises(ValueError, match="needs data.image_path"):
+        load("data.images_per_clip=2", "model.trainable_spatial=['*']")
+    with pytest.raises(ValueError, match="needs model.num_frames=1"):
+        load("data.image_only=true", "model.trainable_spatial=['*']", "harivo.mapping_network=false")
+    with pytest.raises(ValueError, match="edm.kind=edm feeds c_noise"):
+        load("diffusion.objective=edm", "edm.kind=edm")
+    with pytest.raises(ValueError, match="edm.kind=modified feeds c_noise"):
+        load("diffusion.objective=edm", "edm.kind=modified")
+    with pytest.raises(ValueError, match=r"model.from_scratch=true needs model.trainable_spatial=\['\*'\]"):
+        load("model.from_scratch=true", "model.trainable_spatial=['*attentions*']")
+    with pytest.raises(
+        ValueError, match="optim.spatial_lr=1e-05 must be > 0 and needs model.trainable_spatial"
+    ):
+        load("optim.spatial_lr=1e-5")
+    ok = load(
+        "diffusion.objective=edm", "edm.kind=edm", "model.trainable_spatial=['*']", "optim.spatial_lr=1e-5"
+    )
+    assert ok.edm.kind == "edm" and ok.optim.spatial_lr == 1e-5
+    image_base = load(
+        "data.image_only=true",
+        "model.num_frames=1",
+        "harivo.mapping_network=false",
+        "model.from_scratch=true",
+        "model.trainable_spatial=['*']",
+    )
+    assert image_base.data.image_only
+
+
+def test_spatial_layers_get_their_own_learning_rate(tiny_zoo):
+    from fixtures.checkpoints import tiny_train_config
+    from training.distributed.engine import param_groups
+    from training.model.unet import VideoUNet
+
+    cfg = tiny_train_config(
+        tiny_zoo.sd, **{"model.trainable_spatial": ["*attentions*"], "optim.spatial_lr": 2e-5}
+    )
+    model = VideoUNet.from_pretrained(cfg.model, cfg.harivo)
+    added, base = param_groups(model, cfg.optim)
+    assert (added["lr"], base["lr"]) == (cfg.optim.lr, 2e-5)
+    assert {id(p) for p in base["params"]} == {
+        id(p) for n, p in model.unet.named_parameters() if n in model.spatial_names
+    }
+    frozen = VideoUNet.from_pretrained(tiny_train_config(tiny_zoo.sd).model)
+    assert len(param_groups(frozen, cfg.optim)) == 1  # a frozen base: one group

@@ -12,6 +12,10 @@ Two forward processes:
   lambda(sigma) ||D(x; sigma) - latents||^2 with the configured preconditioning. L_reg's lambda_t then
   uses the DDPM timestep whose sigma is nearest (the SD 2.1-as-EDM correspondence, seed 000 eq. 12).
 
+Joint image-video training (PYoCo): `images` (B, C, N, H, W) with their captions are concatenated after the
+clip's F frames; they share the clip's noise level with i.i.d. noise, skip the temporal layers (see
+`VideoUNet.forward`), and count in L_simple only.
+
 A PYoCo cascade stage (`cfg.cascade.stage`) adds its conditioning to every forward: the keyframes and
 mask (interp), or the upsampled, noise-augmented low-resolution latents and their level (sr); see
 `training/diffusion/cascade.py`. The loss is the same denoising loss on all frames.
@@ -89,13 +93,16 @@ class HarivoObjective(nn.Module):
         generator: torch.Generator | None = None,
         image_mode: bool = False,
         cond_latents: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        image_text: torch.Tensor | None = None,
     ) -> LossTerms:
         """All loss terms for clean latents (B, C, F, H, W) and text embeddings (B, M, D).
 
         `image_mode`: an image batch (F = 1, or frames to treat independently): temporal layers and
-        frame tokens are skipped and only L_simple is computed (joint image-video training).
+        frame tokens are skipped and only L_simple is computed (data.image_only).
         `generator` drives every random draw (noise, timesteps, positive frames): one per rank.
         `cond_latents` (B, C, F, h, w): the SR stage's low-resolution latents of the same frames.
+        `images` (B, C, N, H, W) and `image_text` (B, N, M, D): N images per clip (joint training).
         """
         cfg, b, f = self.cfg, latents.shape[0], latents.shape[2]
         video = not image_mode and f > 1
@@ -107,6 +114,8 @@ class HarivoObjective(nn.Module):
             raise ValueError(
                 "loss.lambda_dc > 0 needs the model's contrastive head (HarivoObjective.for_model)"
             )
+        if (images is None) != (image_text is None):
+            raise ValueError("images and image_text go together")
 
         # Cascade conditioning (none for HARIVO / the base stage), drawn before the noise.
         cond, cond_level = training_condition(cfg.cascade, latents, cond_latents, generator)
@@ -123,51 +132,68 @@ class HarivoObjective(nn.Module):
         )  # (B, C, F, H, W)
         gen_device = generator.device if generator is not None else latents.device
 
+        def with_images(latents: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Images after the clip on the time axis, with i.i.d. noise drawn after the clip's draws."""
+            if images is None:
+                return latents, noise
+            image_noise = torch.randn(images.shape, generator=generator, device=gen_device)
+            noise = torch.cat([noise, image_noise.to(latents.device, latents.dtype)], dim=2)
+            stage_kwargs["image_text"] = image_text
+            return torch.cat([latents, images.to(latents.dtype)], dim=2), noise  # (B, C, F + N, H, W)
+
         if cfg.diffusion.objective == "ddpm":
             # Timesteps uniform over the T training steps; the forward process in closed form.
             timesteps = torch.randint(
                 0, cfg.diffusion.num_train_timesteps, (b,), generator=generator, device=gen_device
             )
             timesteps = timesteps.to(latents.device)
-            noisy_latents = self.scheduler.add_noise(latents, noise, timesteps)  # (B, C, F, H, W)
+            latents, noise = with_images(latents, noise)
+            noisy_latents = self.scheduler.add_noise(latents, noise, timesteps)  # (B, C, F [+ N], H, W)
             if cfg.diffusion.prediction_type == "epsilon":
                 target = noise
             else:  # v = sqrt(abar_t) noise - sqrt(1 - abar_t) latents
                 target = self.scheduler.get_velocity(latents, noise, timesteps)
 
-            def predict(image: bool) -> torch.Tensor:
-                return model(
-                    noisy_latents, timesteps, encoder_hidden_states, image_mode=image, **stage_kwargs
-                )
+            def predict(x: torch.Tensor, image: bool, kwargs: dict) -> torch.Tensor:
+                return model(x, timesteps, encoder_hidden_states, image_mode=image, **kwargs)
 
             with model.capture(attention_maps=need_trs, hspace=need_dc) as captured:  # outputs unchanged
-                model_pred = predict(image_mode)
+                model_pred = predict(noisy_latents, image_mode, stage_kwargs)
             simple = simple_loss(model_pred, target)
             reg_timesteps = timesteps
         else:
             # EDM: sigmas (uniform over the base's discrete levels, or log-normal), variance-exploding noisy
             # input; the Denoiser owns the preconditioning.
             sigma = self.training_sigmas(b, generator, gen_device).to(latents.device)
+            latents, noise = with_images(latents, noise)
             denoiser = self.denoiser(model)
-            noisy_latents = latents + noise * sigma.reshape(b, 1, 1, 1, 1)  # (B, C, F, H, W)
+            noisy_latents = latents + noise * sigma.reshape(b, 1, 1, 1, 1)  # (B, C, F [+ N], H, W)
 
-            def predict(image: bool) -> tuple[torch.Tensor, torch.Tensor]:
-                kwargs = {"encoder_hidden_states": encoder_hidden_states, "image_mode": image, **stage_kwargs}
-                return denoiser(noisy_latents, sigma, return_model_pred=True, **kwargs)
+            def predict(x: torch.Tensor, image: bool, kwargs: dict) -> torch.Tensor:
+                return denoiser(
+                    x,
+                    sigma,
+                    return_model_pred=True,
+                    encoder_hidden_states=encoder_hidden_states,
+                    image_mode=image,
+                    **kwargs,
+                )
 
             with model.capture(attention_maps=need_trs, hspace=need_dc) as captured:
-                denoised, model_pred = predict(image_mode)
+                denoised, model_pred = predict(noisy_latents, image_mode, stage_kwargs)
             sigma_data = effective_sigma_data(cfg.edm.kind, cfg.edm.sigma_data)
             simple = edm_loss(denoised.float(), latents.float(), sigma, sigma_data).mean()
             reg_timesteps = sigma_to_timestep(sigma, self.sigmas)
 
-        # L_reg: the same weights with temporal layers off (mapping network kept); no L_simple on that path.
+        # L_reg: the same weights with temporal layers off (mapping network kept), on the clip only; no
+        # L_simple on that path.
         reg = zero
         if need_reg:
-            image_pred = predict(True)
+            clip_kwargs = {k: v for k, v in stage_kwargs.items() if k != "image_text"}
+            image_pred = predict(noisy_latents[:, :, :f], True, clip_kwargs)
             image_pred = image_pred[1] if isinstance(image_pred, tuple) else image_pred
-            reg = reg_loss(model_pred, image_pred, reg_timesteps, cfg.diffusion.num_train_timesteps)
-        # L_TRS on the decoder self-attention maps of the frozen layers, L_DC on the h-space.
+            reg = reg_loss(model_pred[:, :, :f], image_pred, reg_timesteps, cfg.diffusion.num_train_timesteps)
+        # L_TRS on the decoder self-attention maps of the frozen layers, L_DC on the h-space (the clip's frames).
         trs = trs_loss(captured.attention_maps, cfg.loss.trs_reduction) if need_trs else zero
         dc = zero
         if need_dc:

@@ -40,6 +40,9 @@ class TrainerState:
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
+    image_epoch: int = 0
+    """Joint image-video training: passes over this rank's image shard, and batches drawn in the current one."""
+    image_batches: int = 0
 
 
 def write_rank_files(

@@ -102,7 +102,34 @@ def inspect_store(cfg: TrainConfig) -> StoreInfo:
         raise LatentStoreError(
             "no training data: pass --data LATENTS (the pipeline's --output dir) or set data.path"
         )
-    fs, fs_path, path = _clips_path(cfg.data.path)
+    needed = (cfg.model.num_frames - 1) * cfg.data.frame_stride + 1
+    return _inspect(cfg, cfg.data.path, cfg.data.view, needed, "data.view")
+
+
+def inspect_image_store(cfg: TrainConfig, clips: StoreInfo) -> StoreInfo | None:
+    """The image store of joint image-video training (None without data.images_per_clip): single-frame latents
+    of the same VAE, channels and size as the clips'."""
+    if cfg.data.images_per_clip <= 0:
+        return None
+    info = _inspect(cfg, cfg.data.image_path, cfg.data.image_view, 1, "data.image_view")
+    if info.latents_shape[1:] != clips.latents_shape[1:]:
+        raise LatentStoreError(
+            f"image store {cfg.data.image_path} holds latents {info.latents_shape[1:]} (C, h, w), the clips "
+            f"{clips.latents_shape[1:]}: curate both at the same resolution"
+        )
+    if info.latents_shape[0] != 1:
+        log.warning(
+            "image store %s holds %d frames per row; training uses the first",
+            cfg.data.image_path,
+            info.latents_shape[0],
+        )
+    return info
+
+
+def _inspect(
+    cfg: TrainConfig, data_path: str, data_view: str | None, needed: int, view_field: str
+) -> StoreInfo:
+    fs, fs_path, path = _clips_path(data_path)
     infos = [f for f in fs.get_file_info(pafs.FileSelector(fs_path)) if f.path.endswith(".parquet")]
     files = sorted(f.path for f in infos)
     if not files:
@@ -114,9 +141,9 @@ def inspect_store(cfg: TrainConfig) -> StoreInfo:
         raise LatentStoreError(f"{files[0]} has no t2v.* metadata: not written by pipeline.run")
     views = meta.get(schema.META_VIEWS, {})
     primary = next(iter(views), None)
-    view = cfg.data.view or primary
+    view = data_view or primary
     if view not in views:
-        raise LatentStoreError(f"data.view={view!r} not in the store's views {sorted(views)}")
+        raise LatentStoreError(f"{view_field}={view!r} not in the views {sorted(views)} of {path}")
     column = schema.view_column(schema.LATENTS, view, primary)
     shape = list(views[view]["latents_shape"])
 
@@ -134,10 +161,9 @@ def inspect_store(cfg: TrainConfig) -> StoreInfo:
             f"latents in {path} were scaled by {recorded}, but {cfg.model.pretrained}'s vae.config.scaling_factor "
             f"is {expected}"
         )
-    needed = (cfg.model.num_frames - 1) * cfg.data.frame_stride + 1
     if shape[0] < needed:
         raise LatentStoreError(
-            f"view {view!r} stores {shape[0]} frames; model.num_frames={cfg.model.num_frames} with "
+            f"view {view!r} of {path} stores {shape[0]} frames; model.num_frames={cfg.model.num_frames} with "
             f"data.frame_stride={cfg.data.frame_stride} needs {needed}"
         )
     # Precomputed prompt embeddings are used only if they come from this base's text encoder.
@@ -145,7 +171,9 @@ def inspect_store(cfg: TrainConfig) -> StoreInfo:
     has_embeds = schema.PROMPT_EMBEDS in file_schema.names and any(
         _same_model(text_encoder, c) for c in (cfg.model.pretrained, f"{cfg.model.pretrained}/text_encoder")
     )
-    cond_column, cond_shape = _cond_view(cfg, views, view, primary, path)
+    cond_column, cond_shape = (
+        _cond_view(cfg, views, view, primary, path) if view_field == "data.view" else (None, None)
+    )
     return StoreInfo(
         path, column, shape, has_embeds, meta, sum(f.size for f in infos), cond_column, cond_shape
     )
@@ -186,8 +214,7 @@ def is_validation(key: str, fraction: float) -> bool:
     return bucket < fraction
 
 
-def build_datasets(cfg: TrainConfig, info: StoreInfo) -> dict[str, Any]:
-    """{"train": ds, "val": ds} Ray Datasets of key, caption, latents (+ prompt_embeds)."""
+def _read(info: StoreInfo, light: dict):
     import ray.data
 
     columns = [schema.KEY, schema.CAPTION, info.latents_column]
@@ -195,11 +222,21 @@ def build_datasets(cfg: TrainConfig, info: StoreInfo) -> dict[str, Any]:
         columns.append(info.cond_column)
     if info.has_prompt_embeds:
         columns.append(schema.PROMPT_EMBEDS)
+    return ray.data.read_parquet(info.clips_path, file_extensions=["parquet"], **light).select_columns(
+        columns
+    )
+
+
+def build_datasets(cfg: TrainConfig, info: StoreInfo, images: StoreInfo | None = None) -> dict[str, Any]:
+    """{"train": ds, "val": ds[, "images": ds]} Ray Datasets of key, caption, latents (+ prompt_embeds); the
+    image store (joint training) is not split: its validation is the clips'."""
+    import ray.data
+
     # Reading latents is light work: small CPU slices, so data tasks fit beside the training workers.
     # Ordered execution makes each worker's shard, and so a resumed run, deterministic.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     light = {"num_cpus": 0.25}
-    ds = ray.data.read_parquet(info.clips_path, file_extensions=["parquet"], **light).select_columns(columns)
+    ds = _read(info, light)
     frac = cfg.data.val_fraction
 
     def split(batch: dict[str, np.ndarray], val: bool) -> dict[str, np.ndarray]:
@@ -208,10 +245,63 @@ def build_datasets(cfg: TrainConfig, info: StoreInfo) -> dict[str, Any]:
 
     train = ds.map_batches(split, fn_kwargs={"val": False}, batch_format="numpy", **light)
     val = ds.map_batches(split, fn_kwargs={"val": True}, batch_format="numpy", **light)
-    cache = cfg.data.cache == "always" or (cfg.data.cache == "auto" and info.total_bytes < CACHE_LIMIT_BYTES)
-    if cache:  # every epoch re-executes a lazy dataset; a small store is cheaper to keep in memory
-        train, val = train.materialize(), val.materialize()
-    return {"train": train, "val": val}
+    out = {"train": train, "val": val}
+    if images is not None:
+        out["images"] = _read(images, light)
+    for name, store in (("train", info), ("val", info), ("images", images)):
+        if name in out and _cache(cfg, store):  # every epoch re-executes a lazy dataset; keep a small one
+            out[name] = out[name].materialize()
+    return out
+
+
+def _cache(cfg: TrainConfig, info: StoreInfo) -> bool:
+    return cfg.data.cache == "always" or (cfg.data.cache == "auto" and info.total_bytes < CACHE_LIMIT_BYTES)
+
+
+class ImageStream:
+    """Endless batches of this rank's share of the image store (joint training), reshuffled every pass.
+
+    Its position lives in the trainer state (`image_epoch`, `image_batches`), saved with every checkpoint, so a
+    resumed run skips what was drawn and then draws the images an uninterrupted run would."""
+
+    def __init__(self, shard, batch_size: int, seed: int, shuffle_buffer: int, state):
+        self.shard, self.batch_size, self.seed, self.buffer, self.state = (
+            shard,
+            batch_size,
+            seed,
+            shuffle_buffer,
+            state,
+        )
+        self._it = None
+
+    def _epoch(self):
+        seen = 0
+        for batch in self.shard.iter_batches(
+            batch_size=self.batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=self.buffer or None,
+            local_shuffle_seed=self.seed * 7919 + self.state.image_epoch,
+        ):
+            seen += 1
+            if seen > self.state.image_batches:
+                self.state.image_batches = seen
+                yield batch
+        if seen == 0:
+            raise RuntimeError(
+                f"this rank's share of the image store has fewer than {self.batch_size} images "
+                "(optim.batch_size x data.images_per_clip)"
+            )
+
+    def next(self) -> dict[str, np.ndarray]:
+        while True:
+            if self._it is None:
+                self._it = self._epoch()
+            batch = next(self._it, None)
+            if batch is not None:
+                return batch
+            self._it = None
+            self.state.image_epoch, self.state.image_batches = self.state.image_epoch + 1, 0
 
 
 def collate(

@@ -1,7 +1,7 @@
 """DeepSpeed around the single-device video model: the only module that imports deepspeed.
 
 `initialize` builds the engine (ZeRO stage, precision, accumulation, clipping) with a torch AdamW over the
-trainable parameters only and the warmup + cosine schedule; `save_shard` / `load_shard` persist every
+trainable parameters only (the base's own, when some train, in a group of their own learning rate) and the warmup + cosine schedule; `save_shard` / `load_shard` persist every
 rank's ZeRO shard without the frozen base; `gathered_trainable_state` collects the trainable weights on
 every rank (ZeRO-3 partitions them) for export.
 """
@@ -67,14 +67,27 @@ def lr_lambda(optim: OptimConfig):
     return fn
 
 
+def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
+    """AdamW groups of the trainable parameters: the added layers at `optim.lr`, the base UNet's own
+    (model.trainable_spatial) at `optim.spatial_lr` (default `lr`); empty groups are left out."""
+    added, base = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (base if name.startswith("unet.") else added).append(p)
+    spatial_lr = optim.lr if optim.spatial_lr is None else optim.spatial_lr
+    groups = [{"params": added, "lr": optim.lr}, {"params": base, "lr": spatial_lr}]
+    return [g for g in groups if g["params"]]
+
+
 def initialize(model: nn.Module, ds: DeepSpeedConfig, optim: OptimConfig, use_gpu: bool):
     """(engine, precision): the model wrapped by DeepSpeed with AdamW + schedule on trainable params only."""
     precision = resolve_precision(ds, use_gpu)
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, optim)
+    params = [p for g in groups for p in g["params"]]
     if not params:
         raise ValueError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(
-        params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
+        groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim))
     engine, _, _, _ = deepspeed.initialize(

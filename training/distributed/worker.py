@@ -26,7 +26,7 @@ from training.diffusion.guidance import drop_captions
 from training.diffusion.objective import HarivoObjective
 from training.distributed import engine as ds
 from training.distributed.checkpoint import TrainerState, restore, save_checkpoint
-from training.distributed.data import StoreInfo, collate_stage
+from training.distributed.data import ImageStream, StoreInfo, collate_stage
 from training.distributed.progress import Due, StepLogger
 from training.model.export import export_weights
 from training.model.unet import VideoUNet
@@ -40,6 +40,8 @@ class WorkerConfig:
 
     cfg: TrainConfig
     store: StoreInfo
+    image_store: StoreInfo | None = None
+    """The image store of joint image-video training (data.images_per_clip), else None."""
     export_dir: str | None = None
     """Where rank 0 writes the trained weights at the end (None: no export)."""
     kind: str = "harivo"
@@ -49,12 +51,18 @@ class WorkerConfig:
     """Tests only (`run.fail_at_step`): the file that makes the injected crash happen once (`inject_fault`)."""
 
     def to_loop_config(self) -> dict:
-        return {**asdict(self), "cfg": to_dict(self.cfg), "store": asdict(self.store)}
+        return {**asdict(self), "cfg": to_dict(self.cfg)}
 
     @classmethod
     def from_loop_config(cls, config: dict) -> WorkerConfig:
+        images = config.get("image_store")
         return cls(
-            **{**config, "cfg": from_dict(TrainConfig, config["cfg"]), "store": StoreInfo(**config["store"])}
+            **{
+                **config,
+                "cfg": from_dict(TrainConfig, config["cfg"]),
+                "store": StoreInfo(**config["store"]),
+                "image_store": StoreInfo(**images) if images else None,
+            }
         )
 
 
@@ -68,18 +76,29 @@ def train_fn_per_worker(config: dict) -> None:
 
     torch.manual_seed(cfg.run.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
     model = VideoUNet.from_pretrained(cfg.model, cfg.harivo, cascade=cfg.cascade).to(device)
+    if cfg.data.image_only:
+        model.freeze_video_layers()
     objective = HarivoObjective.for_model(cfg, model).to(device)
     engine, precision = ds.initialize(model, cfg.deepspeed, cfg.optim, cfg.run.use_gpu)
     dtype = torch_dtype(precision)
     text_encoder = TextEncoder.from_pretrained(cfg.model.pretrained, device, cfg.model.revision)
     empty_text = text_encoder([""])  # (1, 77, D): a dropped caption's embedding (loss.cond_drop_prob)
     if info.has_prompt_embeds:  # the store's embeddings were saved in fp16: drop ones the same way
-        text_encoder, empty_text = None, empty_text.half().float()
+        empty_text = empty_text.half().float()
     # Per-rank random stream: noise, timesteps, frame starts and L_DC positives differ across ranks but are
     # reproducible; its state is checkpointed, so a resumed run draws exactly what an uninterrupted one would.
     generator = torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + rank)
-    feed = BatchFeed(cfg, info, text_encoder, empty_text, generator, dtype)
     state = restore(engine, cfg, rank, generator, objective)
+    images = None
+    if w.image_store is not None:
+        images = ImageStream(
+            ray.train.get_dataset_shard("images"),
+            cfg.optim.batch_size * cfg.data.images_per_clip,
+            cfg.run.seed,
+            cfg.data.shuffle_buffer,
+            state,
+        )
+    feed = BatchFeed(cfg, info, text_encoder, empty_text, generator, dtype, w.image_store, images)
     logger = StepLogger(cfg, rank, w.tensorboard_dir, state.step)
 
     shard = ray.train.get_dataset_shard("train")
@@ -88,13 +107,15 @@ def train_fn_per_worker(config: dict) -> None:
         t_data = time.perf_counter()
         for batch in epoch_batches(shard, cfg, state, rank, world):
             t_step = time.perf_counter()
-            latents, text, cond, image_mode = feed(batch, state.step)
-            terms = objective(engine.module, latents, text, generator, image_mode, cond_latents=cond)
+            b = feed(batch)
+            terms = objective(
+                engine.module, b.latents, b.text, generator, b.image_mode, b.cond, b.images, b.image_text
+            )
             engine.backward(terms.total)
             engine.step()  # DeepSpeed only updates at the accumulation boundary
             state.batches_in_epoch += 1
             logger.add(
-                terms.detached(), latents.shape[0] * world, t_step - t_data, time.perf_counter() - t_step
+                terms.detached(), b.latents.shape[0] * world, t_step - t_data, time.perf_counter() - t_step
             )
             t_data = time.perf_counter()
             if state.batches_in_epoch % micro:
@@ -151,41 +172,66 @@ def epoch_batches(shard, cfg: TrainConfig, state: TrainerState, rank: int, world
 
 
 @dataclass
+class Batch:
+    """One micro-batch as the objective takes it, on this rank's device and in the engine's dtype."""
+
+    latents: torch.Tensor
+    """(B, C, F, h, w) the clips (data.image_only: (B, C, 1, h, w) images)."""
+    text: torch.Tensor
+    """(B, 77, D) the captions' embeddings, some dropped to the empty prompt's."""
+    cond: torch.Tensor | None = None
+    """The SR stage's low-resolution latents (B, C, F, h', w') of the same frames."""
+    image_mode: bool = False
+    """data.image_only: no temporal layers."""
+    images: torch.Tensor | None = None
+    """(B, C, N, h, w) joint training's images, concatenated after each clip."""
+    image_text: torch.Tensor | None = None
+    """(B, N, 77, D) their captions' embeddings."""
+
+
+@dataclass
 class BatchFeed:
-    """Numpy batches of the store -> what the objective takes, on this rank's device and in the engine's dtype."""
+    """Numpy batches of the store(s) -> `Batch`."""
 
     cfg: TrainConfig
     store: StoreInfo
-    text_encoder: TextEncoder | None
-    """None when the store holds the base's prompt embeddings."""
+    text_encoder: TextEncoder
     empty_text: torch.Tensor
     """(1, 77, D) the empty prompt's embedding: a dropped caption's (loss.cond_drop_prob)."""
     generator: torch.Generator
     dtype: torch.dtype
+    image_store: StoreInfo | None = None
+    images: ImageStream | None = None
+    """Joint training: the image batches, `optim.batch_size x data.images_per_clip` per clip batch."""
 
-    def __call__(self, batch: dict, step: int):
-        """(latents (B, C, F, h, w), text (B, 77, D), SR's low-resolution latents or None, image_mode) of the
-        batch that optimiser step `step + 1` trains on.
-
-        Every `data.image_mode_every`-th step trains a single random frame in image mode; a super-resolution
-        stage also gets the low-resolution latents of the same frames; captions are dropped to the empty
-        prompt with probability `loss.cond_drop_prob`. The draw order (frame start, image frame, caption
-        dropout) is part of the resumable random stream."""
+    def __call__(self, batch: dict) -> Batch:
+        """The micro-batch of `batch`: a random window of frames (a super-resolution stage also gets the
+        low-resolution latents of the same frames), joint training's images, and captions dropped to the
+        empty prompt with probability `loss.cond_drop_prob`. The draw order (frame start, caption dropout,
+        image captions' dropout) is part of the resumable random stream."""
         cfg, g, device = self.cfg, self.generator, self.empty_text.device
         rng = g if cfg.data.random_start else None
         latents, captions, embeds, cond_latents = collate_stage(
             batch, self.store, cfg.model.num_frames, cfg.data.frame_stride, rng, device
         )
         text = embeds if embeds is not None else self.text_encoder(captions)
-        image_mode = cfg.data.image_mode_every > 0 and (step + 1) % cfg.data.image_mode_every == 0
-        if image_mode:
-            frame = int(torch.randint(0, latents.shape[2], (1,), generator=g))
-            latents = latents[:, :, frame : frame + 1]  # (B, C, 1, h, w)
-            if cond_latents is not None:
-                cond_latents = cond_latents[:, :, frame : frame + 1]  # (B, C, 1, h', w')
         text = drop_captions(text.float(), self.empty_text, cfg.loss.cond_drop_prob, g)
         cond_latents = cond_latents.to(self.dtype) if cond_latents is not None else None
-        return latents.to(self.dtype), text.to(self.dtype), cond_latents, image_mode
+        out = Batch(latents.to(self.dtype), text.to(self.dtype), cond_latents, cfg.data.image_only)
+        if self.images is not None:
+            n = cfg.data.images_per_clip
+            pixels, image_captions, image_embeds, _ = collate_stage(
+                self.images.next(), self.image_store, 1, 1, None, device
+            )  # (B N, C, 1, h, w)
+            image_text = image_embeds if image_embeds is not None else self.text_encoder(image_captions)
+            image_text = drop_captions(image_text.float(), self.empty_text, cfg.loss.cond_drop_prob, g)
+            b = latents.shape[0]
+            pixels = pixels[:, :, 0]  # (B N, C, h, w)
+            out.images = (
+                pixels.reshape(b, n, *pixels.shape[1:]).transpose(1, 2).to(self.dtype)
+            )  # (B, C, N, h, w)
+            out.image_text = image_text.reshape(b, n, *image_text.shape[1:]).to(self.dtype)  # (B, N, 77, D)
+        return out
 
 
 @torch.no_grad()
@@ -208,7 +254,12 @@ def validation_loss(model, cfg: TrainConfig, info: StoreInfo, text_encoder, devi
         generator = torch.Generator(device).manual_seed(10_000 + i)
         cond_latents = cond_latents.to(dtype) if cond_latents is not None else None
         terms = objective(
-            model, latents.to(dtype), text.to(dtype), generator=generator, cond_latents=cond_latents
+            model,
+            latents.to(dtype),
+            text.to(dtype),
+            generator=generator,
+            image_mode=cfg.data.image_only,
+            cond_latents=cond_latents,
         )
         total += torch.tensor([float(terms.simple), 1.0], dtype=torch.float64)
     if dist.is_initialized():

@@ -1,6 +1,7 @@
 """Single-device `nn.Module`s and their files, no training loop and no sampler.
 
-`unet.py` the video UNet (frozen diffusers UNet + AnimateDiff motion modules run from forward hooks),
+`unet.py` the video UNet (frozen diffusers UNet + AnimateDiff motion modules), `hooks.py` the forward hooks
+that run those modules and observe the base,
 `harivo.py` HARIVO's mapping network, frame-wise tokens and contrastive head, `cascade.py` the layers a
 PYoCo stage adds (zero-initialised conv_in channels, SR's level embedding), `frames.py` frame folding,
 `export.py` the exported weights (writer and reader).

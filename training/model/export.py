@@ -5,9 +5,11 @@ An export directory (`RUN_DIR/export/`):
     trainable.safetensors              temporal layers + HARIVO modules, config and kind in the file metadata
     config.yaml                        the resolved TrainConfig (base model id, noise schedule, ...)
     motion_adapter/                    the temporal layers as a diffusers MotionAdapter (AnimateDiffPipeline)
+    unet/                              only when the base's own layers trained (model.trainable_spatial): the
+                                       whole trained UNet as a diffusers UNet2DConditionModel
 
 `export_weights` writes one (the training runner calls it once at the end); `resolve_checkpoint` and
-`read_train_config` find and read one (sampling, evaluation, tuning). The frozen base is never stored.
+`read_train_config` find and read one (sampling, evaluation, tuning). A frozen base is never stored.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 TRAINABLE_FILE = "trainable.safetensors"
 MOTION_ADAPTER_DIR = "motion_adapter"
+UNET_DIR = "unet"
 KIND_METADATA = "t2v.kind"
 CONFIG_METADATA = "t2v.config"
 SAMPLEABLE_KINDS = ("harivo", "pyoco_base")
@@ -65,8 +68,31 @@ def export_weights(
             adapter = MotionAdapter.from_config(motion_adapter_config)
             adapter.load_state_dict(adapter_state)
             adapter.save_pretrained(out / MOTION_ADAPTER_DIR)
+        unet_state = {k[len("unet.") :]: v for k, v in state_dict.items() if k.startswith("unet.")}
+        if unet_state:
+            trained_unet(cfg, unet_state).save_pretrained(out / UNET_DIR)
         copy_tree(out, destination)
     return destination
+
+
+def trained_unet(cfg: TrainConfig, unet_state: dict[str, torch.Tensor]):
+    """The base UNet with its trained parameters (model.trainable_spatial) put in: a plain diffusers
+    `UNet2DConditionModel` (from its config alone when model.from_scratch, whose every weight trained)."""
+    from diffusers import UNet2DConditionModel
+
+    m = cfg.model
+    if m.from_scratch:
+        unet = UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(m.pretrained, subfolder=m.subfolder, revision=m.revision)
+        )
+    else:
+        unet = UNet2DConditionModel.from_pretrained(m.pretrained, subfolder=m.subfolder, revision=m.revision)
+    missing, unexpected = unet.load_state_dict(unet_state, strict=False)
+    if unexpected or (m.from_scratch and missing):
+        raise KeyError(
+            f"trained UNet weights do not fit the base: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return unet
 
 
 def copy_tree(source: Path, destination: str) -> None:

@@ -8,17 +8,18 @@ blocks and after the mid-block attention. So `model.motion_adapter.save_pretrain
 `MotionAdapter` that `UNetMotionModel.from_unet2d(unet, adapter)` and AnimateDiff pipelines load.
 
 The base UNet keeps its own module tree and state dict; the temporal layers run from forward hooks on
-its blocks that are inert outside `VideoUNet.forward`, so the same `unet` object still works as a
+its blocks (`hooks.py`) that are inert outside `VideoUNet.forward`, so the same `unet` object still works as a
 plain image model. `proj_out` of every motion module is zero-initialised: at init the video model is
-the image model applied frame by frame.
+the image model applied frame by frame. The base stays frozen unless `model.trainable_spatial` names
+some of its parameters (joint image-video training, or an image model trained from scratch).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,130 +27,22 @@ from diffusers import MotionAdapter, UNet2DConditionModel
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from training.config import CascadeConfig, HarivoConfig, ModelConfig
 from training.model.cascade import LevelEmbedding, cond_channels, zero_conv_like
 from training.model.frames import fold_frames, per_frame, unfold_frames
 from training.model.harivo import ContrastiveHead, FrameTokenGenerator, MappingNetwork
+from training.model.hooks import (
+    AttentionMapHook,
+    Captured,
+    ConditionHook,
+    HSpaceHook,
+    LevelHook,
+    RunState,
+    TemporalHook,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Captured:
-    """What one captured forward recorded (HARIVO's TRS and DC losses read it)."""
-
-    attention_maps: list[torch.Tensor] = field(default_factory=list)
-    """Decoder self-attention probabilities in forward order, each (B, F, heads, HW, HW)."""
-    hspace: torch.Tensor | None = None
-    """h-space, the UNet mid-block output, (B, F, ch, h, w)."""
-
-
-class _RunState:
-    """Per-forward state the hooks read; shared object so `copy.deepcopy(model)` stays consistent."""
-
-    def __init__(self) -> None:
-        self.num_frames: int | None = None  # None: outside VideoUNet.forward, hooks do nothing
-        self.temporal = False
-        self.checkpointing = False
-        self.store: Captured | None = None
-        self.capture_maps = False
-        self.capture_hspace = False
-        self.cond: torch.Tensor | None = None  # (B F, C_cond, H, W): cascade conditioning for conv_in
-        self.level_emb: torch.Tensor | None = None  # (B F, D_temb): conditioning augmentation level
-
-
-class _ConditionHook:
-    """Forward hook on `unet.conv_in`: adds the zero-initialised extra input channels' output.
-
-    `conv_in(x) + extra(cond)` is `conv_in` widened to `cat([x, cond])` (conv is linear in its input
-    channels), while the frozen base keeps its own weights and state dict.
-    """
-
-    def __init__(self, extra: nn.Conv2d, state: _RunState):
-        self.extra, self.state = extra, state
-
-    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor):
-        cond = self.state.cond
-        if cond is None:
-            return None
-        return output + self.extra(cond.to(self.extra.weight.dtype)).to(output.dtype)
-
-
-class _LevelHook:
-    """Forward hook on `unet.time_embedding`: adds the conditioning-augmentation level embedding."""
-
-    def __init__(self, state: _RunState):
-        self.state = state
-
-    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor):
-        emb = self.state.level_emb
-        return None if emb is None else output + emb.to(output.dtype)
-
-
-class _TemporalHook:
-    """Forward hook running one motion module on a spatial layer's output, `(B F, C, H, W)` in and out."""
-
-    def __init__(self, motion_module: AnimateDiffTransformer3D, state: _RunState):
-        self.motion_module, self.state = motion_module, state
-
-    def __call__(self, module: nn.Module, args: tuple, output):
-        s = self.state
-        if s.num_frames is None or not s.temporal:
-            return None
-        if not isinstance(output, (tuple, torch.Tensor)):  # UNet blocks call layers with return_dict=False
-            raise TypeError(f"temporal hook on {type(module).__name__} got a {type(output).__name__} output")
-        hidden_states = output[0] if isinstance(output, tuple) else output  # (B F, C, H, W)
-        if s.checkpointing and torch.is_grad_enabled():
-            hidden_states = checkpoint(
-                self.motion_module, hidden_states, num_frames=s.num_frames, use_reentrant=False
-            )
-        else:
-            hidden_states = self.motion_module(hidden_states, num_frames=s.num_frames)
-        return (hidden_states, *output[1:]) if isinstance(output, tuple) else hidden_states
-
-
-class _AttentionMapHook:
-    """Observer on a decoder self-attention (`attn1`): recomputes softmax(q k^T * scale) from its input.
-
-    The attention's own output is untouched (the hook returns None), so capturing cannot change the
-    model's outputs; the cost is one extra q/k projection and score matrix per captured layer.
-    """
-
-    def __init__(self, state: _RunState):
-        self.state = state
-
-    def __call__(self, attn: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        s = self.state
-        if s.store is None or s.num_frames is None or not s.capture_maps:
-            return None
-        hidden_states = args[0] if args else kwargs["hidden_states"]  # (B F, HW, C), after norm1
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states), out_dim=4)  # (B F, heads, HW, d)
-        key = attn.head_to_batch_dim(attn.to_k(hidden_states), out_dim=4)  # (B F, heads, HW, d)
-        if attn.upcast_attention:
-            query, key = query.float(), key.float()
-        scores = (query @ key.transpose(-1, -2)) * attn.scale  # (B F, heads, HW, HW)
-        probs = scores.float().softmax(dim=-1) if attn.upcast_softmax else scores.softmax(dim=-1)
-        bf, heads, n, _ = probs.shape
-        s.store.attention_maps.append(probs.reshape(bf // s.num_frames, s.num_frames, heads, n, n))
-        return None
-
-
-class _HSpaceHook:
-    """Observer on the mid block: records its output (B F, ch, h, w) as (B, F, ch, h, w)."""
-
-    def __init__(self, state: _RunState):
-        self.state = state
-
-    def __call__(self, module: nn.Module, args: tuple, output) -> None:
-        s = self.state
-        if s.store is not None and s.num_frames is not None and s.capture_hspace:
-            h = output[0] if isinstance(output, tuple) else output
-            s.store.hspace = h.reshape(
-                h.shape[0] // s.num_frames, s.num_frames, *h.shape[1:]
-            )  # (B, F, ch, h, w)
-        return None
 
 
 def build_motion_adapter(unet: UNet2DConditionModel, cfg: ModelConfig) -> MotionAdapter:
@@ -179,6 +72,21 @@ def build_motion_adapter(unet: UNet2DConditionModel, cfg: ModelConfig) -> Motion
     return adapter
 
 
+def spatial_parameter_names(unet: nn.Module, patterns: list[str]) -> frozenset[str]:
+    """The names of `unet`'s parameters matching any fnmatch pattern (model.trainable_spatial); a pattern that
+    matches nothing is an error (a typo would otherwise silently train nothing)."""
+    names = [n for n, _ in unet.named_parameters()]
+    chosen: set[str] = set()
+    for pattern in patterns:
+        hits = fnmatch.filter(names, pattern)
+        if not hits:
+            raise ValueError(
+                f"model.trainable_spatial pattern {pattern!r} matches no UNet parameter (e.g. {names[0]!r})"
+            )
+        chosen.update(hits)
+    return frozenset(chosen)
+
+
 def _hosts(block: nn.Module) -> nn.ModuleList:
     """The layers of a UNet block that a motion module follows: attentions if it has them, else resnets."""
     attentions = getattr(block, "attentions", None)
@@ -189,10 +97,13 @@ class VideoUNet(nn.Module):
     """Frozen image UNet + temporal layers + HARIVO components; `(B, C, F, H, W)` in and out.
 
     Trainable: `motion_adapter`, `mapping_network`, `frame_tokens`, `contrastive_head` (those enabled),
-    and for a PYoCo cascade stage (`training/diffusion/cascade.py`) `cond_conv_in` (zero-initialised extra input
-    channels for the concatenated conditioning) and `level_embedding` (SR's augmentation level).
+    for a PYoCo cascade stage (`training/diffusion/cascade.py`) `cond_conv_in` (zero-initialised extra input
+    channels for the concatenated conditioning) and `level_embedding` (SR's augmentation level), and the base
+    UNet's parameters named by `model.trainable_spatial` (`spatial_names`; joint image-video training).
     `forward(..., image_mode=True)` runs the same weights without temporal layers and frame tokens
     (HARIVO's `pass_motion_module`; the mapping network stays, as in its pseudo-code).
+    `forward(..., image_text=...)` takes N images concatenated after the clip's F frames (PYoCo's joint
+    training): they skip the temporal layers, mapping network and frame tokens, each with its own caption.
     """
 
     def __init__(
@@ -209,6 +120,9 @@ class VideoUNet(nn.Module):
         cascade_cfg = cascade or CascadeConfig()
         self.stage = cascade_cfg.stage
         self.unet = unet.requires_grad_(False).eval()
+        self.spatial_names = spatial_parameter_names(unet, cfg.trainable_spatial)
+        for name, param in unet.named_parameters():
+            param.requires_grad_(name in self.spatial_names)
         self.motion_adapter = (
             motion_adapter if motion_adapter is not None else build_motion_adapter(unet, cfg)
         )
@@ -253,7 +167,7 @@ class VideoUNet(nn.Module):
             if self.stage == "sr" or (self.stage == "interp" and cascade_cfg.interp_aug_sigma_max > 0)
             else None
         )
-        self._state = _RunState()
+        self._state = RunState()
         self._state.checkpointing = cfg.gradient_checkpointing
         self._attach_hooks()
 
@@ -265,10 +179,20 @@ class VideoUNet(nn.Module):
         torch_dtype: torch.dtype | None = None,
         cascade: CascadeConfig | None = None,
     ) -> VideoUNet:
-        """Load the base UNet (hub id or local dir) and, if `cfg.motion_adapter` is set, the temporal layers."""
-        unet = UNet2DConditionModel.from_pretrained(
-            cfg.pretrained, subfolder=cfg.subfolder, revision=cfg.revision, torch_dtype=torch_dtype
-        )
+        """Load the base UNet (hub id or local dir) and, if `cfg.motion_adapter` is set, the temporal layers.
+
+        `cfg.from_scratch`: the UNet is built from `pretrained`'s UNet config with a random initialisation (seed
+        torch first for the same one on every rank)."""
+        if cfg.from_scratch:
+            config = UNet2DConditionModel.load_config(
+                cfg.pretrained, subfolder=cfg.subfolder, revision=cfg.revision
+            )
+            unet = UNet2DConditionModel.from_config(config)
+            unet = unet.to(torch_dtype) if torch_dtype is not None else unet
+        else:
+            unet = UNet2DConditionModel.from_pretrained(
+                cfg.pretrained, subfolder=cfg.subfolder, revision=cfg.revision, torch_dtype=torch_dtype
+            )
         adapter = MotionAdapter.from_pretrained(cfg.motion_adapter) if cfg.motion_adapter else None
         return cls(unet, cfg, harivo, adapter, cascade)
 
@@ -288,16 +212,16 @@ class VideoUNet(nn.Module):
                     f"{len(motion_modules)} motion modules for {len(hosts)} layers"
                 )
             for host, motion_module in zip(hosts, motion_modules):
-                host.register_forward_hook(_TemporalHook(motion_module, state))
+                host.register_forward_hook(TemporalHook(motion_module, state))
         for name, module in self.decoder_self_attentions():
             if module.group_norm is not None or module.spatial_norm is not None or module.norm_q is not None:
                 raise NotImplementedError(f"attention-map capture does not support the norms of {name}")
-            module.register_forward_hook(_AttentionMapHook(state), with_kwargs=True)
-        unet.mid_block.register_forward_hook(_HSpaceHook(state))
+            module.register_forward_hook(AttentionMapHook(state), with_kwargs=True)
+        unet.mid_block.register_forward_hook(HSpaceHook(state))
         if self.cond_conv_in is not None:
-            unet.conv_in.register_forward_hook(_ConditionHook(self.cond_conv_in, state))
+            unet.conv_in.register_forward_hook(ConditionHook(self.cond_conv_in, state))
         if self.level_embedding is not None:
-            unet.time_embedding.register_forward_hook(_LevelHook(state))
+            unet.time_embedding.register_forward_hook(LevelHook(state))
 
     def decoder_self_attentions(self) -> list[tuple[str, nn.Module]]:
         """The N self-attention layers of the decoder (up blocks), in forward order (HARIVO eq. 3)."""
@@ -325,35 +249,46 @@ class VideoUNet(nn.Module):
         image_mode: bool = False,
         cond: torch.Tensor | None = None,
         cond_level: torch.Tensor | None = None,
+        image_text: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """model_pred (B, C, F, H, W) for noisy latents (B, C, F, H, W), timesteps (B,) and text (B, M, D).
 
         A cascade stage also takes its conditioning `cond` (B, C_cond, F, H, W), concatenated to the input
         by the extra conv_in channels, and (SR) `cond_level` (B,), the conditioning's augmentation sigma.
+        `image_text` (B, N, M, D): the last N of the frames are images with these captions (joint training).
         """
-        b, c, f, h, w = noisy_latents.shape  # (B, C, F, H, W)
+        b, c, total, h, w = noisy_latents.shape  # (B, C, F + N, H, W)
+        n = 0 if image_text is None else image_text.shape[1]
+        f = total - n  # the clip's frames
+        if n and (cond is not None or cond_level is not None):
+            raise ValueError("images in the batch (image_text) do not combine with cascade conditioning")
+        if n and (image_text.shape[0] != b or f < 1):
+            raise ValueError(f"image_text {tuple(image_text.shape)} does not fit {total} frames of {b} clips")
         if not image_mode and f > self.cfg.max_frames:
             raise ValueError(f"{f} frames exceed model.max_frames={self.cfg.max_frames}")
         self._check_condition(noisy_latents, cond, cond_level)
-        if self.mapping_network is not None:
-            noisy_latents = self.mapping_network(noisy_latents)  # (B, C, F, H, W)
-        sample = fold_frames(noisy_latents)  # (B F, C, H, W)
+        if self.mapping_network is not None:  # on the clip only: images are not frames of it
+            clip = self.mapping_network(noisy_latents[:, :, :f])  # (B, C, F, H, W)
+            noisy_latents = torch.cat([clip, noisy_latents[:, :, f:]], dim=2) if n else clip
+        sample = fold_frames(noisy_latents)  # (B (F + N), C, H, W)
         timesteps = torch.as_tensor(timesteps, device=sample.device).reshape(-1).expand(b)  # (B,)
-        timesteps = per_frame(timesteps, f)  # (B F,)
-        text = self._frame_text(encoder_hidden_states, f, use_tokens=not image_mode)  # (B F, M [+K], D)
+        timesteps = per_frame(timesteps, total)  # (B (F + N),)
+        text, mask = self._frame_text(encoder_hidden_states, f, not image_mode, image_text)
         state = self._state
-        state.num_frames, state.temporal = f, not image_mode
+        state.num_frames, state.video_frames, state.temporal = total, f, not image_mode
         if cond is not None:
             state.cond = fold_frames(cond)  # (B F, C_cond, H, W)
         if cond_level is not None:
             level = torch.as_tensor(cond_level, device=sample.device).reshape(-1).expand(b)  # (B,)
             state.level_emb = self.level_embedding(per_frame(level, f))  # (B F, D_temb)
         try:
-            out = self.unet(sample, timesteps, encoder_hidden_states=text).sample  # (B F, C, H, W)
+            out = self.unet(
+                sample, timesteps, encoder_hidden_states=text, encoder_attention_mask=mask
+            ).sample  # (B (F + N), C, H, W)
         finally:
-            state.num_frames, state.temporal = None, False
+            state.num_frames, state.video_frames, state.temporal = None, None, False
             state.cond = state.level_emb = None
-        return unfold_frames(out, f)  # (B, C, F, H, W)
+        return unfold_frames(out, total)  # (B, C, F + N, H, W)
 
     def _check_condition(
         self, noisy_latents: torch.Tensor, cond: torch.Tensor | None, cond_level: torch.Tensor | None
@@ -373,25 +308,54 @@ class VideoUNet(nn.Module):
         if self.level_embedding is None and cond_level is not None:
             raise ValueError(f"cascade stage {self.stage!r} takes no cond_level")
 
-    def _frame_text(self, encoder_hidden_states: torch.Tensor, f: int, use_tokens: bool) -> torch.Tensor:
-        """Per-frame cross-attention tokens: the text tokens, plus K frame-wise tokens in video mode."""
+    def _frame_text(
+        self,
+        encoder_hidden_states: torch.Tensor,
+        f: int,
+        use_tokens: bool,
+        image_text: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(per-frame cross-attention tokens (B (F + N), M [+K], D), their key mask or None).
+
+        The clip's frames get the text tokens plus, in video mode, K frame-wise tokens; images get their own
+        caption's tokens, padded by K masked-out keys (a masked key gets softmax weight exactly 0)."""
         b, m, d = encoder_hidden_states.shape  # (B, M, D)
         if self.frame_tokens is None or not use_tokens:
-            return per_frame(encoder_hidden_states, f)  # (B F, M, D)
-        if f != self.frame_tokens.num_frames:
-            raise ValueError(
-                f"the frame-token generator was built for model.num_frames={self.frame_tokens.num_frames}, got {f} frames"
-            )
-        tokens = self.frame_tokens(encoder_hidden_states)  # (B, F, K, D)
-        text = encoder_hidden_states[:, None].expand(b, f, m, d)  # (B, F, M, D)
-        return torch.cat([text, tokens], dim=2).reshape(b * f, m + tokens.shape[2], d)  # (B F, M + K, D)
+            text = per_frame(encoder_hidden_states, f)  # (B F, M, D)
+        else:
+            if f != self.frame_tokens.num_frames:
+                raise ValueError(
+                    f"the frame-token generator was built for model.num_frames={self.frame_tokens.num_frames}, got {f} frames"
+                )
+            tokens = self.frame_tokens(encoder_hidden_states)  # (B, F, K, D)
+            text = encoder_hidden_states[:, None].expand(b, f, m, d)  # (B, F, M, D)
+            text = torch.cat([text, tokens], dim=2).reshape(b * f, m + tokens.shape[2], d)  # (B F, M + K, D)
+        if image_text is None:
+            return text, None
+        n, length = image_text.shape[1], text.shape[1]
+        if image_text.shape[2:] != (m, d):
+            raise ValueError(f"image_text {tuple(image_text.shape)} must be (B, N, {m}, {d})")
+        pad = image_text.new_zeros(b, n, length - m, d)  # (B, N, K, D)
+        images = torch.cat([image_text.to(text.dtype), pad.to(text.dtype)], dim=2)  # (B, N, M + K, D)
+        text = torch.cat([text.reshape(b, f, length, d), images], dim=1).reshape(b * (f + n), length, d)
+        if length == m:
+            return text, None
+        mask = torch.ones(b, f + n, length, dtype=torch.bool, device=text.device)
+        mask[:, f:, m:] = False  # images do not attend to the padding
+        return text, mask.reshape(b * (f + n), length)  # (B (F + N), M + K)
 
     # ---- trainable weights, kept apart from the frozen base --------------------------------------
 
     def train(self, mode: bool = True) -> VideoUNet:
         super().train(mode)
-        self.unet.eval()  # the frozen base never trains (no dropout / norm statistics drift)
+        self.unet.eval()  # SD's UNet has no dropout or running statistics: eval keeps it deterministic
         return self
+
+    def freeze_video_layers(self) -> None:
+        """Only the base UNet trains (an image model): temporal layers and HARIVO / cascade modules are frozen."""
+        for name, module in self.named_children():
+            if name != "unet":
+                module.requires_grad_(False)
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute the temporal layers in the backward pass instead of storing their activations."""
@@ -400,16 +364,22 @@ class VideoUNet(nn.Module):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
 
+    def _is_trainable_key(self, key: str) -> bool:
+        return not key.startswith("unet.") or key[len("unet.") :] in self.spatial_names
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every weight except the frozen base's (keys as in `state_dict()`, without `unet.`)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("unet.")}
+        """Every weight except the frozen base's (keys as in `state_dict()`; `unet.` ones only for
+        model.trainable_spatial)."""
+        return {k: v for k, v in self.state_dict().items() if self._is_trainable_key(k)}
 
     def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
-        base = [k for k in state_dict if k.startswith("unet.")]
+        base = [k for k in state_dict if not self._is_trainable_key(k)]
         if base:
-            raise ValueError(f"trainable state dict holds frozen-base keys, e.g. {base[0]!r}")
+            raise ValueError(
+                f"trainable state dict holds frozen-base keys (not in model.trainable_spatial), e.g. {base[0]!r}"
+            )
         missing, unexpected = self.load_state_dict(state_dict, strict=False)
-        missing = [k for k in missing if not k.startswith("unet.")]
+        missing = [k for k in missing if self._is_trainable_key(k)]
         if strict and (missing or unexpected):
             raise KeyError(
                 f"trainable state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}"

@@ -55,6 +55,11 @@ def _per_frame(unet):
 
 
 def _build_video_model(trainable: Path, train_cfg: TrainConfig, base_unet, device, dtype) -> VideoUNet:
+    if base_unet is not None and train_cfg.model.trainable_spatial:
+        raise ValueError(
+            f"{trainable} fine-tuned the base's own layers (model.trainable_spatial="
+            f"{train_cfg.model.trainable_spatial}): a swapped base.unet or base.lora would be mixed with them"
+        )
     model = (
         VideoUNet(base_unet, train_cfg.model, train_cfg.harivo, cascade=train_cfg.cascade)
         if base_unet is not None

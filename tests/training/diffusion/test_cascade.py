@@ -86,8 +86,14 @@ def test_stage_kinds_and_config_validation(tiny_zoo):
         stage_config(tiny_zoo.sd, "base", "diffusion.objective=ddpm")
     with pytest.raises(ValueError, match="needs cascade.cond_view"):
         stage_config(tiny_zoo.sd, "sr", "cascade.cond_view=null")
-    with pytest.raises(ValueError, match="image_mode_every=2 must be 0"):
-        stage_config(tiny_zoo.sd, "interp", "data.image_mode_every=2")
+    with pytest.raises(ValueError, match="data.images_per_clip must be 0"):
+        stage_config(
+            tiny_zoo.sd,
+            "interp",
+            "data.images_per_clip=2",
+            "data.image_path=x",
+            "model.trainable_spatial=['*']",
+        )
     from training.run import export_kind
 
     assert export_kind(stage_config(tiny_zoo.sd, "sr")) == "pyoco_sr"
@@ -205,7 +211,10 @@ def test_each_stage_trains_a_few_steps(tiny_zoo, stage):
 
 @pytest.mark.parametrize("kind", ["edm", "sd21", "modified"])
 def test_interp_stage_returns_the_keyframes_at_low_noise(tiny_zoo, kind):
-    model, cfg = stage_model(tiny_zoo.sd, "interp", f"edm.kind={kind}")
+    spatial = (
+        [] if kind == "sd21" else ["model.trainable_spatial=['*']"]
+    )  # edm / modified: a trained base only
+    model, cfg = stage_model(tiny_zoo.sd, "interp", f"edm.kind={kind}", *spatial)
     perturb(model)  # "trained" temporal layers and conditioning channels
     g = torch.Generator().manual_seed(5)
     video = torch.randn(1, 4, 16, 4, 4, generator=g)  # keyframes at 0, 5, 10, 15

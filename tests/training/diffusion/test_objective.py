@@ -57,9 +57,9 @@ def test_reg_loss_zero_at_init(make_video_model):
     [
         {"diffusion.prediction_type": "v_prediction"},
         {"noise.prior": "progressive", "noise.alpha": 2.0},
-        {"diffusion.objective": "edm", "edm.kind": "edm"},
+        {"diffusion.objective": "edm", "edm.kind": "edm", "model.trainable_spatial": ["*"]},
         {"diffusion.objective": "edm", "edm.kind": "sd21"},
-        {"diffusion.objective": "edm", "edm.kind": "modified"},
+        {"diffusion.objective": "edm", "edm.kind": "modified", "model.trainable_spatial": ["*"]},
     ],
     ids=lambda o: "-".join(str(v) for v in o.values()),
 )
@@ -70,15 +70,48 @@ def test_objective_variants_are_finite(make_video_model, overrides):
     )
     assert all(torch.isfinite(v) for v in terms.detached().values())
     terms.total.backward()
-    assert all(p.grad is None for p in model.unet.parameters())
+    spatial = bool(cfg.model.trainable_spatial)  # the base gets gradients only where it trains
+    assert all((p.grad is not None) == spatial for p in model.unet.parameters())
 
 
 def test_image_batches_train_with_l_simple_only(make_video_model):
     model, cfg = make_video_model()
-    latents, text = batch(3, 1)  # joint training: images are single frames
+    latents, text = batch(3, 1)  # data.image_only: single images
     terms = HarivoObjective.for_model(cfg, model)(model, latents, text, image_mode=True)
     assert terms.simple > 0 and terms.reg == 0 and terms.trs == 0 and terms.dc == 0
     assert torch.equal(terms.total, terms.simple)
+
+
+@pytest.mark.parametrize("objective_kind", ["ddpm", "edm"])
+def test_joint_images_train_the_spatial_layers_and_leave_the_clips_terms(make_video_model, objective_kind):
+    """PYoCo's joint training: images after each clip add to L_simple and reach the trainable spatial layers;
+    the clip's own L_reg and L_TRS are what they are without images (images drawn after the clip's noise)."""
+    from fixtures.checkpoints import perturb_temporal
+
+    overrides = {"model.trainable_spatial": ["*attentions*"], "loss.lambda_dc": 0.0}
+    if objective_kind == "edm":
+        overrides.update({"diffusion.objective": "edm", "diffusion.beta_schedule": "scaled_linear"})
+    model, cfg = make_video_model(**overrides)
+    perturb_temporal(model)
+    objective = HarivoObjective.for_model(cfg, model)
+    latents, text = batch(2, 4)
+    images, _ = batch(2, 3, seed=1)  # (B, C, N, H, W)
+    image_text = torch.randn(2, 3, 77, 32, generator=torch.Generator().manual_seed(2))
+    clip_only = objective(model, latents, text, torch.Generator().manual_seed(0))
+    joint = objective(
+        model, latents, text, torch.Generator().manual_seed(0), images=images, image_text=image_text
+    )
+    assert torch.allclose(joint.reg, clip_only.reg, atol=1e-6) and joint.reg > 0
+    assert torch.allclose(joint.trs, clip_only.trs, atol=1e-6) and joint.trs > 0
+    assert not torch.allclose(joint.simple, clip_only.simple)
+    # Images alone (no clip term) still reach the spatial layers and nothing temporal.
+    model.zero_grad()
+    only_images = objective(model, images[:, :, :1], text, torch.Generator().manual_seed(0), image_mode=True)
+    only_images.total.backward()
+    assert all(p.grad is not None for n, p in model.unet.named_parameters() if n in model.spatial_names)
+    assert all(p.grad is None for p in model.motion_adapter.parameters())
+    with pytest.raises(ValueError, match="images and image_text go together"):
+        objective(model, latents, text, images=images)
 
 
 def test_seeded_step_is_reproducible(make_video_model):
@@ -113,6 +146,5 @@ def test_sd21_trains_on_uniform_timesteps_and_reads_the_base_prediction_type():
     assert uniform.denoiser(lambda *a: None).prediction_type == "epsilon"
     v = HarivoObjective(_config(**sd, **{"diffusion.prediction_type": "v_prediction"}))
     assert v.denoiser(lambda *a: None).prediction_type == "v_prediction"
-    assert HarivoObjective(
-        _config(**{"diffusion.objective": "edm", "edm.kind": "edm"})
-    ).cfg.edm.sigmas_from == ("lognormal")
+    edm = {"diffusion.objective": "edm", "edm.kind": "edm", "model.trainable_spatial": ["*"]}
+    assert HarivoObjective(_config(**edm)).cfg.edm.sigmas_from == "lognormal"

@@ -185,3 +185,72 @@ def test_deepcopy_gives_an_independent_model(make_video_model, perturb_temporal)
     perturb_temporal(twin)
     assert torch.equal(model(latents, timesteps, text), before)
     assert not torch.equal(twin(latents, timesteps, text), before)
+
+
+# ---- joint image-video training: images after the clip, trainable spatial layers --------------------------
+
+
+@torch.no_grad()
+def test_images_after_the_clip_are_the_base_on_their_own(make_video_model, perturb_temporal):
+    """N images concatenated to a clip on the time axis: the clip's output is the model on the clip alone, each
+    image's the base UNet on that image with its own caption (no temporal layers, mapping network or frame
+    tokens; the frame tokens' K extra keys are masked out for images)."""
+    model, _ = make_video_model(**{"model.trainable_spatial": ["*attentions*"]})
+    perturb_temporal(model)
+    latents, timesteps, text = inputs(2, 4)
+    images, _, _ = inputs(2, 3, seed=1)  # (B, C, N, H, W)
+    image_text = torch.randn(2, 3, 77, 32, generator=torch.Generator().manual_seed(2))  # (B, N, M, D)
+    joint = model(torch.cat([latents, images], dim=2), timesteps, text, image_text=image_text)
+    assert joint.shape == (2, 4, 7, 8, 8)
+    assert (joint[:, :, :4] - model(latents, timesteps, text)).abs().max() <= 1e-5
+    for i in range(3):
+        alone = per_frame_2d(model.unet, images[:, :, i : i + 1], timesteps, image_text[:, i])
+        assert (joint[:, :, 4 + i : 5 + i] - alone).abs().max() <= 1e-5
+    # The capture observers see the clip's frames only (L_TRS and L_DC are the clip's).
+    with model.capture() as captured:
+        model(torch.cat([latents, images], dim=2), timesteps, text, image_text=image_text)
+    assert captured.hspace.shape[1] == 4 and all(m.shape[1] == 4 for m in captured.attention_maps)
+    with pytest.raises(ValueError, match="image_text"):
+        model(latents, timesteps, text, image_text=image_text[:1])
+
+
+def test_trainable_spatial_layers_train_save_and_load(make_video_model):
+    model, cfg = make_video_model(**{"model.trainable_spatial": ["*attentions*"]})
+    spatial = {n for n, p in model.unet.named_parameters() if p.requires_grad}
+    assert spatial == model.spatial_names and spatial and all("attentions" in n for n in spatial)
+    assert any(not p.requires_grad for p in model.unet.parameters())  # the resnets stay frozen
+    state = model.trainable_state_dict()
+    assert {k[5:] for k in state if k.startswith("unet.")} == spatial
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            if name in spatial:
+                p.add_(0.01)
+    fresh, _ = make_video_model(**{"model.trainable_spatial": ["*attentions*"]})
+    fresh.load_trainable_state_dict(model.trainable_state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    frozen, _ = make_video_model()  # a frozen-base model refuses a checkpoint that trained the base
+    with pytest.raises(ValueError, match="not in model.trainable_spatial"):
+        frozen.load_trainable_state_dict(model.trainable_state_dict())
+    with pytest.raises(ValueError, match=r"'\*nothing\*' matches no UNet parameter"):
+        make_video_model(**{"model.trainable_spatial": ["*nothing*"]})
+
+
+def test_from_scratch_builds_the_unet_from_its_config_alone(tiny_zoo, tmp_path):
+    """model.from_scratch reads only the base's unet/config.json (here its weights file is gone)."""
+    import shutil
+
+    from fixtures.checkpoints import tiny_train_config
+
+    base = tmp_path / "sd"
+    shutil.copytree(tiny_zoo.sd, base)
+    for weights in (base / "unet").glob("*.safetensors"):
+        weights.unlink()
+    cfg = tiny_train_config(base, **{"model.from_scratch": True, "model.trainable_spatial": ["*"]})
+    scratch = VideoUNet.from_pretrained(cfg.model, cfg.harivo)
+    reference = UNet2DConditionModel.from_pretrained(tiny_zoo.sd, subfolder="unet")
+    assert scratch.unet.config.block_out_channels == reference.config.block_out_channels
+    assert all(p.requires_grad for p in scratch.unet.parameters())
+    scratch.freeze_video_layers()  # data.image_only: only the UNet trains
+    assert {n.split(".")[0] for n, p in scratch.named_parameters() if p.requires_grad} == {"unet"}
+    with pytest.raises(OSError):
+        VideoUNet.from_pretrained(tiny_train_config(base).model)

@@ -2,11 +2,12 @@
 
     python -m training.evaluate --checkpoint runs/demo/train --prompts training/prompts/harivo_a3.txt \\
         --output runs/demo/eval eval.clip_model=local-dir:runs/tiny-zoo/clip \\
-        eval.i3d_path=i3d_torchscript.pt eval.reference=runs/demo/latents
+        eval.i3d_path=i3d_torchscript.pt eval.reference=data/demo
 
 Videos are generated with `training.sample` (same `SampleConfig`, so every sampler setting is an
 override here too) under OUTPUT/videos/, and OUTPUT/report.json records the scores together with the
-protocol they were measured under: #videos, frames, resolution, fps (FVD is only comparable within one).
+protocol they were measured under: #videos, frames, resolution, fps, the real set's source, window stride or
+fps and seed, the I3D and CLIP files' checksums (FVD is only comparable within one protocol).
 `evaluate(...)` is the same as a function, for Ray Tune objectives (sampling-only sweeps).
 """
 
@@ -29,56 +30,39 @@ from training.evaluation.metrics import (
     latent_flicker,
     load_i3d,
 )
+from training.evaluation.reference import real_clips
 from training.sampling.config import SampleConfig
 from training.sampling.loading import load_pipeline
-from training.sampling.pipeline import VideoPipeline
-from training.sampling.video_io import VIDEO_SUFFIXES, read_video, resize_crop_frames
 from training.sampling.write import generate, read_prompts
 
 log = logging.getLogger(__name__)
 
 
-def _fit(frames: torch.Tensor, num_frames: int, height: int, width: int, source: str) -> torch.Tensor:
-    """First `num_frames` frames of (F', 3, H', W'), resized and centre-cropped to (height, width) as curation
-    does (`pipeline.decode.resize_crop`)."""
-    if len(frames) < num_frames:
-        raise ValueError(f"reference {source} has {len(frames)} frames, the generated videos {num_frames}")
-    return resize_crop_frames(frames[:num_frames], height, width)
-
-
-def load_reference(path: str, pipe: VideoPipeline, limit: int) -> torch.Tensor:
-    """Real videos (N, F, 3, H, W) in [0, 1] shaped like the generated ones.
-
-    `path`: a pipeline output dir (or its clips/ dir), whose VAE latents are decoded with the base's
-    VAE, or a directory of video files.
-    """
-    p = Path(path)
-    clips = p / "clips" if (p / "clips").is_dir() else p
-    f, h, w = pipe.num_frames, pipe.height, pipe.width
-    parquet = sorted(clips.glob("*.parquet"))
-    videos: list[torch.Tensor] = []
-    if parquet:
-        import pyarrow.parquet as pq
-
-        from pipeline.schema import LATENTS, latents_array
-
-        for file in parquet:
-            for lat in latents_array(pq.read_table(file, columns=[LATENTS])):  # (F', C, h', w') each
-                z = torch.from_numpy(lat.copy()).float().permute(1, 0, 2, 3)[None]  # (1, C, F', h', w')
-                videos.append(_fit(pipe.decode(z[:, :, :f]), f, h, w, str(file)))
-                if len(videos) >= limit:
-                    break
-            if len(videos) >= limit:
-                break
-    else:
-        files = sorted(q for q in p.iterdir() if q.suffix.lower() in VIDEO_SUFFIXES) if p.is_dir() else []
-        for file in files[:limit]:
-            videos.append(_fit(read_video(file), f, h, w, str(file)))
-    if len(videos) < 2:
+def _fvd(e, videos: torch.Tensor, fps: float) -> dict:
+    """FVD of the first `eval.fvd_frames` frames of the generated videos against random windows of as many
+    real ones (decoded from the dataset, same size, `eval.real_fps` or `eval.real_stride`), both in uint8."""
+    n, f, _, h, w = videos.shape
+    if f < e.fvd_frames:
         raise ValueError(
-            f"eval.reference={path}: need >= 2 real videos (Parquet clips or video files), found {len(videos)}"
+            f"FVD{e.fvd_frames} needs {e.fvd_frames} frames, the generated videos have {f}: set eval.fvd_frames"
         )
-    return torch.stack(videos)
+    stride = e.real_stride
+    real_fps = None if stride is not None else (e.real_fps or fps)
+    real, protocol = real_clips(
+        e.reference, e.max_reference, e.fvd_frames, h, w, fps=real_fps, stride=stride, seed=e.real_seed
+    )
+    fake = (videos[:, : e.fvd_frames].clamp(0, 1) * 255).round().to(torch.uint8)  # as real: uint8 frames
+    result = fvd(
+        load_i3d(e.i3d_path),
+        real.float() / 255,
+        fake.float() / 255,
+        fps=fps,
+        detector_name=Path(e.i3d_path).name,
+        detector_sha256=file_sha256(e.i3d_path),
+        min_videos=e.min_videos,
+        allow_few=e.allow_few_videos,
+    )
+    return {**result.to_dict(), "generated_frames": f"first {e.fvd_frames} of {f}", "real": protocol.to_dict()}
 
 
 def evaluate(checkpoint: str, prompts: list[str], output: str | Path, cfg: SampleConfig) -> dict:
@@ -94,27 +78,26 @@ def evaluate(checkpoint: str, prompts: list[str], output: str | Path, cfg: Sampl
     latents = torch.cat([r["latents"] for r in records])  # (N, C, F, h, w)
     n, f, _, h, w = videos.shape
     metrics: dict = {"latent_flicker": latent_flicker(latents)}
-    if e.clip_model:
+    clip_record = None
+    if e.clipsim_enabled:
         from pipeline.models import load_clip
 
         clip, preprocess, tokenizer = load_clip(e.clip_model, e.clip_pretrained)
         metrics["clipsim"] = clipsim(clip, preprocess, tokenizer, videos, [r["prompt"] for r in records])
         metrics["frame_consistency"] = frame_consistency(clip, preprocess, videos)
+        weights = e.clip_pretrained and Path(e.clip_pretrained).is_file()
+        clip_record = {
+            "model": e.clip_model,
+            "pretrained": e.clip_pretrained,
+            "sha256": file_sha256(e.clip_pretrained) if weights else None,
+            "pinned_vit_b_32": e.clip_model == "ViT-B-32",
+        }
+    elif e.clip_model:
+        log.info("CLIPSIM skipped: eval.clip_model=%s needs eval.clip_pretrained (its weights)", e.clip_model)
     fvd_result = None
     if e.i3d_path and e.reference:
-        detector = load_i3d(e.i3d_path)
-        real = load_reference(e.reference, pipe, e.max_reference)
-        fvd_result = fvd(
-            detector,
-            real,
-            videos,
-            fps=cfg.output.fps,
-            detector_name=Path(e.i3d_path).name,
-            detector_sha256=file_sha256(e.i3d_path),
-            min_videos=e.min_videos,
-            allow_few=e.allow_few_videos,
-        )
-        metrics["fvd"] = fvd_result.fvd
+        fvd_result = _fvd(e, videos, cfg.output.fps)
+        metrics["fvd"] = fvd_result["fvd"]
     elif e.i3d_path or e.reference:
         raise ValueError("FVD needs both eval.i3d_path and eval.reference")
     report = {
@@ -126,8 +109,8 @@ def evaluate(checkpoint: str, prompts: list[str], output: str | Path, cfg: Sampl
         "width": w,
         "fps": cfg.output.fps,
         "metrics": metrics,
-        "fvd": fvd_result.to_dict() if fvd_result else None,
-        "clip_model": e.clip_model,
+        "fvd": fvd_result,
+        "clip": clip_record,
         "videos": [{"name": r["name"], "prompt": r["prompt"], "seed": r["seed"]} for r in records],
         "config": to_dict(cfg),
         "seconds": round(time.perf_counter() - t0, 1),

@@ -98,8 +98,11 @@ def prepare(sweep: SweepConfig) -> dict[str, Any]:
         if trial_cfg.eval.max_prompts is not None:
             prompts = prompts[: trial_cfg.eval.max_prompts]
         e = trial_cfg.eval
-        if sweep.metric in ("clipsim", "frame_consistency") and not e.clip_model:
-            raise SweepError(f"metric={sweep.metric} needs eval.clip_model in the trial config (fixed: ...)")
+        if sweep.metric in ("clipsim", "frame_consistency") and not e.clipsim_enabled:
+            raise SweepError(
+                f"metric={sweep.metric} needs eval.clip_model with its weights (eval.clip_pretrained, or a "
+                "local-dir: / hf-hub: model) in the trial config (fixed: ...)"
+            )
         if sweep.metric == "fvd" and not (e.i3d_path and e.reference):
             raise SweepError("metric=fvd needs eval.i3d_path and eval.reference in the trial config")
     return {"space": flat, "preset_tree": preset_tree, "trial_tree": trial_tree, "prompts": prompts}

@@ -12,7 +12,7 @@ import torch
 from fixtures.tiny_i3d import build_tiny_i3d
 from training import evaluate
 from training.evaluation.metrics import load_i3d
-from training.sampling.video_io import write_gif, write_mp4
+from training.sampling.video_io import write_mp4
 from training.sampling.write import read_prompts
 
 PROMPTS = Path(__file__).parents[2] / "training" / "prompts" / "harivo_a3.txt"
@@ -37,9 +37,9 @@ def test_evaluate_cli_writes_its_report(tiny_zoo, tiny_checkpoint, tmp_path):
     reference = tmp_path / "real"
     reference.mkdir()
     gen = torch.Generator().manual_seed(0)
-    for k in range(3):  # real videos may be longer and larger: the first F frames are resized
-        frames = torch.rand(6, 3, 72, 72, generator=gen)
-        (write_mp4 if k % 2 else write_gif)(frames, reference / f"real{k}.{'mp4' if k % 2 else 'gif'}", fps=6)
+    for k in range(3):  # real videos may be longer and larger: random windows, resized and centre-cropped
+        frames = torch.rand(8, 3, 96, 128, generator=gen)
+        write_mp4(frames, reference / f"real{k}.mp4", fps=6)
     out = tmp_path / "eval"
     report = evaluate.main(
         [
@@ -57,6 +57,7 @@ def test_evaluate_cli_writes_its_report(tiny_zoo, tiny_checkpoint, tmp_path):
             f"eval.i3d_path={i3d}",
             f"eval.reference={reference}",
             "eval.allow_few_videos=true",
+            "eval.fvd_frames=4",
         ]
     )
     saved = json.loads((out / "report.json").read_text())
@@ -65,6 +66,15 @@ def test_evaluate_cli_writes_its_report(tiny_zoo, tiny_checkpoint, tmp_path):
     assert set(saved["metrics"]) == {"latent_flicker", "clipsim", "frame_consistency", "fvd"}
     assert saved["fvd"]["num_videos_real"] == 3 and saved["fvd"]["num_videos_fake"] == 2
     assert saved["fvd"]["frames"] == 4 and saved["fvd"]["fps"] == 6.0
+    real = saved["fvd"]["real"]  # random 4-frame windows of the decoded files at the generated videos' fps
+    assert (real["kind"], real["frames"], real["fps"], real["stride"], real["window"]) == (
+        "files",
+        4,
+        6.0,
+        None,
+        "random",
+    )
+    assert saved["clip"]["model"] == str(tiny_zoo.clip) and saved["clip"]["pinned_vit_b_32"] is False
     # the protocol travels with the score: N below StyleGAN-V's 2048 is recorded, the I3D file is named by hash
     assert saved["fvd"]["below_min_videos"] is True and saved["fvd"]["min_videos"] == 2048
     assert saved["fvd"]["covariance"] == "biased"
@@ -81,3 +91,30 @@ def test_fvd_below_the_protocols_n_is_refused_unless_asked_for():
         ValueError, match=r"3 real and 2 generated videos.*eval.min_videos=2048.*allow_few_videos"
     ):
         fvd(None, real, fake)
+
+
+def test_fvd16_needs_16_generated_frames(tiny_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="FVD16 needs 16 frames, the generated videos have 4"):
+        evaluate.main(
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--output",
+                str(tmp_path),
+                "sampler.steps=1",
+                "eval.max_prompts=1",
+                "output.mp4=false",
+                "output.gif=false",
+                "eval.i3d_path=x.pt",
+                f"eval.reference={tmp_path}",
+            ]
+        )
+
+
+def test_clipsim_is_pinned_to_vit_b_32_and_never_downloads():
+    from training.sampling.config import EvalConfig
+
+    e = EvalConfig()
+    assert e.clip_model == "ViT-B-32" and not e.clipsim_enabled  # no weights named: skipped, nothing fetched
+    assert EvalConfig(clip_pretrained="/weights/vit_b_32_openai.bin").clipsim_enabled
+    assert EvalConfig(clip_model="local-dir:/zoo/clip").clipsim_enabled

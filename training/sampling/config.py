@@ -179,16 +179,29 @@ class CascadeSampleConfig:
 class EvalConfig:
     """`python -m training.evaluate`: the metrics and their reference data."""
 
-    clip_model: str | None = None
-    """open_clip model for CLIPSIM / frame consistency: a name, 'hf-hub:...' or 'local-dir:...' (None: skip)."""
+    clip_model: str | None = "ViT-B-32"
+    """open_clip model for CLIPSIM / frame consistency, pinned to ViT-B/32 as the papers' baselines report; also
+    'hf-hub:...' or 'local-dir:...' (which need no clip_pretrained). None: skip."""
     clip_pretrained: str | None = None
-    """open_clip pretrained tag or weights file for `clip_model` (e.g. 'openai')."""
+    """open_clip weights for `clip_model`: a local file (its SHA-256 is recorded) or a tag such as 'openai' (which
+    open_clip downloads). None with a bare model name: CLIPSIM is skipped (nothing downloads by default)."""
     i3d_path: str | None = None
     """StyleGAN-V's i3d_torchscript.pt (None: no FVD)."""
     reference: str | None = None
-    """Real videos for FVD: a pipeline output dir (its clips' latents are decoded) or a dir of mp4/gif files."""
+    """FVD's real videos, decoded (never VAE reconstructions): the user's webdataset shards (dir, glob or URI), a
+    pipeline output dir (the shards its summary.json records), 'ucf101:ROOT[:split:fold]', 'msrvtt:ROOT', or a
+    dir of video files (training/evaluation/reference.py)."""
     max_reference: int = 2048
-    """At most this many reference videos (StyleGAN-V protocol: 2048)."""
+    """At most this many real videos, one random window each (StyleGAN-V protocol: 2048)."""
+    fvd_frames: int = 16
+    """Frames per video in FVD (FVD16, StyleGAN-V / PYoCo): the first `fvd_frames` of each generated video and
+    windows of that length of the real ones."""
+    real_fps: float | None = None
+    """Frame rate of the real windows (None: output.fps, the generated videos' rate)."""
+    real_stride: int | None = None
+    """Instead of real_fps: every k-th source frame (StyleGAN-V: 1, consecutive frames)."""
+    real_seed: int = 0
+    """Seeds the real windows' random starts (per video)."""
     min_videos: int = 2048
     """FVD needs at least this many real and generated videos (StyleGAN-V / PYoCo: 2048; fewer than I3D's 400
     feature dimensions give a singular covariance)."""
@@ -196,6 +209,12 @@ class EvalConfig:
     """Compute FVD on fewer than `min_videos` anyway (warned about, recorded as below_min_videos in the report)."""
     max_prompts: int | None = None
     """Use only the first N prompts of the prompt file (None: all)."""
+
+    @property
+    def clipsim_enabled(self) -> bool:
+        """CLIPSIM runs when the CLIP's weights are named (a bare model name alone would download them)."""
+        m = self.clip_model
+        return bool(m) and (bool(self.clip_pretrained) or m.startswith(("local-dir:", "hf-hub:")))
 
 
 @dataclass

@@ -383,33 +383,28 @@ class TrainConfig:
         spatial = bool(m.trainable_spatial)
         if m.from_scratch and "*" not in m.trainable_spatial:
             raise ValueError(
-                f"model.from_scratch=true needs model.trainable_spatial=['*'] (a random UNet must train entirely), "
-                f"got {m.trainable_spatial}"
+                f"model.from_scratch=true needs model.trainable_spatial=['*'], got {m.trainable_spatial}"
             )
         if o.spatial_lr is not None and (o.spatial_lr <= 0 or not spatial):
-            raise ValueError(
-                f"optim.spatial_lr={o.spatial_lr} must be > 0 and needs model.trainable_spatial (got {m.trainable_spatial})"
-            )
+            raise ValueError(f"optim.spatial_lr={o.spatial_lr} must be > 0 and needs model.trainable_spatial")
         if self.diffusion.objective == "edm" and self.edm.kind != "sd21" and not spatial:
             raise ValueError(
                 f"edm.kind={self.edm.kind} feeds c_noise = ln(sigma)/4 into the frozen base's timestep embedding "
-                "(trained on 0..999): use edm.kind=sd21, or train the base's spatial layers (model.trainable_spatial)"
+                "(trained on 0..999): use edm.kind=sd21, or train the base (model.trainable_spatial)"
             )
         if d.images_per_clip < 0:
             raise ValueError(f"data.images_per_clip={d.images_per_clip} must be >= 0")
-        images = d.images_per_clip > 0 or d.image_only
-        if images and not spatial:
+        if (d.images_per_clip > 0 or d.image_only) and not spatial:
             field_ = "data.image_only=true" if d.image_only else f"data.images_per_clip={d.images_per_clip}"
             raise ValueError(
                 f"{field_} trains nothing: images pass only the base UNet, which is frozen; set "
                 "model.trainable_spatial (e.g. ['*attentions*'] or ['*'])"
             )
         if d.images_per_clip > 0:
-            if d.image_only:
-                raise ValueError("data.images_per_clip and data.image_only exclude each other")
-            if not d.image_path:
+            if d.image_only or not d.image_path:
                 raise ValueError(
-                    f"data.images_per_clip={d.images_per_clip} needs data.image_path (an image store from pipeline.run)"
+                    f"data.images_per_clip={d.images_per_clip} needs data.image_path (an image store from "
+                    "pipeline.run) and excludes data.image_only"
                 )
             if self.cascade.stage in ("interp", "sr"):
                 raise ValueError(

@@ -62,7 +62,11 @@ def _fvd(e, videos: torch.Tensor, fps: float) -> dict:
         min_videos=e.min_videos,
         allow_few=e.allow_few_videos,
     )
-    return {**result.to_dict(), "generated_frames": f"first {e.fvd_frames} of {f}", "real": protocol.to_dict()}
+    return {
+        **result.to_dict(),
+        "generated_frames": f"first {e.fvd_frames} of {f}",
+        "real": protocol.to_dict(),
+    }
 
 
 def evaluate(checkpoint: str, prompts: list[str], output: str | Path, cfg: SampleConfig) -> dict:

@@ -85,6 +85,8 @@ def test_rank_zero_writes_the_shared_files(tmp_path):
         "step": 6,
         "epoch": 1,
         "batches_in_epoch": 2,
+        "image_epoch": 0,  # joint training's image stream position (data.images_per_clip)
+        "image_batches": 0,
     }
     assert load_config(TrainConfig, tmp_path / "r0" / CONFIG_FILE) == cfg  # the resolved config, reloadable
 

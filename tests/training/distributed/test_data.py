@@ -179,7 +179,7 @@ def test_clips_must_hold_the_frames_the_model_needs(tiny_zoo, store, num_frames,
 
 
 def test_a_view_the_store_lacks_is_refused(tiny_zoo, store):
-    with pytest.raises(LatentStoreError, match=r"data.view='sr' not in the store's views \['main'\]"):
+    with pytest.raises(LatentStoreError, match=r"data.view='sr' not in the views \['main'\] of "):
         inspect_store(train_config(tiny_zoo, store, **{"data.view": "sr"}))
 
 

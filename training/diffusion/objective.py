@@ -120,6 +120,7 @@ class HarivoObjective(nn.Module):
         # Cascade conditioning (none for HARIVO / the base stage), drawn before the noise.
         cond, cond_level = training_condition(cfg.cascade, latents, cond_latents, generator)
         stage_kwargs = {"cond": cond, "cond_level": cond_level} if cond is not None else {}
+        joint_kwargs = {**stage_kwargs, "image_text": image_text} if images is not None else stage_kwargs
 
         # Noise: the configured prior, correlated along F (i.i.d. for HARIVO, PYoCo mixed/progressive).
         noise = video_noise(
@@ -138,7 +139,6 @@ class HarivoObjective(nn.Module):
                 return latents, noise
             image_noise = torch.randn(images.shape, generator=generator, device=gen_device)
             noise = torch.cat([noise, image_noise.to(latents.device, latents.dtype)], dim=2)
-            stage_kwargs["image_text"] = image_text
             return torch.cat([latents, images.to(latents.dtype)], dim=2), noise  # (B, C, F + N, H, W)
 
         if cfg.diffusion.objective == "ddpm":
@@ -158,7 +158,7 @@ class HarivoObjective(nn.Module):
                 return model(x, timesteps, encoder_hidden_states, image_mode=image, **kwargs)
 
             with model.capture(attention_maps=need_trs, hspace=need_dc) as captured:  # outputs unchanged
-                model_pred = predict(noisy_latents, image_mode, stage_kwargs)
+                model_pred = predict(noisy_latents, image_mode, joint_kwargs)
             simple = simple_loss(model_pred, target)
             reg_timesteps = timesteps
         else:
@@ -180,7 +180,7 @@ class HarivoObjective(nn.Module):
                 )
 
             with model.capture(attention_maps=need_trs, hspace=need_dc) as captured:
-                denoised, model_pred = predict(noisy_latents, image_mode, stage_kwargs)
+                denoised, model_pred = predict(noisy_latents, image_mode, joint_kwargs)
             sigma_data = effective_sigma_data(cfg.edm.kind, cfg.edm.sigma_data)
             simple = edm_loss(denoised.float(), latents.float(), sigma, sigma_data).mean()
             reg_timesteps = sigma_to_timestep(sigma, self.sigmas)
@@ -189,8 +189,7 @@ class HarivoObjective(nn.Module):
         # L_simple on that path.
         reg = zero
         if need_reg:
-            clip_kwargs = {k: v for k, v in stage_kwargs.items() if k != "image_text"}
-            image_pred = predict(noisy_latents[:, :, :f], True, clip_kwargs)
+            image_pred = predict(noisy_latents[:, :, :f], True, stage_kwargs)
             image_pred = image_pred[1] if isinstance(image_pred, tuple) else image_pred
             reg = reg_loss(model_pred[:, :, :f], image_pred, reg_timesteps, cfg.diffusion.num_train_timesteps)
         # L_TRS on the decoder self-attention maps of the frozen layers, L_DC on the h-space (the clip's frames).

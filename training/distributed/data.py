@@ -103,7 +103,7 @@ def inspect_store(cfg: TrainConfig) -> StoreInfo:
             "no training data: pass --data LATENTS (the pipeline's --output dir) or set data.path"
         )
     needed = (cfg.model.num_frames - 1) * cfg.data.frame_stride + 1
-    return _inspect(cfg, cfg.data.path, cfg.data.view, needed, "data.view")
+    return _inspect(cfg, cfg.data.path, cfg.data.view, needed, "data.view", with_cond_view=True)
 
 
 def inspect_image_store(cfg: TrainConfig, clips: StoreInfo) -> StoreInfo | None:
@@ -127,8 +127,14 @@ def inspect_image_store(cfg: TrainConfig, clips: StoreInfo) -> StoreInfo | None:
 
 
 def _inspect(
-    cfg: TrainConfig, data_path: str, data_view: str | None, needed: int, view_field: str
+    cfg: TrainConfig,
+    data_path: str,
+    data_view: str | None,
+    needed: int,
+    view_field: str,
+    with_cond_view: bool = False,
 ) -> StoreInfo:
+    """A store's first Parquet file checked against `cfg`; `with_cond_view`: also SR's low-resolution view."""
     fs, fs_path, path = _clips_path(data_path)
     infos = [f for f in fs.get_file_info(pafs.FileSelector(fs_path)) if f.path.endswith(".parquet")]
     files = sorted(f.path for f in infos)
@@ -171,9 +177,7 @@ def _inspect(
     has_embeds = schema.PROMPT_EMBEDS in file_schema.names and any(
         _same_model(text_encoder, c) for c in (cfg.model.pretrained, f"{cfg.model.pretrained}/text_encoder")
     )
-    cond_column, cond_shape = (
-        _cond_view(cfg, views, view, primary, path) if view_field == "data.view" else (None, None)
-    )
+    cond_column, cond_shape = _cond_view(cfg, views, view, primary, path) if with_cond_view else (None, None)
     return StoreInfo(
         path, column, shape, has_embeds, meta, sum(f.size for f in infos), cond_column, cond_shape
     )
@@ -265,13 +269,8 @@ class ImageStream:
     resumed run skips what was drawn and then draws the images an uninterrupted run would."""
 
     def __init__(self, shard, batch_size: int, seed: int, shuffle_buffer: int, state):
-        self.shard, self.batch_size, self.seed, self.buffer, self.state = (
-            shard,
-            batch_size,
-            seed,
-            shuffle_buffer,
-            state,
-        )
+        self.shard, self.batch_size, self.seed = shard, batch_size, seed
+        self.buffer, self.state = shuffle_buffer, state
         self._it = None
 
     def _epoch(self):

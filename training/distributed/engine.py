@@ -1,7 +1,8 @@
 """DeepSpeed around the single-device video model: the only module that imports deepspeed.
 
 `initialize` builds the engine (ZeRO stage, precision, accumulation, clipping) with a torch AdamW over the
-trainable parameters only (the base's own, when some train, in a group of their own learning rate) and the warmup + cosine schedule; `save_shard` / `load_shard` persist every
+trainable parameters only (the base's own, when some train, in a group with its own learning rate) and the
+warmup + cosine schedule; `save_shard` / `load_shard` persist every
 rank's ZeRO shard without the frozen base; `gathered_trainable_state` collects the trainable weights on
 every rank (ZeRO-3 partitions them) for export.
 """

@@ -2,7 +2,9 @@
 
 One module per stage (`read`, `decode`, `filters`, `encode`, `write`, `summary`) built on `stream`'s
 typed row stages; `run` wires them into one streaming Ray Data job; `schema` is the written contract with
-`training/`; `config` holds `PipelineConfig` (and `config_hash`); `configlib` is the one config loader
+`training/`; `pyav` is the decode stage's fallback reader for what decord cannot open (AV1, GIF, rotated
+or odd-sized video); `raysession` connects every CLI to Ray (merging with a submitted job's runtime env)
+and explains or records paths the way a job needs; `config` holds `PipelineConfig` (and `config_hash`); `configlib` is the one config loader
 every CLI and Ray Tune share; `models` loads the pretrained models curation, training and evaluation share
 (open_clip and its embedding rule, the aesthetic head, the CLIP text encoder, precision names).
 

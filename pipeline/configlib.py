@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -143,6 +145,23 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def to_yaml(cfg: Any) -> str:
     """The fully resolved config as YAML; `load_config(schema, that_file)` reproduces it."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with its non-finite floats made valid JSON: inf -> "inf", -inf -> "-inf" (both read back by
+    `float()` and OmegaConf), NaN -> null (a score never computed)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def to_json(value: Any, **kwargs) -> str:
+    """Strict JSON (no NaN / Infinity tokens, which most JSON readers refuse) of `json_safe(value)`."""
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:

@@ -4,7 +4,9 @@ decord can kill its process with SIGSEGV on some truncated H.264 read from memor
 that, and Ray Data retrying the crashed task would crash again. So each `DecodeStage` actor owns a child
 process (`python -m pipeline.decode`) that does all decoding; if it dies or hangs, the sample is rejected
 (`decoder_crash` / `decode_timeout`), the child is restarted, and the batch goes on. The child is also
-recycled every `decode.max_samples_per_process` samples because decord leaks.
+recycled every `decode.max_samples_per_process` samples because decord leaks. Where decord raises (AV1,
+GIF, some widths and display rotations), the same child tries PyAV (`pipeline.pyav`) before rejecting
+the sample; a `decode_error` message then gives both: "decord: ...; pyav: ...".
 
 Clip sampling works on frame timestamps (VFR-safe): a view with `fps > 0` takes the frame shown at
 `t0 + k / fps`; a view with `fps == 0` takes every `frame_stride`-th frame from `t0`. All views of a clip
@@ -27,7 +29,7 @@ import zlib
 
 import numpy as np
 
-from pipeline import stream
+from pipeline import pyav, stream
 from pipeline.schema import Reason, Stage
 
 _LEN = struct.Struct("<Q")
@@ -101,51 +103,47 @@ def _decode_image(data: bytes, views: list[dict]) -> list[dict]:
     ]
 
 
-def _decode_video(data: bytes, views: list[dict], clips: int, policy: str, seed: int) -> list[dict]:
-    import decord
+def _plan(ts: np.ndarray, avg_fps: float, views: list[dict], clips: int, policy: str, seed: int):
+    """([(t0, {view: source frame indices})] per clip, the unique indices all clips need) from the
+    frame start times `ts` (n,)."""
+    n = len(ts)
+    dt = 1.0 / avg_fps
+    spans = {
+        v["name"]: (
+            (v["num_frames"] - 1) / v["fps"]
+            if v["fps"] > 0
+            else (v["num_frames"] - 1) * v["frame_stride"] * dt
+        )
+        for v in views
+    }
+    span = max(spans.values())
+    lo, hi = float(ts[0]), float(ts[-1])
+    if hi - lo + _TOLERANCE * dt < span:
+        raise DecodeFailure(
+            Reason.TOO_FEW_FRAMES,
+            f"video has {n} frames ({hi - lo + dt:.2f}s), clip needs {span + dt:.2f}s",
+        )
+    starts = clip_starts(lo, max(hi, lo + span), span, clips, policy, seed)
+    plans = []
+    for t0 in starts:
+        idx = {}
+        for v in views:
+            f = v["num_frames"]
+            if v["fps"] > 0:
+                times = t0 + np.arange(f) / v["fps"]
+                i = np.searchsorted(ts, times + 1e-6, side="right") - 1  # frame on screen at each time
+            else:
+                i0 = int(np.searchsorted(ts, t0 + 1e-6, side="right") - 1)
+                i0 = min(max(i0, 0), n - 1 - (f - 1) * v["frame_stride"])
+                i = i0 + v["frame_stride"] * np.arange(f)
+            idx[v["name"]] = np.clip(i, 0, n - 1).astype(np.int32)
+        plans.append((t0, idx))
+    needed = np.unique(np.concatenate([i for _, idx in plans for i in idx.values()]))
+    return plans, needed
 
-    vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
-    try:
-        n = len(vr)
-        if n < 1:
-            raise DecodeFailure(Reason.TOO_FEW_FRAMES, "no frames")
-        ts = np.asarray(vr.get_frame_timestamp(np.arange(n)))[:, 0].astype(np.float64)  # (n,) start times
-        avg_fps = float(vr.get_avg_fps()) or 1.0
-        dt = 1.0 / avg_fps
-        spans = {
-            v["name"]: (
-                (v["num_frames"] - 1) / v["fps"]
-                if v["fps"] > 0
-                else (v["num_frames"] - 1) * v["frame_stride"] * dt
-            )
-            for v in views
-        }
-        span = max(spans.values())
-        lo, hi = float(ts[0]), float(ts[-1])
-        if hi - lo + _TOLERANCE * dt < span:
-            raise DecodeFailure(
-                Reason.TOO_FEW_FRAMES,
-                f"video has {n} frames ({hi - lo + dt:.2f}s), clip needs {span + dt:.2f}s",
-            )
-        starts = clip_starts(lo, max(hi, lo + span), span, clips, policy, seed)
-        plans = []
-        for t0 in starts:
-            idx = {}
-            for v in views:
-                f = v["num_frames"]
-                if v["fps"] > 0:
-                    times = t0 + np.arange(f) / v["fps"]
-                    i = np.searchsorted(ts, times + 1e-6, side="right") - 1  # frame on screen at each time
-                else:
-                    i0 = int(np.searchsorted(ts, t0 + 1e-6, side="right") - 1)
-                    i0 = min(max(i0, 0), n - 1 - (f - 1) * v["frame_stride"])
-                    i = i0 + v["frame_stride"] * np.arange(f)
-                idx[v["name"]] = np.clip(i, 0, n - 1).astype(np.int32)
-            plans.append((t0, idx))
-        needed = np.unique(np.concatenate([i for _, idx in plans for i in idx.values()]))
-        frames = vr.get_batch(needed.tolist()).asnumpy()  # (U, H, W, 3): only the frames clips use
-    finally:
-        del vr  # release the reader's buffers now (decord is known to leak)
+
+def _assemble(plans: list, needed: np.ndarray, frames: np.ndarray, avg_fps: float, views: list[dict]):
+    """Clip dicts from the plans and `frames` (U, H, W, 3), the decoded frames `needed`."""
     where = {int(f): j for j, f in enumerate(needed)}
     out = []
     for t0, idx in plans:
@@ -166,16 +164,70 @@ def _decode_video(data: bytes, views: list[dict], clips: int, policy: str, seed:
     return out
 
 
+def _decord_clips(data: bytes, views: list[dict], clips: int, policy: str, seed: int) -> list[dict]:
+    import decord
+
+    vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+    try:
+        n = len(vr)
+        if n < 1:  # decord's count, not necessarily the video's: PyAV gets to look
+            raise ValueError("decord found no frames")
+        ts = np.asarray(vr.get_frame_timestamp(np.arange(n)))[:, 0].astype(np.float64)  # (n,) start times
+        avg_fps = float(vr.get_avg_fps()) or 1.0
+        plans, needed = _plan(ts, avg_fps, views, clips, policy, seed)
+        frames = vr.get_batch(needed.tolist()).asnumpy()  # (U, H, W, 3): only the frames clips use
+    finally:
+        del vr  # release the reader's buffers now (decord is known to leak)
+    return _assemble(plans, needed, frames, avg_fps, views)
+
+
+def _pyav_clips(data: bytes, views: list[dict], clips: int, policy: str, seed: int) -> list[dict]:
+    vr = pyav.VideoReader(data)
+    if len(vr) < 1:
+        raise DecodeFailure(Reason.TOO_FEW_FRAMES, "no frames")
+    avg_fps = vr.avg_fps or 1.0
+    plans, needed = _plan(vr.timestamps, avg_fps, views, clips, policy, seed)
+    return _assemble(plans, needed, vr.get_batch(needed.tolist()), avg_fps, views)
+
+
+def _describe(exc: BaseException, limit: int = 2000) -> str:
+    return f"{type(exc).__name__}: {exc}"[:limit]
+
+
+def _decode_video(
+    data: bytes, views: list[dict], clips: int, policy: str, seed: int
+) -> tuple[list[dict], str]:
+    """(clips, decoder): decord, else PyAV where decord raises (AV1, GIF, some widths and rotations).
+
+    A `DecodeFailure` (too few frames) is a verdict on the video, not a decoder failure: no fallback.
+    """
+    try:
+        return _decord_clips(data, views, clips, policy, seed), "decord"
+    except DecodeFailure:
+        raise
+    except Exception as exc:
+        decord_error = _describe(exc, 900)  # both fit in a rejection message (2000 characters)
+    try:
+        return _pyav_clips(data, views, clips, policy, seed), "pyav"
+    except DecodeFailure:
+        raise
+    except Exception as exc:
+        raise DecodeFailure(
+            Reason.DECODE_ERROR, f"decord: {decord_error}; pyav: {_describe(exc, 900)}"
+        ) from None
+
+
 def decode_sample(req: dict) -> dict:
-    """{'clips': [...]} or {'error': (reason, message)} for one decode request (child side)."""
+    """{'clips': [...], 'decoder': name} or {'error': (reason, message)} for one request (child side)."""
     try:
         if req["media"] == "image":
-            return {"clips": _decode_image(req["data"], req["views"])}
-        return {"clips": _decode_video(req["data"], req["views"], req["clips"], req["start"], req["seed"])}
+            return {"clips": _decode_image(req["data"], req["views"]), "decoder": "pil"}
+        clips, decoder = _decode_video(req["data"], req["views"], req["clips"], req["start"], req["seed"])
+        return {"clips": clips, "decoder": decoder}
     except DecodeFailure as exc:
         return {"error": (exc.reason, str(exc))}
     except Exception as exc:  # decoder errors on bad data: recorded per sample
-        return {"error": (Reason.DECODE_ERROR, f"{type(exc).__name__}: {exc}")}
+        return {"error": (Reason.DECODE_ERROR, _describe(exc))}
 
 
 def _serve() -> None:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.raysession import where_resolved
+
 log = logging.getLogger(__name__)
 
 DTYPES = {
@@ -61,7 +63,7 @@ def check_local_model(field: str, spec: str) -> str:
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(
-            f"{field}={spec}: no such file or directory (resolved against {Path.cwd()}); build the tiny model "
+            f"{field}={spec}: no such file or directory{where_resolved(spec)}; build the tiny model "
             "zoo with `python -m pipeline.zoo --out DIR` or point the field at real weights"
         )
     return str(path.resolve())

@@ -23,6 +23,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipeline import stream
 from pipeline.config import ReadConfig
+from pipeline.raysession import where_resolved
 from pipeline.schema import Reason, Stage
 
 _BLOCK = 512
@@ -69,7 +70,9 @@ def list_shards(spec: str) -> tuple[pafs.FileSystem, list[Shard]]:
     elif info.type == pafs.FileType.File:
         files, root = [info], posixpath.dirname(base_path)
     else:
-        raise FileNotFoundError(f"--input {spec!r}: no such file, directory or glob match")
+        raise FileNotFoundError(
+            f"--input {spec!r}: no such file, directory or glob match{where_resolved(spec)}"
+        )
     files = [f for f in files if f.path.endswith(".tar")]
     if not files:
         raise FileNotFoundError(f"--input {spec!r}: no .tar shards found")

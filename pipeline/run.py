@@ -13,8 +13,10 @@ complete shards and redoes partial ones.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -79,7 +81,7 @@ def file_metadata(cfg: PipelineConfig, info: dict) -> dict:
         S.META_SCHEMA_VERSION: S.SCHEMA_VERSION,
         S.META_PIPELINE_VERSION: S.PIPELINE_VERSION,
         S.META_CONFIG_HASH: config_hash(cfg),
-        S.META_VAE: info["vae"],
+        S.META_VAE: cfg.encode.model,
         S.META_VAE_REVISION: info["vae_revision"],
         S.META_VAE_HASH: info["vae_hash"],
         S.META_SCALING_FACTOR: info["scaling_factor"],
@@ -99,14 +101,13 @@ def file_metadata(cfg: PipelineConfig, info: dict) -> dict:
 
 
 def init_ray(cfg: PipelineConfig) -> None:
-    import ray
     from ray.data import DataContext
 
-    if not ray.is_initialized():
-        if cfg.ray.address:
-            ray.init(address=cfg.ray.address)
-        else:  # inside `ray job submit` RAY_ADDRESS points at the cluster; otherwise a local Ray
-            ray.init(num_cpus=cfg.ray.num_cpus or None)
+    from pipeline.raysession import init_ray as connect
+
+    # Inside `ray job submit` RAY_ADDRESS points at the cluster; otherwise a local Ray of ray.num_cpus.
+    cluster = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    connect(cluster, **({} if cluster else {"num_cpus": cfg.ray.num_cpus or None}))
     ctx = DataContext.get_current()
     ctx.target_max_block_size = int(cfg.ray.max_block_mb * 2**20)
     ctx.enable_progress_bars = cfg.ray.progress_bars
@@ -208,11 +209,14 @@ def run(cfg: PipelineConfig) -> dict:
     t_start = time.perf_counter()
     if not cfg.input or not cfg.output:
         raise ConfigError("both --input and --output are required")
+    fs, shards = list_shards(cfg.input)  # the input first: a typo should not wait for the models to load
+    # The metadata and config hash record the models as the user named them (a hub id, or the path as
+    # given): inside a Ray job the resolved path is the job's temporary copy, different in every job.
+    given = copy.deepcopy(cfg)
     prepare_models(cfg)
-    fs, shards = list_shards(cfg.input)
     store = OutputStore(cfg.output)
     info = model_info(cfg.encode)
-    meta = file_metadata(cfg, info)
+    meta = file_metadata(given, info)
     info_views = meta[S.META_VIEWS]
 
     done = store.complete_stems()
@@ -253,6 +257,7 @@ def run(cfg: PipelineConfig) -> dict:
             cfg.write.compression,
         )
         progress: dict[str, ShardProgress] = {}
+        heartbeat = Heartbeat(len(todo))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
             ds = build_dataset(cfg, todo, fs)
@@ -265,15 +270,58 @@ def run(cfg: PipelineConfig) -> dict:
                 p = progress.setdefault(row["shard"], ShardProgress())
                 p.add(row)
                 if p.complete:
-                    writer.write(row["shard"], progress.pop(row["shard"]))
+                    clips, rejected = writer.write(row["shard"], progress.pop(row["shard"]))
                     written.append(row["shard"])
+                    heartbeat.shard_written(row["shard"], clips, rejected)
+            heartbeat.tick(progress)
         if progress:
             raise RuntimeError(f"shards ended incomplete (a pipeline bug): {sorted(progress)}")
         missing = set(by_stem) - set(written)
         if missing:
             raise RuntimeError(f"shards produced no rows (a pipeline bug): {sorted(missing)}")
-    summary = summarize(store, cfg, [s.stem for s in shards], written, stage_t, time.perf_counter() - t_start)
+    summary = summarize(
+        store, given, [s.stem for s in shards], written, stage_t, time.perf_counter() - t_start
+    )
     return summary
+
+
+class Heartbeat:
+    """Progress on the log while the stream runs (Ray Data's bars are off, or not a terminal): a line per
+    written shard, and every `every_s` seconds the samples done so far."""
+
+    def __init__(self, shards: int, every_s: float = 10.0):
+        self.shards, self.every_s = shards, every_s
+        self.started = self.last = time.perf_counter()
+        self.written = 0
+        log.info("streaming %d shards (the first rows come once the actors have loaded their models)", shards)
+
+    def shard_written(self, stem: str, clips: int, rejected: int) -> None:
+        self.written += 1
+        log.info(
+            "shard %s written: %d clips, %d rejected [%d/%d shards, %.0f s]",
+            stem,
+            clips,
+            rejected,
+            self.written,
+            self.shards,
+            time.perf_counter() - self.started,
+        )
+
+    def tick(self, open_shards: dict) -> None:
+        """`open_shards`: stem -> `pipeline.write.ShardProgress` of the shards not yet complete."""
+        now = time.perf_counter()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        pending = sum(p.samples_done for p in open_shards.values())
+        log.info(
+            "%d/%d shards written, %d samples of %d open shards done [%.0f s]",
+            self.written,
+            self.shards,
+            pending,
+            len(open_shards),
+            now - self.started,
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> PipelineConfig:

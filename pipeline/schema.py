@@ -14,7 +14,7 @@ reads them: `pq.read_table(p)[LATENTS].combine_chunks().to_numpy_ndarray()` -> (
     key str, shard str, clip_index int32, media str ("video" | "image"), caption str,
     start_s float32 (clip start in the source, seconds), source_fps float32,
     source_height int32, source_width int32,
-    motion_score, clip_score, aesthetic_score float32 (NaN when that filter is off or not applicable),
+    motion_score, clip_score, aesthetic_score float32 (null when that filter is off or not applicable),
     per view (primary view unsuffixed, others suffixed `_<view>`):
       frame_indices list<int32> (source frame numbers, F of them), fps float32 (of the clip),
       num_frames, height, width int32 (pixels of the decoded clip),
@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from pipeline.configlib import to_json
 
 SCHEMA_VERSION = 1
 PIPELINE_VERSION = "0.2.0"
@@ -206,7 +208,7 @@ REJECTED_SCHEMA = pa.schema(
 
 
 def encode_metadata(meta: dict[str, Any]) -> dict[bytes, bytes]:
-    return {k.encode(): json.dumps(v, sort_keys=True).encode() for k, v in meta.items()}
+    return {k.encode(): to_json(v, sort_keys=True).encode() for k, v in meta.items()}
 
 
 def decode_metadata(schema: pa.Schema) -> dict[str, Any]:

@@ -8,7 +8,6 @@ and rejected) with the thresholds marked: how to pick thresholds for a new datas
 from __future__ import annotations
 
 import io
-import json
 import logging
 from collections import Counter
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from pipeline import schema as S
 from pipeline.config import config_hash
-from pipeline.configlib import to_dict
+from pipeline.configlib import to_dict, to_json
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ def summarize(
         "config": to_dict(cfg),
     }
     summary["config_hash"] = config_hash(cfg)
-    store.write_text("summary.json", json.dumps(summary, indent=1, sort_keys=False))
+    store.write_text("summary.json", to_json(summary, indent=1))
     if cfg.write.plot:
         try:
             store.write_text(
@@ -99,22 +98,42 @@ def summarize(
 
 
 def plot_scores(scores: dict[str, np.ndarray], thresholds: dict[str, float | None]) -> bytes:
-    """PNG bytes: one histogram per score with its threshold as a red line."""
+    """PNG bytes: one histogram per score (x: the score, y: clips) with its threshold as a red line.
+
+    A threshold below every score (the demo's -1 / -1e9: keep everything) is written in the title, not
+    drawn: on the axis it would squeeze the histogram into one pixel. A filter that is off says so."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [("clip_score", "clip"), ("aesthetic_score", "aesthetic"), ("motion_score", "motion")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (col, key) in zip(axes, names):
+    names = [
+        ("clip_score", "clip", "CLIP image-text cosine"),
+        ("aesthetic_score", "aesthetic", "LAION aesthetic score"),
+        ("motion_score", "motion", "mean |frame difference|"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (col, key, label) in zip(axes, names):
         x = scores[col][np.isfinite(scores[col])]
-        ax.hist(x, bins=40, color="#4a7bd0") if len(x) else ax.text(0.5, 0.5, "not computed", ha="center")
-        if thresholds[key] is not None:
-            ax.axvline(thresholds[key], color="red", lw=2, label=f"min {thresholds[key]:g}")
+        t = thresholds[key]
+        ax.set_xlabel(label)
+        ax.set_ylabel("clips")
+        if not len(x):
+            ax.text(0.5, 0.5, "filter off" if t is None else "no scores", ha="center", transform=ax.transAxes)
+            ax.set_title(f"{col}: not computed")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        ax.hist(x, bins=40, color="#4a7bd0")
+        kept = len(x) if t is None else int((x >= t).sum())
+        span = max(float(x.max() - x.min()), 1e-6)
+        if t is not None and t >= x.min() - 0.5 * span:
+            ax.axvline(t, color="red", lw=2, label=f"min {t:g}")
             ax.legend()
-        kept = int((x >= thresholds[key]).sum()) if thresholds[key] is not None else len(x)
-        ax.set_title(f"{col}: {kept}/{len(x)} clips pass")
+            rule = ""
+        else:
+            rule = " (no threshold)" if t is None else f" (min {t:g}: keeps all)"
+        ax.set_title(f"{col}: {kept}/{len(x)} pass{rule}", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)

@@ -113,8 +113,10 @@ class OutputStore:
         self.fs.move(tmp, final)
 
 
-def _nan(x) -> float:
-    return float("nan") if x is None else float(x)
+def _score(x) -> float | None:
+    """A score for Parquet: null (not NaN) where it was never computed (filter off, one frame, rejected
+    before scoring), so SQL engines and pandas see a missing value, not a number."""
+    return None if x is None or x != x else float(x)
 
 
 class ShardWriter:
@@ -184,7 +186,7 @@ class ShardWriter:
             S.MESSAGE: [r["message"] or "" for r in rows],
         }
         for score in S.SCORES:
-            cols[score] = [_nan(r.get(score)) for r in rows]
+            cols[score] = [_score(r.get(score)) for r in rows]
         return pa.table(cols, schema=S.REJECTED_SCHEMA)
 
     def clips_table(self, rows: list[dict], frames: int | None, meta: dict) -> pa.Table:
@@ -205,7 +207,7 @@ class ShardWriter:
             S.SOURCE_WIDTH: [r["source_width"] for r in rows],
         }
         for score in S.SCORES:
-            cols[score] = [_nan(r.get(score)) for r in rows]
+            cols[score] = [_score(r.get(score)) for r in rows]
         for name, v in views.items():
             col = lambda n, name=name: S.view_column(n, name, self.primary)  # noqa: E731
             indices = [np.frombuffer(r[f"frame_indices__{name}"], np.int32).tolist() for r in rows]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.configlib import add_config_args, config_args, load_config, to_dict
+from pipeline.configlib import add_config_args, config_args, load_config, to_dict, to_json
 from training.evaluation.metrics import (
     clipsim,
     file_sha256,
@@ -120,7 +120,7 @@ def evaluate(checkpoint: str, prompts: list[str], output: str | Path, cfg: Sampl
         "seconds": round(time.perf_counter() - t0, 1),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.json").write_text(to_json(report, indent=2))
     return report
 
 

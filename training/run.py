@@ -17,9 +17,8 @@ motion_adapter/, config.yaml), `tensorboard/`, `config.yaml`, `result.json`.
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -30,8 +29,10 @@ from pipeline.configlib import (
     from_dict,
     load_config,
     to_dict,
+    to_json,
     to_yaml,
 )
+from pipeline.raysession import init_ray, recorded_path
 from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,11 @@ def check_discrete_levels(cfg: TrainConfig) -> None:
         )
 
 
-def absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    """Local paths made absolute: Ray Train workers do not run in the driver's working directory."""
+def absolute_paths(cfg: TrainConfig, record: bool = False) -> TrainConfig:
+    """Local paths made absolute: Ray Train workers do not run in the driver's working directory.
+
+    With `record` (the config written into the run and its export), a path inside a Ray job's temporary
+    working dir stays as the user gave it (`pipeline.raysession.recorded_path`)."""
     for section, name in (
         ("model", "pretrained"),
         ("data", "path"),
@@ -105,7 +109,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
         obj = getattr(cfg, section)
         value = getattr(obj, name)
         if value and "://" not in value and Path(value).expanduser().exists():
-            setattr(obj, name, str(Path(value).expanduser().resolve()))
+            setattr(obj, name, recorded_path(value) if record else str(Path(value).expanduser().resolve()))
     return cfg
 
 
@@ -121,8 +125,11 @@ def export_kind(cfg: TrainConfig, kind: str | None = None) -> str:
     return expected
 
 
-def build_trainer(cfg: TrainConfig, kind: str = "harivo", callbacks: list | None = None):
-    """The TorchTrainer for `cfg` (the data store is checked first: a mismatch fails before any worker starts)."""
+def build_trainer(
+    cfg: TrainConfig, kind: str = "harivo", callbacks: list | None = None, recorded: TrainConfig | None = None
+):
+    """The TorchTrainer for `cfg` (the data store is checked first: a mismatch fails before any worker starts);
+    `recorded` is the config the export records (`absolute_paths(..., record=True)`; default `cfg`)."""
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
@@ -140,6 +147,7 @@ def build_trainer(cfg: TrainConfig, kind: str = "harivo", callbacks: list | None
         image_info,
         export_dir=f"{run_dir}/export",
         kind=kind,
+        recorded=to_dict(recorded) if recorded is not None else None,
         tensorboard_dir=f"{run_dir}/tensorboard" if local else None,
         fault_marker=f"{run_dir}/.fault_injected" if local and cfg.run.fail_at_step else None,
     ).to_loop_config()
@@ -174,20 +182,16 @@ def train(cfg: TrainConfig, kind: str | None = None, callbacks: list | None = No
 
     kind = export_kind(cfg, kind)
     _ensure_base_model(cfg)
+    recorded = absolute_paths(copy.deepcopy(cfg), record=True)
     cfg = absolute_paths(cfg)
-    if not ray.is_initialized():
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS"),
-            # Ray Data logs every epoch's start at INFO (every few steps on a small store): warnings only.
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_DATA_LOG_LEVEL": "WARNING"}},
-            log_to_driver=True,
-        )
+    # Ray Data logs every epoch's start at INFO (every few steps on a small store): warnings only.
+    init_ray(env_vars={"RAY_DATA_LOG_LEVEL": "WARNING"}, log_to_driver=True)
     # The loop prints its own progress (step / total, loss, ETA); Ray Data's per-epoch bars would drown it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    trainer, run_dir = build_trainer(cfg, kind, callbacks)
+    trainer, run_dir = build_trainer(cfg, kind, callbacks, recorded)
     if "://" not in run_dir:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(run_dir) / "config.yaml").write_text(to_yaml(cfg))
+        (Path(run_dir) / "config.yaml").write_text(to_yaml(recorded))
     result = trainer.fit()
     summary = {
         "run_dir": run_dir,
@@ -197,7 +201,7 @@ def train(cfg: TrainConfig, kind: str | None = None, callbacks: list | None = No
         "metrics": result.metrics,
     }
     if "://" not in run_dir:
-        (Path(run_dir) / "result.json").write_text(json.dumps(summary, indent=1, default=str))
+        (Path(run_dir) / "result.json").write_text(to_json(summary, indent=1, default=str))
     return summary
 
 

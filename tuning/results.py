@@ -10,14 +10,13 @@ samples with it.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.configlib import to_yaml
+from pipeline.configlib import to_json, to_yaml
 from tuning.config import SweepConfig
 from tuning.objectives import trial_config
 
@@ -75,7 +74,7 @@ def trial_rows(grid, sweep: SweepConfig, params: list[str], max_steps: int | Non
 
 def write_table(rows: list[dict], out: Path) -> None:
     """trials.csv and trials.json."""
-    (out / "trials.json").write_text(json.dumps(rows, indent=1, default=str))
+    (out / "trials.json").write_text(to_json(rows, indent=1, default=str))
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with (out / "trials.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -83,8 +82,21 @@ def write_table(rows: list[dict], out: Path) -> None:
         writer.writerows(rows)
 
 
-def plot_objective(rows: list[dict], params: list[str], metric: str, path: Path) -> Path | None:
-    """The metric against each searched parameter (one panel each; categories on an index axis)."""
+def log_scale_params(space: dict[str, Any]) -> set[str]:
+    """The searched parameters drawn from a log distribution (loguniform, qloguniform, ...)."""
+    return {p for p, spec in space.items() if isinstance(spec, dict) and any("log" in str(k) for k in spec)}
+
+
+def plot_objective(
+    rows: list[dict],
+    params: list[str],
+    metric: str,
+    path: Path,
+    best_dir: str | None = None,
+    log_params: set[str] = frozenset(),
+) -> Path | None:
+    """The metric against each searched parameter (one panel each; categories on an index axis); the best
+    trial (its trial dir `best_dir`) as a red star; `log_params` (searched on a log scale) on log axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,21 +105,27 @@ def plot_objective(rows: list[dict], params: list[str], metric: str, path: Path)
     done = [r for r in rows if r[metric] is not None]
     if not done:
         return None
-    fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.4), squeeze=False)
+    best = [r for r in done if best_dir is not None and r["trial_dir"] == best_dir]
     for ax, p in zip(axes[0], params):
-        xs = [r[p] for r in done]
-        ys = [r[metric] for r in done]
-        if all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs):
-            ax.scatter(xs, ys)
-            if all(x > 0 for x in xs) and max(xs) / min(xs) > 50:
-                ax.set_xscale("log")
-        else:
-            labels = list(dict.fromkeys(str(x) for x in xs))
-            ax.scatter([labels.index(str(x)) for x in xs], ys)
+        numeric = all(isinstance(r[p], int | float) and not isinstance(r[p], bool) for r in done)
+        labels = list(dict.fromkeys(str(r[p]) for r in done))
+
+        def x_of(r: dict, p=p, numeric=numeric, labels=labels) -> float:
+            return r[p] if numeric else labels.index(str(r[p]))
+
+        ax.scatter([x_of(r) for r in done], [r[metric] for r in done], label="trial")
+        for r in best:
+            ax.scatter([x_of(r)], [r[metric]], marker="*", s=220, color="red", zorder=3, label="best")
+        if numeric and p in log_params and all(r[p] > 0 for r in done):
+            ax.set_xscale("log")
+        if not numeric:
             ax.set_xticks(range(len(labels)), labels)
-        ax.set_xlabel(p)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
+        ax.set_xlabel(p + (" (log)" if p in log_params else ""))
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.suptitle(f"{metric} per trial ({len(done)} trials)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -150,12 +168,22 @@ def write_results(grid, sweep: SweepConfig, plan: dict, schema: type, out: Path,
         "trials_csv": str(out / "trials.csv"),
         "best": None,
     }
-    if sweep.output.plot:
-        summary["plot"] = str(plot_objective(rows, params, sweep.metric, out / "objective.png"))
     try:
         best = grid.get_best_result(metric=sweep.metric, mode=sweep.mode, scope=sweep.search.scope)
     except RuntimeError as exc:  # no trial reported the metric
+        best = None
         log.error("no best trial: %s", exc)
+    if sweep.output.plot:
+        plot = plot_objective(
+            rows,
+            params,
+            sweep.metric,
+            out / "objective.png",
+            best_dir=best.path if best is not None else None,
+            log_params=log_scale_params(plan["space"]),
+        )
+        summary["plot"] = str(plot)
+    if best is None:
         return summary
     best_params = {p: best.config[p] for p in params}
     scores = best.metrics_dataframe[sweep.metric] if sweep.search.scope == "all" else None

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.configlib import ConfigError, config_args, flatten, from_dict, load_config, to_dict, to_yaml
+from pipeline.raysession import init_ray, where_resolved
 from tuning.config import SweepConfig
 from tuning.objectives import absolute_paths, sampling_trial, train_trial
 from tuning.space import SpaceError, check_space, grid_size, to_tune
@@ -76,7 +77,7 @@ def prepare(sweep: SweepConfig) -> dict[str, Any]:
         if not sweep.data:
             raise SweepError("a training sweep needs the pipeline's output: pass --data DIR (or set data)")
         if "://" not in sweep.data and not Path(sweep.data).exists():
-            raise SweepError(f"data={sweep.data} does not exist")
+            raise SweepError(f"data={sweep.data} does not exist{where_resolved(sweep.data)}")
         budget["data.path"] = _abs(sweep.data)
     flat = check_space(sweep.space, schema, base, {**fixed, **budget})
     owned = [k for k in flat if k in ("run.storage_path", "run.name", "data.path")]
@@ -93,7 +94,7 @@ def prepare(sweep: SweepConfig) -> dict[str, Any]:
         if not ckpt:
             raise SweepError("a sampling sweep needs a fixed checkpoint: pass --checkpoint RUN_DIR")
         if "://" not in ckpt and not Path(ckpt).exists():
-            raise SweepError(f"sampling.checkpoint={ckpt} does not exist")
+            raise SweepError(f"sampling.checkpoint={ckpt} does not exist{where_resolved(ckpt)}")
         prompts = read_prompts(sweep.sampling.prompts)
         if trial_cfg.eval.max_prompts is not None:
             prompts = prompts[: trial_cfg.eval.max_prompts]
@@ -204,16 +205,6 @@ def build_trainable(sweep: SweepConfig, plan: dict, own: dict[str, float]):
     return tune.with_resources(fn, own)
 
 
-def _init_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS"),
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-        )
-
-
 def run_sweep(sweep: SweepConfig, resume: bool = False) -> dict:
     """Run (or with `resume`, continue) `sweep`; writes OUTPUT/{sweep.yaml, best.yaml, trials.csv, ...}.
 
@@ -235,7 +226,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(to_yaml(sweep))
 
-    _init_ray()
+    init_ray()
     own, whole = trial_resources(sweep, plan["trial_tree"])
     n_concurrent = concurrency(sweep, whole, ray.cluster_resources())
     param_space = to_tune(plan["space"], sweep.search.algorithm)

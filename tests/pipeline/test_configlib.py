@@ -153,3 +153,20 @@ def test_mapping_overrides_are_not_reparsed_as_yaml():
     )  # the CLI is YAML, as ever
     with pytest.raises(ConfigError, match="noise.alpah"):
         load_config(DemoConfig, None, {"noise.alpah": 1.0})
+
+
+def test_to_json_is_strict_json():
+    """No NaN / Infinity tokens (most JSON readers refuse them): inf is a string float() reads back, NaN null."""
+    import json
+    import math
+
+    from pipeline.configlib import to_json
+
+    text = to_json({"s_tmax": math.inf, "s_tmin": -math.inf, "score": math.nan, "xs": [1.5, (math.inf,)]})
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    back = json.loads(text, parse_constant=refuse)
+    assert back == {"s_tmax": "inf", "s_tmin": "-inf", "score": None, "xs": [1.5, ["inf"]]}
+    assert float(back["s_tmax"]) == math.inf

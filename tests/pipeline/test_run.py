@@ -92,6 +92,20 @@ def test_output_opens_with_plain_pyarrow(demo_run):
     assert meta[S.META_PIPELINE_VERSION] == S.PIPELINE_VERSION
 
 
+def test_scores_never_computed_are_null_not_nan(demo_run):
+    """SQL engines and pandas read a missing score as missing: a rejection before scoring leaves it null."""
+    import pyarrow.compute as pc
+
+    out, _ = demo_run
+    for kind in ("clips", "rejected"):
+        t = pq.read_table(out / kind)
+        for col in S.SCORES:
+            assert pc.sum(pc.is_nan(t[col]).fill_null(False)).as_py() in (0, None), f"{kind}.{col} has NaN"
+    rejected = pq.read_table(out / "rejected")
+    early = pc.equal(rejected[S.STAGE], "metadata")  # rejected before decoding: nothing was scored
+    assert pc.any(early).as_py() and rejected.filter(early)[S.CLIP_SCORE].null_count == pc.sum(early).as_py()
+
+
 def test_latents_are_the_vae_encoding_of_the_sampled_frames(demo_run, demo_shards, tiny_zoo):
     """Decode the stored frame indices independently and re-encode: the stored latents must match."""
     import io

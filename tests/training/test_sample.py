@@ -14,6 +14,10 @@ from training.model.export import resolve_checkpoint
 from training.sampling.video_io import read_video
 
 
+def _refuse(token: str):
+    raise ValueError(f"not JSON: {token}")
+
+
 def test_cli_writes_videos_and_regenerates_exactly_from_the_json(tiny_checkpoint, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# a comment\nA dog is running left to right.\n\nThe kite is flying.\n")
@@ -47,12 +51,14 @@ def test_cli_writes_videos_and_regenerates_exactly_from_the_json(tiny_checkpoint
     video = read_video(out / f"{first['name']}.mp4")
     assert video.shape == (4, 3, 64, 64)  # F frames of 8 x 8-latent pixels
     assert read_video(out / f"{first['name']}.gif").shape == (4, 3, 64, 64)
-    record = json.loads((out / f"{first['name']}.json").read_text())
+    # Strict JSON, readable by any tool (the sampler's s_tmax = inf is written "inf", not Infinity).
+    record = json.loads((out / f"{first['name']}.json").read_text(), parse_constant=_refuse)
+    assert record["config"]["sampler"]["s_tmax"] == "inf"
     assert record["config"]["sampler"]["steps"] == 3 and record["config"]["output"]["fps"] == 8
     assert record["resolved"]["noise_prior"] == "progressive" and record["resolved"]["noise_alpha"] == 1.0
     assert record["resolved"]["train_diffusion"]["beta_schedule"] == "scaled_linear"  # the checkpoint's own
     assert len(record["resolved"]["levels"]) == 3
-    index = json.loads((out / "samples.json").read_text())
+    index = json.loads((out / "samples.json").read_text(), parse_constant=_refuse)
     assert len(index["videos"]) == 3
 
     # Regenerate the second video from its JSON alone: identical latents.

@@ -26,6 +26,7 @@ import torch
 from pipeline.configlib import to_yaml
 from training.config import TrainConfig
 from training.distributed import engine as ds
+from training.distributed.progress import say
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def restore(engine, cfg: TrainConfig, rank: int, generator: torch.Generator, obj
         ds.load_shard(engine, directory)
         state = read_rank_files(Path(directory), rank, generator, objective)
     if rank == 0:
-        print(f"resumed from {checkpoint.path} at step {state.step} (epoch {state.epoch})", flush=True)
+        say(f"resumed from {checkpoint.path} at step {state.step} (epoch {state.epoch})")
     return state
 
 

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import schema
+from pipeline.raysession import where_resolved
 from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ def _clips_path(path: str) -> tuple[pafs.FileSystem, str, str]:
     info = fs.get_file_info(fs_path)
     if info.type == pafs.FileType.NotFound:
         raise LatentStoreError(
-            f"data.path not found: {path} (run `python -m pipeline.run ... --output {path}` first)"
+            f"data.path not found: {path}{where_resolved(str(path))} (run `python -m pipeline.run ... "
+            f"--output {path}` first)"
         )
     if info.type == pafs.FileType.File:
         raise LatentStoreError(

@@ -4,6 +4,7 @@ log / validate / checkpoint a step is due for, and rank 0's progress line and Te
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -86,11 +87,10 @@ class StepLogger:
         val = f" val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
         # Each term's own magnitude (unweighted), so a loss that dominates L_all is visible at a glance.
         terms = " ".join(f"{k[5:]} {metrics[k]:.3g}" for k in TERMS if k in metrics)
-        print(
+        say(
             f"step {step}/{total} loss {metrics.get('loss', math.nan):.4f} ({terms}){val} "
             f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s "
-            f"data-wait {metrics['data_wait_frac']:.0%} ETA {format_eta(eta)}",
-            flush=True,
+            f"data-wait {metrics['data_wait_frac']:.0%} ETA {format_eta(eta)}"
         )
         if self.writer is not None:
             for k, v in metrics.items():
@@ -101,6 +101,13 @@ class StepLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def say(line: str) -> None:
+    """One line on the worker's stdout, which Ray streams to the driver. Not `print`: Ray Train patches it
+    to write the stream *and* its logger, so the driver shows every printed line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -27,7 +27,7 @@ from training.diffusion.objective import HarivoObjective
 from training.distributed import engine as ds
 from training.distributed.checkpoint import TrainerState, restore, save_checkpoint
 from training.distributed.data import ImageStream, StoreInfo, collate_stage
-from training.distributed.progress import Due, StepLogger
+from training.distributed.progress import Due, StepLogger, say
 from training.model.export import export_weights
 from training.model.unet import VideoUNet
 
@@ -46,6 +46,8 @@ class WorkerConfig:
     """Where rank 0 writes the trained weights at the end (None: no export)."""
     kind: str = "harivo"
     """The export's kind (harivo, pyoco_<stage>)."""
+    recorded: dict | None = None
+    """The config tree the export records, if not `cfg` (paths as given inside a Ray job's working dir)."""
     tensorboard_dir: str | None = None
     fault_marker: str | None = None
     """Tests only (`run.fail_at_step`): the file that makes the injected crash happen once (`inject_fault`)."""
@@ -66,9 +68,18 @@ class WorkerConfig:
         )
 
 
+def quiet_ray_train() -> None:
+    """The loop prints its own progress line: Ray Train's INFO lines (each report's whole metrics dict,
+    from a logger named by its file path rather than `ray.train.*`) would repeat it."""
+    from ray.train.v2._internal.execution import context
+
+    for name in ("ray.train", context.__file__):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_fn_per_worker(config: dict) -> None:
     """Ray Train entry point; `config` is `WorkerConfig.to_loop_config()`."""
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # the loop prints its own progress line
+    quiet_ray_train()
     w = WorkerConfig.from_loop_config(config)
     cfg, info, micro = w.cfg, w.store, w.cfg.optim.grad_accum
     ctx = ray.train.get_context()
@@ -143,8 +154,11 @@ def train_fn_per_worker(config: dict) -> None:
     # Export the trained weights on their own (ZeRO-3: every rank takes part in the gather).
     weights = ds.gathered_trainable_state(engine, engine.module)
     if rank == 0 and w.export_dir:
-        export_weights(weights, dict(engine.module.motion_adapter.config), cfg, w.export_dir, kind=w.kind)
-        print(f"exported trained weights to {w.export_dir}", flush=True)
+        recorded = from_dict(TrainConfig, w.recorded) if w.recorded else cfg
+        export_weights(
+            weights, dict(engine.module.motion_adapter.config), recorded, w.export_dir, kind=w.kind
+        )
+        say(f"exported trained weights to {w.export_dir}")
     logger.close()
 
 

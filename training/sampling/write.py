@@ -5,7 +5,6 @@ cascade shares.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pipeline.configlib import to_dict
+from pipeline.configlib import to_dict, to_json
 from training.sampling.config import SampleConfig
 from training.sampling.pipeline import VideoPipeline
 from training.sampling.video_io import write_gif, write_mp4
@@ -71,13 +70,13 @@ def write_videos(
                 files["latents"] = f"{name}.latents.safetensors"
             record = {"prompt": prompt, "seed": seed, "name": name, "files": files, "config": to_dict(cfg)}
             record.update(fields, seconds=round(time.perf_counter() - t0, 3))
-            (out / f"{name}.json").write_text(json.dumps(record, indent=2))
+            (out / f"{name}.json").write_text(to_json(record, indent=2))
             if keep:
                 record = {**record, "latents": latents, "frames": frames}
             records.append(record)
             log.info("wrote %s (%s, seed %d)", name, prompt, seed)
     index = [{k: v for k, v in r.items() if k not in ("latents", "frames", "config")} for r in records]
-    (out / "samples.json").write_text(json.dumps({"config": to_dict(cfg), "videos": index}, indent=2))
+    (out / "samples.json").write_text(to_json({"config": to_dict(cfg), "videos": index}, indent=2))
     return records
 
 

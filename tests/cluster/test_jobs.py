@@ -162,6 +162,7 @@ def test_pipeline_training_and_tuning_jobs_succeed(head, inputs):
         ),
         runtime_env,
     )
+    assert "shard 00000 written:" in logs, logs[-3000:]  # progress while the stream runs
     summary = json.loads((curated / "summary.json").read_text())
     assert summary["samples_in"] > 0 and summary["clips_out"] > 0, logs[-3000:]
     assert summary["unaccounted_samples"] == {}, summary
@@ -179,7 +180,7 @@ def test_pipeline_training_and_tuning_jobs_succeed(head, inputs):
         "run.val_every=4",
         "run.log_every=2",
     ]
-    _run_job(
+    logs = _run_job(
         client,
         _cmd(
             zoo,
@@ -194,6 +195,11 @@ def test_pipeline_training_and_tuning_jobs_succeed(head, inputs):
         ),
         runtime_env,
     )
+    # Each progress line once (not print's copy through Ray Train's logger too); no report dict dumps.
+    assert sum(line.endswith("step 2/4") or "step 2/4 " in line for line in logs.splitlines()) == 1, logs[
+        -4000:
+    ]
+    assert "Reporting training result" not in logs
     assert (run_dir / "export" / "trainable.safetensors").is_file()
     _no_job_dir((run_dir / "export" / "config.yaml").read_text(), "export/config.yaml")
     assert json.loads((run_dir / "result.json").read_text())["metrics"]["step"] == 4

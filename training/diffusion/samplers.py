@@ -26,6 +26,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from training.config import DiffusionConfig
+from training.model.export import schedule_kwargs, training_scheduler
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 StepNoise = Callable[[int], torch.Tensor]
@@ -48,19 +49,6 @@ class DiscreteSchedule:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         return iter(zip(self.timesteps, self.alpha_bar, self.alpha_bar_prev))
-
-
-def _scheduler_kwargs(cfg: DiffusionConfig, spacing: str, steps_offset: int) -> dict:
-    return dict(
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        beta_schedule=cfg.beta_schedule,
-        prediction_type=cfg.prediction_type,
-        clip_sample=False,  # latents are not bounded to [-1, 1]
-        timestep_spacing=spacing,
-        steps_offset=steps_offset,
-    )
 
 
 SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
@@ -92,12 +80,12 @@ def schedule_mismatch(cfg: DiffusionConfig, scheduler_config: dict) -> dict[str,
 
 def ddim_scheduler(cfg: DiffusionConfig, spacing: str = "leading", steps_offset: int = 1) -> DDIMScheduler:
     """diffusers DDIM with the model's training schedule (SD pipelines: set_alpha_to_one=False)."""
-    return DDIMScheduler(**_scheduler_kwargs(cfg, spacing, steps_offset), set_alpha_to_one=False)
+    return training_scheduler(cfg, spacing, steps_offset)
 
 
 def ddpm_scheduler(cfg: DiffusionConfig, spacing: str = "leading", steps_offset: int = 1) -> DDPMScheduler:
     """diffusers DDPM with the model's training schedule and the posterior variance ('fixed_small')."""
-    return DDPMScheduler(**_scheduler_kwargs(cfg, spacing, steps_offset), variance_type="fixed_small")
+    return DDPMScheduler(**schedule_kwargs(cfg, spacing, steps_offset), variance_type="fixed_small")
 
 
 def discrete_schedule(scheduler: DDIMScheduler | DDPMScheduler, steps: int) -> DiscreteSchedule:

@@ -4,7 +4,8 @@
 that run those modules and observe the base,
 `harivo.py` HARIVO's mapping network, frame-wise tokens and contrastive head, `cascade.py` the layers a
 PYoCo stage adds (zero-initialised conv_in channels, SR's level embedding), `frames.py` frame folding,
-`export.py` the exported weights (writer and reader).
+`export.py` the exported weights, the training scheduler and the diffusers pipeline folder (writer and
+reader).
 
 May import torch, diffusers, safetensors, `training.config` and `pipeline.configlib`; never
 `training.diffusion`, `distributed`, `sampling`, `evaluation`, nor Ray.

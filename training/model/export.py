@@ -7,26 +7,40 @@ An export directory (`RUN_DIR/export/`):
     motion_adapter/                    the temporal layers as a diffusers MotionAdapter (AnimateDiffPipeline)
     unet/                              only when the base's own layers trained (model.trainable_spatial): the
                                        whole trained UNet as a diffusers UNet2DConditionModel
+    scheduler/                         DDIM on the training noise schedule (diffusers DDIMScheduler): what an
+                                       AnimateDiffPipeline needs besides the adapter to sample the model as trained
+    harivo/                            the mapping network and frame tokens as a diffusers model (`HarivoModules`)
+    model_index.json                   the directory as a diffusers pipeline folder: `T2VRayPipeline`
+                                       (`training/sampling/diffusers_pipeline.py`) loads it in one call
 
-`export_weights` writes one (the training runner calls it once at the end); `resolve_checkpoint` and
-`read_train_config` find and read one (sampling, evaluation, tuning). A frozen base is never stored.
+scheduler/, harivo/ and model_index.json are written for DDPM-trained video models (diffusion.objective=ddpm,
+no cascade stage), the ones diffusers' discrete schedulers sample. `export_weights` writes one (the training
+runner calls it once at the end); `resolve_checkpoint` and `read_train_config` find and read one (sampling,
+evaluation, tuning). A frozen base is never stored: the pipeline folder names its VAE, text encoder, tokenizer
+(and UNet, unless unet/ is there) as null, and `T2VRayPipeline` loads them from `model.pretrained`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import diffusers
 import pyarrow.fs as pafs
 import torch
+from diffusers import ConfigMixin, DDIMScheduler, ModelMixin
+from diffusers.configuration_utils import register_to_config
 from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
-from pipeline.configlib import from_dict, to_yaml
-from training.config import TrainConfig
+from pipeline.configlib import from_dict, to_dict, to_json, to_yaml
+from training.config import DiffusionConfig, TrainConfig
+from training.model.harivo import FrameTokenGenerator, MappingNetwork
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +48,15 @@ CONFIG_FILE = "config.yaml"
 TRAINABLE_FILE = "trainable.safetensors"
 MOTION_ADAPTER_DIR = "motion_adapter"
 UNET_DIR = "unet"
+SCHEDULER_DIR = "scheduler"
+HARIVO_DIR = "harivo"
+PIPELINE_INDEX = "model_index.json"
+PIPELINE_CLASS = "T2VRayPipeline"
+"""The diffusers pipeline class `model_index.json` names (`training/sampling/diffusers_pipeline.py`)."""
+BASE_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet")
+"""Pipeline components an export leaves to its base (null in model_index.json), the UNet unless unet/ is there."""
+HARIVO_PREFIXES = ("mapping_network.", "frame_tokens.")
+"""The `VideoUNet` state-dict keys `HarivoModules` holds (the contrastive head only trains)."""
 KIND_METADATA = "t2v.kind"
 CONFIG_METADATA = "t2v.config"
 SAMPLEABLE_KINDS = ("harivo", "pyoco_base")
@@ -71,8 +94,121 @@ def export_weights(
         unet_state = {k[len("unet.") :]: v for k, v in state_dict.items() if k.startswith("unet.")}
         if unet_state:
             trained_unet(cfg, unet_state).save_pretrained(out / UNET_DIR)
+        if adapter_state and cfg.diffusion.objective == "ddpm" and cfg.cascade.stage == "none":
+            harivo_state = {k: v for k, v in state_dict.items() if k.startswith(HARIVO_PREFIXES)}
+            write_pipeline_folder(out, cfg, harivo_state, trained_unet=bool(unet_state))
+        else:
+            log.info(
+                "export %s: no diffusers scheduler/ or pipeline (diffusion.objective=%s, cascade.stage=%s: "
+                "diffusers' discrete schedulers do not sample it as trained; use python -m training.sample)",
+                destination,
+                cfg.diffusion.objective,
+                cfg.cascade.stage,
+            )
         copy_tree(out, destination)
     return destination
+
+
+def schedule_kwargs(d: DiffusionConfig, spacing: str = "leading", steps_offset: int = 1) -> dict:
+    """diffusers scheduler arguments of the training noise schedule (config keys = DiffusionConfig fields).
+
+    The one copy: `training.diffusion.samplers` builds its DDIM / DDPM from these (this room may not import
+    that one). 'leading' with offset 1: SD 1.5's pipelines, and the project's sampler defaults."""
+    return dict(
+        num_train_timesteps=d.num_train_timesteps,
+        beta_start=d.beta_start,
+        beta_end=d.beta_end,
+        beta_schedule=d.beta_schedule,
+        prediction_type=d.prediction_type,
+        clip_sample=False,  # latents are not bounded to [-1, 1]
+        timestep_spacing=spacing,
+        steps_offset=steps_offset,
+    )
+
+
+def training_scheduler(d: DiffusionConfig, spacing: str = "leading", steps_offset: int = 1) -> DDIMScheduler:
+    """The DDIM the project samples with by default (HARIVO), on the schedule the model was trained with (SD
+    pipelines: set_alpha_to_one=False). Not the SD folder's own scheduler: HARIVO trains on 'linear' betas, SD
+    1.5 on 'scaled_linear', and sampling at the wrong noise levels gives another video."""
+    return DDIMScheduler(**schedule_kwargs(d, spacing, steps_offset), set_alpha_to_one=False)
+
+
+class HarivoModules(ModelMixin, ConfigMixin):
+    """HARIVO's sampling-time modules besides the temporal layers, the mapping network l^M and the frame-token
+    generator t_theta, as a diffusers model: a `MotionAdapter` has no place for them. State-dict keys as in
+    `VideoUNet` (`mapping_network.*`, `frame_tokens.*`); `T2VRayPipeline` runs these very modules in its video
+    model. (diffusers finds the loader of a component from another library by the `ModelMixin` name in the
+    component's module: hence the import above.)"""
+
+    @register_to_config
+    def __init__(
+        self,
+        use_mapping_network: bool = True,
+        in_channels: int = 4,
+        mapping_heads: int = 8,
+        mapping_head_dim: int = 64,
+        mapping_kernel_size: int = 3,
+        use_frame_tokens: bool = True,
+        cross_attention_dim: int = 768,
+        max_text_len: int = 77,
+        tokens_per_frame: int = 3,
+        num_frames: int = 24,
+    ):
+        super().__init__()
+        self.mapping_network: nn.Module | None = (
+            MappingNetwork(in_channels, mapping_heads, mapping_head_dim, mapping_kernel_size)
+            if use_mapping_network
+            else None
+        )
+        self.frame_tokens: nn.Module | None = (
+            FrameTokenGenerator(cross_attention_dim, max_text_len, tokens_per_frame, num_frames)
+            if use_frame_tokens
+            else None
+        )
+
+    @classmethod
+    def from_state_dict(cls, cfg: TrainConfig, state_dict: dict[str, torch.Tensor]) -> HarivoModules:
+        """The modules of a `VideoUNet` trainable state dict (its `mapping_network.*` / `frame_tokens.*` keys);
+        widths are read off the weights, the rest from `cfg`; every key must fit (strict load)."""
+        h = cfg.harivo
+        mapping = "mapping_network.proj_out.weight"  # Linear(C, C), C the latent channels
+        tokens = "frame_tokens.layers.0.0.weight"  # Linear(D, D), D the text width
+        modules = cls(
+            use_mapping_network=mapping in state_dict,
+            in_channels=state_dict[mapping].shape[0] if mapping in state_dict else 4,
+            mapping_heads=h.mapping_heads,
+            mapping_head_dim=h.mapping_head_dim,
+            mapping_kernel_size=h.mapping_kernel_size,
+            use_frame_tokens=tokens in state_dict,
+            cross_attention_dim=state_dict[tokens].shape[0] if tokens in state_dict else 768,
+            max_text_len=cfg.model.max_text_len,
+            tokens_per_frame=h.tokens_per_frame,
+            num_frames=cfg.model.num_frames,
+        )
+        modules.load_state_dict(state_dict)
+        return modules
+
+
+def write_pipeline_folder(
+    out: Path, cfg: TrainConfig, harivo_state: dict[str, torch.Tensor], trained_unet: bool
+) -> None:
+    """scheduler/, harivo/ (if the model has those modules) and model_index.json into the export `out`, which
+    already holds motion_adapter/ (and unet/ when `trained_unet`)."""
+    training_scheduler(cfg.diffusion).save_pretrained(out / SCHEDULER_DIR)
+    if harivo_state:
+        HarivoModules.from_state_dict(cfg, harivo_state).save_pretrained(out / HARIVO_DIR)
+    index = {
+        "_class_name": PIPELINE_CLASS,
+        "_diffusers_version": diffusers.__version__,
+        **{name: [None, None] for name in BASE_COMPONENTS},  # the frozen base: loaded from model.pretrained
+        "motion_adapter": ["diffusers", "MotionAdapter"],
+        "harivo": [HarivoModules.__module__, HarivoModules.__name__] if harivo_state else [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "train_config": to_dict(cfg),
+    }
+    if trained_unet:
+        index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    (out / PIPELINE_INDEX).write_text(to_json(index, indent=2, sort_keys=True) + "\n")
 
 
 def trained_unet(cfg: TrainConfig, unet_state: dict[str, torch.Tensor]):
@@ -104,9 +240,19 @@ def copy_tree(source: Path, destination: str) -> None:
     dest = Path(destination)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
+    shutil.copytree(source, tmp, copy_function=shutil.copyfile)  # files: the umask's modes, not the temp's
+    _default_modes(tmp)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)  # readers see the old export or the new one, never half of one
+
+
+def _default_modes(root: Path) -> None:
+    """Directories as `mkdir` makes them (0777 minus the umask: 0755 by default): the export is built in a
+    private temp dir (0700), and others on a shared filesystem must be able to read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        d.chmod(0o777 & ~umask)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

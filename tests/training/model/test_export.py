@@ -1,5 +1,6 @@
 """Exports (`training/model/export.py`): the trained weights on their own, found again, read back, and
-loadable by diffusers as a MotionAdapter."""
+loadable by diffusers as a MotionAdapter, a scheduler on the training schedule and a pipeline folder (sampled in
+tests/training/sampling/test_diffusers_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from pipeline.configlib import from_dict
+from training.config import TrainConfig
 from training.model.export import (
     CONFIG_FILE,
+    HARIVO_DIR,
+    HARIVO_PREFIXES,
     KIND_METADATA,
     MOTION_ADAPTER_DIR,
+    PIPELINE_INDEX,
+    SCHEDULER_DIR,
     TRAINABLE_FILE,
+    HarivoModules,
     export_weights,
     read_train_config,
     resolve_checkpoint,
@@ -47,7 +55,9 @@ def test_export_layout_and_weights(trained, tmp_path):
     model, cfg = trained
     out = tmp_path / "run" / "export"
     assert export(model, cfg, out) == str(out)
-    assert sorted(p.name for p in out.iterdir()) == sorted([TRAINABLE_FILE, CONFIG_FILE, MOTION_ADAPTER_DIR])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [TRAINABLE_FILE, CONFIG_FILE, MOTION_ADAPTER_DIR, SCHEDULER_DIR, HARIVO_DIR, PIPELINE_INDEX]
+    )
     stored = load_file(str(out / TRAINABLE_FILE))
     expected = model.trainable_state_dict()
     assert stored.keys() == expected.keys() and not any(
@@ -170,3 +180,76 @@ def test_a_new_export_replaces_the_old_one(trained, make_video_model, tmp_path):
     for key, value in other.trainable_state_dict().items():
         assert torch.equal(stored[key], value), key
     assert read_train_config(out / TRAINABLE_FILE)[1] == "pyoco_base"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"diffusion.beta_schedule": "scaled_linear", "diffusion.prediction_type": "v_prediction"}],
+)
+def test_scheduler_dir_is_the_training_schedule(make_video_model, tmp_path, overrides):
+    """scheduler/ is the DDIM the project samples with (`training.diffusion.samplers.ddim_scheduler` at the
+    sampler's defaults), on the schedule the model trained with, not the SD folder's."""
+    from diffusers import DDIMScheduler
+
+    from training.diffusion.samplers import ddim_scheduler
+    from training.sampling.config import SamplerConfig
+
+    model, cfg = make_video_model(**TINY, **overrides)
+    export(model, cfg, tmp_path / "e")
+    got = DDIMScheduler.from_pretrained(tmp_path / "e" / SCHEDULER_DIR).config
+    s = SamplerConfig()
+    want = ddim_scheduler(cfg.diffusion, s.timestep_spacing, s.steps_offset).config
+    assert {k: v for k, v in got.items() if not k.startswith("_")} == {
+        k: v for k, v in want.items() if not k.startswith("_")
+    }
+    assert (
+        got.beta_schedule == cfg.diffusion.beta_schedule
+        and got.prediction_type == cfg.diffusion.prediction_type
+    )
+
+
+def test_pipeline_folder_records_the_config_and_holds_the_harivo_modules(trained, tmp_path):
+    import json
+
+    model, cfg = trained
+    export(model, cfg, tmp_path / "e")
+    index = json.loads((tmp_path / "e" / PIPELINE_INDEX).read_text())
+    assert index["_class_name"] == "T2VRayPipeline"
+    assert from_dict(TrainConfig, index["train_config"]) == cfg
+    assert index["harivo"] == ["training.model.export", "HarivoModules"]
+    modules = HarivoModules.from_pretrained(tmp_path / "e" / HARIVO_DIR)
+    expected = {k: v for k, v in model.trainable_state_dict().items() if k.startswith(HARIVO_PREFIXES)}
+    got = modules.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_models_without_the_extras_or_trained_as_edm_export_accordingly(make_video_model, tmp_path):
+    import json
+
+    model, cfg = make_video_model(**{"harivo.mapping_network": False, "harivo.frame_tokens": False})
+    export(model, cfg, tmp_path / "plain")
+    assert not (tmp_path / "plain" / HARIVO_DIR).exists()
+    assert json.loads((tmp_path / "plain" / PIPELINE_INDEX).read_text())["harivo"] == [None, None]
+    # An EDM-trained model: diffusers' discrete schedulers do not sample it as trained, so no pipeline folder.
+    model, cfg = make_video_model(**TINY, **{"diffusion.objective": "edm"})
+    export(model, cfg, tmp_path / "edm")
+    names = {p.name for p in (tmp_path / "edm").iterdir()}
+    assert MOTION_ADAPTER_DIR in names and not names & {SCHEDULER_DIR, HARIVO_DIR, PIPELINE_INDEX}
+
+
+def test_export_is_readable_by_others_as_the_umask_allows(trained, tmp_path):
+    """Built in a private temp dir, the export still gets the modes `mkdir` / `open` give (umask 022: 0755 /
+    0644), so a teammate or a serving job on a shared filesystem can read it."""
+    import os
+    import stat
+
+    model, cfg = trained
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "export"
+        export(model, cfg, out)
+    finally:
+        os.umask(old)
+    paths = [out, *out.rglob("*")]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_dir()} == {0o755}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_file()} == {0o644}

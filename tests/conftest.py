@@ -9,7 +9,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import av  # noqa: F401  before any test module imports decord (see below)
 import pytest
+
+# decord ships its own FFmpeg libraries; loaded first, they break PyAV's libvpx-vp9 *encoder* in the same
+# process ("avcodec_open2(libvpx-vp9) returned 22"), which tests/pipeline/test_decode.py uses to make its
+# VP9 video. PyAV loaded first, both work. (Decoding is unaffected either way; pipeline/decode.py's child
+# imports PyAV before decord too.)
 
 DEMO_PIPELINE = Path(__file__).resolve().parents[1] / "pipeline" / "configs" / "demo.yaml"
 

@@ -211,15 +211,18 @@ def test_pipeline_training_and_tuning_jobs_succeed(head, inputs):
             zoo,
             "tuning.run",
             "--config",
-            "tuning/configs/demo_train.yaml",
-            "--data",
-            str(curated),
+            "tuning/configs/demo_sampling.yaml",  # the sampling sweep on the model just trained (the
+            "--checkpoint",  # training sweep runs in-process in tests/tuning/test_run.py)
+            str(run_dir),
             "--output",
             str(sweep),
+            "budget.sampler.steps=2",
         ),
         runtime_env,
     )
-    assert (sweep / "best.yaml").is_file() and (sweep / "trials.csv").is_file()
+    rows = (sweep / "trials.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 and all("TERMINATED" in r for r in rows[1:]), rows
+    assert (sweep / "best.yaml").is_file() and (sweep / "objective.png").stat().st_size > 0
     _no_job_dir((sweep / "best.yaml").read_text(), "best.yaml")
 
 

@@ -125,6 +125,8 @@ def plot_scores(scores: dict[str, np.ndarray], thresholds: dict[str, float | Non
             ax.set_yticks([])
             continue
         ax.hist(x, bins=40, color="#4a7bd0")
+        ax.locator_params(axis="x", nbins=5)  # few ticks: scores of a narrow spread print long labels
+        ax.yaxis.get_major_locator().set_params(integer=True)  # clip counts
         kept = len(x) if t is None else int((x >= t).sum())
         span = max(float(x.max() - x.min()), 1e-6)
         if t is not None and t >= x.min() - 0.5 * span:

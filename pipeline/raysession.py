@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
 """What every entry point sets on Ray's workers, unless the job's runtime env already sets it."""
@@ -36,18 +37,21 @@ def driver_runtime_env(env_vars: dict[str, str] | None = None) -> dict | None:
     return {"env_vars": own} if own else None
 
 
-def init_ray(address: str | None = None, env_vars: dict[str, str] | None = None, **kwargs) -> None:
+def init_ray(
+    address: str | None = None,
+    env_vars: dict[str, str] | None = None,
+    num_cpus: float | None = None,
+    **kwargs,
+) -> None:
     """`ray.init` once: the cluster at `address` (or RAY_ADDRESS, which `ray job submit` sets), else a
-    local Ray; `kwargs` go to `ray.init` (num_cpus, log_to_driver, ...)."""
+    local Ray of `num_cpus` (None: all); `kwargs` go to `ray.init` (log_to_driver, ...)."""
     import ray
 
     if ray.is_initialized():
         return
-    ray.init(
-        address=address or os.environ.get("RAY_ADDRESS"),
-        runtime_env=driver_runtime_env(env_vars),
-        **kwargs,
-    )
+    address = address or os.environ.get("RAY_ADDRESS")
+    local = {} if address else {"num_cpus": num_cpus}  # Ray refuses num_cpus when connecting to a cluster
+    ray.init(address=address, runtime_env=driver_runtime_env(env_vars), **local, **kwargs)
 
 
 def in_ray_job() -> bool:
@@ -58,8 +62,6 @@ def in_ray_job() -> bool:
 def where_resolved(spec: str) -> str:
     """For a missing path: which directory a relative `spec` was resolved against, and inside a Ray job
     that it needs an absolute path or a URI ('' for an absolute path or a URI)."""
-    from pathlib import Path
-
     if "://" in spec or Path(spec).expanduser().is_absolute():
         return ""
     where = f" (relative: resolved against {Path.cwd()}"
@@ -71,8 +73,6 @@ def where_resolved(spec: str) -> str:
 def recorded_path(given: str) -> str:
     """How an output records the local path `given`: absolute, so it reads the same from anywhere; but as
     given when it lies inside a Ray job's temporary working dir (gone, or another copy, after the job)."""
-    from pathlib import Path
-
     if "://" in given or not Path(given).expanduser().exists():
         return given
     resolved = Path(given).expanduser().resolve()

@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import logging
-import os
 import sys
 import time
 import warnings
@@ -106,8 +105,7 @@ def init_ray(cfg: PipelineConfig) -> None:
     from pipeline.raysession import init_ray as connect
 
     # Inside `ray job submit` RAY_ADDRESS points at the cluster; otherwise a local Ray of ray.num_cpus.
-    cluster = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    connect(cluster, **({} if cluster else {"num_cpus": cfg.ray.num_cpus or None}))
+    connect(cfg.ray.address or None, num_cpus=cfg.ray.num_cpus or None)
     ctx = DataContext.get_current()
     ctx.target_max_block_size = int(cfg.ray.max_block_mb * 2**20)
     ctx.enable_progress_bars = cfg.ray.progress_bars

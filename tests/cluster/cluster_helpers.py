@@ -1,11 +1,14 @@
-"""Readers shared by the cluster/ tests: file lists, pyproject pins, strict KubeRay CRD schemas."""
+"""Shared by the cluster/ tests: file lists, pyproject pins, strict KubeRay CRD schemas, and submitting a job to
+a Ray head a test started (rehearsal_cluster.py imports this file as a script, so it imports nothing from tests/)."""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
 import re
+import socket
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -86,3 +89,31 @@ def cluster_package():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def submit_and_wait(client, entrypoint: str, runtime_env: dict, timeout_s: float) -> tuple[str, str, str]:
+    """(job id, final status, logs) of one job through the Job Submission API: retried while the head's job
+    agent is not up yet (tens of seconds on a loaded machine), stopped if still running after `timeout_s`."""
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+    deadline = time.monotonic() + timeout_s
+    status = client.get_job_status(job)
+    while not status.is_terminal() and time.monotonic() < deadline:
+        time.sleep(1.0)
+        status = client.get_job_status(job)
+    if not status.is_terminal():
+        client.stop_job(job)
+    return job, str(getattr(status, "value", status)), client.get_job_logs(job)

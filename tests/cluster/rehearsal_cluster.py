@@ -15,23 +15,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
+from cluster_helpers import free_port, submit_and_wait  # this file runs as a script from its dir
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRYPOINT = "python -m cluster.check --roles decode,encode --rows 4"
 JOB_TIMEOUT_S = 150
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _client(address: str, deadline: float):
@@ -46,17 +40,6 @@ def _client(address: str, deadline: float):
             time.sleep(1.0)
 
 
-def _submit(client, runtime_env: dict, deadline: float) -> str:
-    """Submit the job, retrying while the head's job agent is not up yet (a loaded machine: tens of seconds)."""
-    while True:
-        try:
-            return client.submit_job(entrypoint=ENTRYPOINT, runtime_env=runtime_env)
-        except RuntimeError as exc:
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(2.0)
-
-
 def main(out_path: str) -> int:
     # The job's `python` must be this interpreter (the project venv), as it is on a real node.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -67,13 +50,12 @@ def main(out_path: str) -> int:
     ray_tmp.mkdir()
 
     from ray.cluster_utils import Cluster
-    from ray.job_submission import JobStatus
 
     roles = yaml.safe_load((REPO / "cluster" / "resources.yaml").read_text())
     label = roles["label"]
     decode_res = roles["roles"]["decode"]["resource"]
     encode_res = roles["roles"]["encode"]["resource"]
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     result: dict = {"entrypoint": ENTRYPOINT}
     started = time.monotonic()
     cluster = None
@@ -91,21 +73,21 @@ def main(out_path: str) -> int:
                 # Each node's dashboard agent takes a free port: the default (52365) may be held by
                 # another Ray on this machine (the suite's own local Ray, or a user's), and the job
                 # server then finds "no available agent".
-                "dashboard_agent_listen_port": _free_port(),
+                "dashboard_agent_listen_port": free_port(),
             },
         )
         decode = cluster.add_node(
             num_cpus=1,
             resources={decode_res: 1},
             labels={label: "decode"},
-            dashboard_agent_listen_port=_free_port(),
+            dashboard_agent_listen_port=free_port(),
         )
         encode = cluster.add_node(
             num_cpus=1,
             num_gpus=1,
             resources={encode_res: 1},
             labels={label: "encode"},
-            dashboard_agent_listen_port=_free_port(),
+            dashboard_agent_listen_port=free_port(),
         )
         result["nodes"] = {
             "head": cluster.head_node.node_id,
@@ -117,18 +99,8 @@ def main(out_path: str) -> int:
         client = _client(address, deadline=time.monotonic() + 60)
         runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
         runtime_env["working_dir"] = str(REPO)  # what `--working-dir .` from the repo root resolves to
-        job_id = _submit(client, runtime_env, deadline=time.monotonic() + 90)
+        job_id, result["status"], logs = submit_and_wait(client, ENTRYPOINT, runtime_env, JOB_TIMEOUT_S)
         result["job_id"] = job_id
-
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        status = client.get_job_status(job_id)
-        while not status.is_terminal() and time.monotonic() < deadline:
-            time.sleep(1.0)
-            status = client.get_job_status(job_id)
-        if not status.is_terminal():
-            client.stop_job(job_id)
-        result["status"] = str(status.value if isinstance(status, JobStatus) else status)
-        logs = client.get_job_logs(job_id)
         result["logs_tail"] = logs[-4000:]
         lines = [ln for ln in logs.splitlines() if ln.startswith("CLUSTER_CHECK ")]
         result["placed"] = json.loads(lines[-1].split(" ", 1)[1]) if lines else None

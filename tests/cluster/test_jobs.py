@@ -12,7 +12,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,16 +22,17 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.cluster.cluster_helpers import CLUSTER, KUBERAY_MANIFESTS, REPO, load_yaml
+from tests.cluster.cluster_helpers import (
+    CLUSTER,
+    KUBERAY_MANIFESTS,
+    REPO,
+    free_port,
+    load_yaml,
+    submit_and_wait,
+)
 
 pytestmark = pytest.mark.slow
 JOB_TIMEOUT_S = 420
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def head():
     from ray.job_submission import JobSubmissionClient
 
     tmp = Path(tempfile.mkdtemp(prefix="t2vj-"))  # short: Ray's unix socket paths must stay < 108 chars
-    dashboard = _free_port()
+    dashboard = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(
         RAY_AUTH_MODE="disabled",
@@ -53,15 +53,15 @@ def head():
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
     ports = {
-        "--port": _free_port(),
+        "--port": free_port(),
         "--dashboard-port": dashboard,
-        "--dashboard-agent-listen-port": _free_port(),
-        "--dashboard-agent-grpc-port": _free_port(),
-        "--metrics-export-port": _free_port(),
-        "--runtime-env-agent-port": _free_port(),
-        "--node-manager-port": _free_port(),
-        "--object-manager-port": _free_port(),
-        "--ray-client-server-port": _free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--ray-client-server-port": free_port(),
     }
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=4"]
     cmd += ["--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--temp-dir={tmp}"]
@@ -99,25 +99,9 @@ def _runtime_env(source: dict) -> dict:
 
 
 def _run_job(client, entrypoint: str, runtime_env: dict) -> str:
-    """Submit, wait until terminal, return the logs; fails with the log tail unless SUCCEEDED."""
-    deadline = time.monotonic() + 90
-    while True:  # the head's job agent may come up after its HTTP server
-        try:
-            job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
-            break
-        except RuntimeError as exc:
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(2.0)
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    status = client.get_job_status(job)
-    while not status.is_terminal() and time.monotonic() < deadline:
-        time.sleep(2.0)
-        status = client.get_job_status(job)
-    if not status.is_terminal():
-        client.stop_job(job)
-    logs = client.get_job_logs(job)
-    assert str(status.value) == "SUCCEEDED", f"{entrypoint}\n-> {status}\n{logs[-6000:]}"
+    """The logs of `entrypoint` run as a job; fails with their tail unless it SUCCEEDED."""
+    _, status, logs = submit_and_wait(client, entrypoint, runtime_env, JOB_TIMEOUT_S)
+    assert status == "SUCCEEDED", f"{entrypoint}\n-> {status}\n{logs[-6000:]}"
     return logs
 
 

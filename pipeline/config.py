@@ -13,11 +13,17 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline import configlib
-from pipeline.configlib import ConfigError, to_dict
+from pipeline.configlib import THRESHOLD, ConfigError, RangeTable, above, at_least, to_dict
 
 
 @dataclass
 class ReadConfig:
+    RANGES: RangeTable = {
+        "samples_per_block": at_least(1),
+        "num_cpus": at_least(0),
+        "concurrency": at_least(0),
+    }
+
     samples_per_block: int = 16
     """Samples per Ray Data block out of the reader (keep small: mp4 bytes ride in the block)."""
     video_exts: list[str] = field(default_factory=lambda: ["mp4", "webm", "mkv", "avi", "mov"])
@@ -37,6 +43,14 @@ class ReadConfig:
 @dataclass
 class MetadataConfig:
     """Checks on the sample's json and bytes, before anything is decoded (cheap, and guards memory)."""
+
+    RANGES: RangeTable = {
+        "min_duration_s": at_least(0),
+        "max_duration_s": above(0),
+        "min_side": at_least(0),
+        "max_side": at_least(1),
+        "max_bytes": at_least(1),
+    }
 
     enabled: bool = True
     """Run the metadata filter (the byte/size guards below stay on even when False)."""
@@ -58,6 +72,14 @@ class MetadataConfig:
 class ViewConfig:
     """One output view: how many frames, at which rate, at which resolution."""
 
+    RANGES: RangeTable = {
+        "num_frames": at_least(1),
+        "fps": at_least(0),
+        "frame_stride": at_least(1),
+        "height": at_least(8),
+        "width": at_least(8),
+    }
+
     num_frames: int = 16
     """Frames per clip (1 for image samples regardless)."""
     fps: float = 0.0
@@ -72,6 +94,16 @@ class ViewConfig:
 
 @dataclass
 class DecodeConfig:
+    RANGES: RangeTable = {
+        "clips_per_video": at_least(1),
+        "seed": at_least(0),
+        "timeout_s": above(0),
+        "max_samples_per_process": at_least(1),
+        "batch_size": at_least(1),
+        "concurrency": at_least(1),
+        "num_cpus": at_least(0),
+    }
+
     clips_per_video: int = 1
     """Clips taken from each video (each becomes one output row)."""
     start: Literal["center", "uniform", "random"] = "center"
@@ -92,6 +124,8 @@ class DecodeConfig:
 
 @dataclass
 class MotionConfig:
+    RANGES: RangeTable = {"min_score": THRESHOLD, "size": at_least(1)}
+
     enabled: bool = True
     """Compute the motion score and drop static clips."""
     min_score: float = 0.002
@@ -102,6 +136,8 @@ class MotionConfig:
 
 @dataclass
 class ClipConfig:
+    RANGES: RangeTable = {"num_frames": at_least(1), "min_score": THRESHOLD}
+
     enabled: bool = True
     """Compute the CLIP text-video similarity and filter on it."""
     model: str = "ViT-L-14"
@@ -116,6 +152,8 @@ class ClipConfig:
 
 @dataclass
 class AestheticConfig:
+    RANGES: RangeTable = {"min_score": THRESHOLD}
+
     enabled: bool = True
     """Score frames with the LAION improved aesthetic predictor (on the CLIP embeddings)."""
     head: str = "models/sac+logos+ava1-l14-linearMSE.pth"
@@ -127,6 +165,14 @@ class AestheticConfig:
 @dataclass
 class ScoreConfig:
     """Where CLIP (+ aesthetic head) runs, once per clip: in the encode actors (default) or its own pool."""
+
+    RANGES: RangeTable = {
+        "batch_size": at_least(1),
+        "concurrency": at_least(1),
+        "num_cpus": at_least(0),
+        "num_gpus": at_least(0),
+        "torch_threads": at_least(1),
+    }
 
     own_actors: bool = False
     """False: score inside the encode actors (one model actor per slot loads CLIP, head and VAE; clips skip an
@@ -146,6 +192,15 @@ class ScoreConfig:
 
 @dataclass
 class EncodeConfig:
+    RANGES: RangeTable = {
+        "frames_per_batch": at_least(1),
+        "batch_size": at_least(1),
+        "concurrency": at_least(1),
+        "num_cpus": at_least(0),
+        "num_gpus": at_least(0),
+        "torch_threads": at_least(1),
+    }
+
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """Stable Diffusion hub id or local diffusers directory holding the VAE (and text encoder)."""
     vae_subfolder: str = "vae"
@@ -176,6 +231,8 @@ class EncodeConfig:
 
 @dataclass
 class WriteConfig:
+    RANGES: RangeTable = {"row_group_size": at_least(1), "lock_stale_s": above(0)}
+
     compression: str = "zstd"
     """Parquet compression codec."""
     row_group_size: int = 256
@@ -184,10 +241,14 @@ class WriteConfig:
     """Allow writing into an output written with a different config (otherwise an error)."""
     plot: bool = True
     """Write summary.png with the score distributions and thresholds."""
+    lock_stale_s: float = 300.0
+    """A run's lock on the output (pipeline.lock) whose heartbeat is older than this is stale and taken over."""
 
 
 @dataclass
 class RayConfig:
+    RANGES: RangeTable = {"num_cpus": at_least(0), "max_block_mb": above(0), "max_retries": at_least(0)}
+
     address: str = ""
     """Ray address ('' = connect to a running cluster if in one, else start a local Ray)."""
     num_cpus: int = 0
@@ -220,29 +281,22 @@ class PipelineConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> None:
+        """What the per-field `RANGES` cannot say (checked before this runs)."""
         if not self.views:
             raise ConfigError("views must hold at least one view")
         for name, view in self.views.items():
             if not name.isidentifier():
                 raise ConfigError(f"view name {name!r} must be an identifier (it becomes a column suffix)")
-            if view.num_frames < 1:
-                raise ConfigError(f"views.{name}.num_frames must be >= 1, got {view.num_frames}")
-            if view.height % 8 or view.width % 8 or view.height <= 0 or view.width <= 0:
+            if view.height % 8 or view.width % 8:
                 raise ConfigError(
-                    f"views.{name} size {view.height}x{view.width} must be positive multiples of 8 (VAE /8)"
+                    f"views.{name} size {view.height}x{view.width} must be multiples of 8 (VAE /8)"
                 )
-            if view.fps < 0 or view.frame_stride < 1:
-                raise ConfigError(f"views.{name}: fps must be >= 0 and frame_stride >= 1")
-        if self.decode.clips_per_video < 1:
-            raise ConfigError(f"decode.clips_per_video must be >= 1, got {self.decode.clips_per_video}")
-        if self.clip.num_frames < 1:
-            raise ConfigError(f"clip.num_frames must be >= 1, got {self.clip.num_frames}")
-        for name in ("decode", "score", "encode"):
-            stage = getattr(self, name)
-            if stage.concurrency < 1 or stage.batch_size < 1:
-                raise ConfigError(f"{name}.concurrency and {name}.batch_size must be >= 1")
-        if self.read.samples_per_block < 1:
-            raise ConfigError("read.samples_per_block must be >= 1")
+        m = self.metadata
+        if m.min_duration_s > m.max_duration_s or m.min_side > m.max_side:
+            raise ConfigError(
+                f"metadata: min_duration_s ({m.min_duration_s:g}) <= max_duration_s ({m.max_duration_s:g}) and "
+                f"min_side ({m.min_side}) <= max_side ({m.max_side}) are required"
+            )
 
     @property
     def primary_view(self) -> str:

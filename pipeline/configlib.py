@@ -6,8 +6,10 @@ A YAML preset holds only the fields it changes; dotted overrides (`optim.lr=3e-4
     dataclass defaults  <-  YAML preset  <-  dotted overrides (CLI strings or a Tune trial dict)
 
 The merge is OmegaConf's structured-config merge, so types are checked and `Literal[...]` fields
-only accept their listed values. Every failure is raised as `ConfigError` naming the key or field
-and where the bad value came from.
+only accept their listed values. Numeric fields are then checked against their ranges: each config
+dataclass lists one `Range` per int/float field in its `RANGES` class variable (a test holds every
+schema to that). Every failure is raised as `ConfigError` naming the key or field and where the bad
+value came from.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -26,6 +28,84 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 T = TypeVar("T")
 
 Overrides = Sequence[str] | Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric config field accepts: lo <= x <= hi (None: unbounded; `open_lo`: lo < x).
+    NaN never passes; +-inf only with `infinite` (a threshold that turns a filter off)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+    infinite: bool = False
+
+    def accepts(self, x: float) -> bool:
+        if math.isnan(x) or (math.isinf(x) and not self.infinite):
+            return False
+        if self.lo is not None and (x < self.lo or (self.open_lo and x == self.lo)):
+            return False
+        return self.hi is None or x <= self.hi
+
+    def __str__(self) -> str:
+        bounds = [f"{'>' if self.open_lo else '>='} {self.lo:g}"] if self.lo is not None else []
+        bounds += [f"<= {self.hi:g}"] if self.hi is not None else []
+        return " and ".join(bounds or ["a number"])
+
+
+def at_least(lo: float) -> Range:
+    return Range(lo)
+
+
+def above(lo: float) -> Range:
+    return Range(lo, open_lo=True)
+
+
+def between(lo: float, hi: float) -> Range:
+    return Range(lo, hi)
+
+
+ANY = Range()
+"""A finite number of any sign (a seed offset, a shift)."""
+THRESHOLD = Range(infinite=True)
+"""A score threshold: any number, -inf/inf included (-inf: keep everything)."""
+
+RangeTable = ClassVar[dict[str, Range]]
+"""The annotation of a config dataclass's `RANGES`: {field name: Range} for its int/float fields."""
+
+
+def numeric_fields(schema: type) -> list[str]:
+    """Names of `schema`'s int / float fields, optional ones (`int | None`) included; not bool, not containers."""
+    import types
+    import typing
+
+    hints, out = typing.get_type_hints(schema), []
+    for f in dataclasses.fields(schema):
+        hint = hints[f.name]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kinds = set(typing.get_args(hint)) - {type(None)} if union else {hint}
+        if kinds and kinds <= {int, float}:
+            out.append(f.name)
+    return out
+
+
+def check_ranges(cfg: Any, prefix: str = "") -> None:
+    """Raise `ConfigError` for the first numeric field of `cfg` (a config dataclass, recursively) outside its
+    `Range`, naming the dotted field, the value and the range."""
+    ranges = getattr(type(cfg), "RANGES", {})
+    for f in dataclasses.fields(cfg):
+        value, dotted = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, dotted + ".")
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                if dataclasses.is_dataclass(v):
+                    check_ranges(v, f"{dotted}.{k}.")
+        elif f.name in ranges and isinstance(value, int | float) and not isinstance(value, bool):
+            r = ranges[f.name]
+            if not r.accepts(value):
+                must = str(r) if math.isfinite(value) or r.infinite else f"finite, {r}"
+                raise ConfigError(f"invalid value for config field '{dotted}': {value!r} (must be {must})")
 
 
 class ConfigError(ValueError):
@@ -125,12 +205,13 @@ def apply_overrides(cfg: DictConfig, overrides: Overrides) -> DictConfig:
 
 
 def _to_validated_object(cfg: DictConfig, source: str) -> Any:
-    """The dataclass instance of a merged config, after its `validate()` hook (if it has one)."""
+    """The dataclass instance of a merged config, range-checked, after its `validate()` hook (if any)."""
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         # e.g. a required field (MISSING) that neither the preset nor an override set.
         raise _explain(exc, source) from None
+    check_ranges(obj)
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate()

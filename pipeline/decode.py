@@ -2,8 +2,10 @@
 
 decord can kill its process with SIGSEGV on some truncated H.264 read from memory; no Python `try` catches
 that, and Ray Data retrying the crashed task would crash again. So each `DecodeStage` actor owns a child
-process (`python -m pipeline.decode`) that does all decoding; if it dies or hangs, the sample is rejected
-(`decoder_crash` / `decode_timeout`), the child is restarted, and the batch goes on. The child is also
+process (`python -m pipeline.decode`) that does all decoding; if it dies, the sample is tried once more in a
+fresh child (a crash can be transient: memory pressure, a signal from outside) and rejected as `decoder_crash`
+only when the crash repeats; a hung child is killed and the sample rejected (`decode_timeout`, not retried: it
+would cost another `decode.timeout_s`). Either way the child is restarted and the batch goes on. The child is also
 recycled every `decode.max_samples_per_process` samples because decord leaks. Where decord raises (AV1,
 GIF, some widths and display rotations), the same child tries PyAV (`pipeline.pyav`) before rejecting
 the sample; a `decode_error` message then gives both: "decord: ...; pyav: ...".
@@ -17,6 +19,7 @@ center-cropped to each view's size with PIL's antialiased bicubic filter.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import select
@@ -31,6 +34,8 @@ import numpy as np
 
 from pipeline import pyav, stream
 from pipeline.schema import Reason, Stage
+
+log = logging.getLogger(__name__)
 
 _LEN = struct.Struct("<Q")
 _TOLERANCE = 0.5  # of a source frame interval, when checking that a clip fits in the video
@@ -251,16 +256,17 @@ def _serve() -> None:
 class IsolatedDecoder:
     """A `python -m pipeline.decode` child process; `decode()` survives it crashing or hanging."""
 
-    def __init__(self, timeout_s: float, max_samples: int):
-        self.timeout_s, self.max_samples = timeout_s, max_samples
+    def __init__(self, timeout_s: float, max_samples: int, module: str = "pipeline.decode"):
+        self.timeout_s, self.max_samples, self.module = timeout_s, max_samples, module
         self.proc: subprocess.Popen | None = None
         self.served = 0
         self.restarts = 0
+        self.recovered = 0  # crashes that did not repeat on the retry
 
     def start(self) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.decode"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+            [sys.executable, "-m", self.module], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
         )
         self.served = 0
 
@@ -284,6 +290,26 @@ class IsolatedDecoder:
         return bytes(buf)
 
     def decode(self, req: dict) -> dict:
+        """The child's response to `req`; a crash is retried once in a fresh child before it is a rejection."""
+        resp = self._attempt(req)
+        first = resp.pop("crash", None)
+        if first is None:
+            return resp
+        retry = self._attempt(req)
+        again = retry.pop("crash", None)
+        if again is None:
+            self.recovered += 1
+            log.warning(
+                "decoder process died (%s) on key %s; the retry in a fresh process succeeded",
+                first,
+                req.get("key"),
+            )
+            return retry
+        message = f"decoder process died ({first}), and again ({again}) on a retry in a fresh process"
+        return {"error": (Reason.DECODER_CRASH, message)}
+
+    def _attempt(self, req: dict) -> dict:
+        """One try: the response, or {'crash': how the child died} (the child is gone and will be restarted)."""
         if self.proc is None or self.proc.poll() is not None or self.served >= self.max_samples:
             self.close()
             self.start()
@@ -308,8 +334,7 @@ class IsolatedDecoder:
                 raise RuntimeError(
                     f"decoder process exited with code {code} (see the worker's stderr)"
                 ) from None
-            how = f"signal {signal.Signals(-code).name}" if code < 0 else "exit code 0"
-            return {"error": (Reason.DECODER_CRASH, f"decoder process died ({how}); restarted")}
+            return {"crash": f"signal {signal.Signals(-code).name}" if code < 0 else "exit code 0"}
 
 
 def _seed(base: int, key: str) -> int:
@@ -370,6 +395,7 @@ class DecodeStage(stream.RowStage):
                 "clips": d.clips_per_video,
                 "start": d.start,
                 "seed": _seed(d.seed, row["key"]),
+                "key": row["key"],
             }
             resp = self.decoder.decode(req)  # type: ignore[union-attr]
             dt = time.perf_counter() - t0

@@ -199,10 +199,8 @@ def build_dataset(cfg: PipelineConfig, shards, fs):
 
 def run(cfg: PipelineConfig) -> dict:
     """Run the pipeline over `cfg.input` into `cfg.output`; returns the summary (also in summary.json)."""
-    from pipeline.encode import model_info
     from pipeline.read import list_shards
-    from pipeline.summary import summarize
-    from pipeline.write import OutputStore, ShardProgress, ShardWriter
+    from pipeline.write import OutputLock, OutputStore
 
     t_start = time.perf_counter()
     if not cfg.input or not cfg.output:
@@ -213,6 +211,16 @@ def run(cfg: PipelineConfig) -> dict:
     given = copy.deepcopy(cfg)
     prepare_models(cfg)
     store = OutputStore(cfg.output)
+    with OutputLock(store, cfg.write.lock_stale_s):  # one run per output; held until the summary is written
+        return _curate(cfg, given, fs, shards, store, t_start)
+
+
+def _curate(cfg: PipelineConfig, given: PipelineConfig, fs, shards, store, t_start: float) -> dict:
+    """`run` once the output is locked: skip complete shards, stream the rest, write the summary."""
+    from pipeline.encode import model_info
+    from pipeline.summary import summarize
+    from pipeline.write import ShardProgress, ShardWriter
+
     info = model_info(cfg.encode)
     meta = file_metadata(given, info)
     info_views = meta[S.META_VIEWS]
@@ -277,10 +285,7 @@ def run(cfg: PipelineConfig) -> dict:
         missing = set(by_stem) - set(written)
         if missing:
             raise RuntimeError(f"shards produced no rows (a pipeline bug): {sorted(missing)}")
-    summary = summarize(
-        store, given, [s.stem for s in shards], written, stage_t, time.perf_counter() - t_start
-    )
-    return summary
+    return summarize(store, given, [s.stem for s in shards], written, stage_t, time.perf_counter() - t_start)
 
 
 class Heartbeat:

@@ -5,12 +5,22 @@ files are written to a temp name and renamed: `rejected/<stem>.parquet` first, `
 last. A shard is complete when both exist, so a run killed at any point leaves either a complete shard
 (skipped on re-run) or a partial one (redone; its leftovers are removed first). Rows are sorted by
 (key, clip_index) so a re-run writes the same files.
+
+One run writes an output at a time: `OutputLock` holds `OUTPUT/pipeline.lock` (owner host, pid, heartbeat) for
+the whole run, and every writer's temp names are its own, so a second run can neither rename another's half
+written file nor delete it as a leftover.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import posixpath
+import socket
+import threading
+import time
+import uuid
 from collections import Counter
 
 import numpy as np
@@ -20,6 +30,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema as S
 from pipeline import stream
+from pipeline.configlib import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +71,9 @@ class OutputStore:
         if "://" in output:
             self.fs, self.root = pafs.FileSystem.from_uri(output)
         else:
-            import os
-
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(output)
+        # Temp names unique to this writer: two writers never share (or rename) one half-written file.
+        self.token = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         for d in (CLIPS_DIR, REJECTED_DIR):
             self.fs.create_dir(posixpath.join(self.root, d), recursive=True)
 
@@ -101,16 +112,129 @@ class OutputStore:
     def write_atomic(
         self, table: pa.Table, kind: str, stem: str, row_group_size: int, compression: str
     ) -> None:
-        tmp, final = self.path(kind, stem, ".tmp"), self.path(kind, stem)
+        tmp, final = self.path(kind, stem, f".{self.token}.tmp"), self.path(kind, stem)
         with self.fs.open_output_stream(tmp) as f:
             pq.write_table(table, f, row_group_size=row_group_size, compression=compression)
         self.fs.move(tmp, final)
 
     def write_text(self, name: str, text: str | bytes) -> None:
-        tmp, final = posixpath.join(self.root, name + ".tmp"), posixpath.join(self.root, name)
+        final = posixpath.join(self.root, name)
+        tmp = f"{final}.{self.token}.tmp"
         with self.fs.open_output_stream(tmp) as f:
             f.write(text.encode() if isinstance(text, str) else text)
         self.fs.move(tmp, final)
+
+
+class OutputLocked(ConfigError):
+    """Another run holds the output's lock."""
+
+
+class OutputLock:
+    """`OUTPUT/pipeline.lock`: one run writes an output at a time.
+
+    The lock records the owner's host, pid and a heartbeat that a thread refreshes every `stale_s / 5` s. A lock
+    is stale, and taken over with a warning, when its owner is a dead pid on this host or its heartbeat is older
+    than `stale_s` (a run on another host killed without cleanup). On a local disk the lock is created with
+    O_EXCL; object stores have no exclusive create, so there the lock is written, read back and checked to be
+    ours (two runs started within the same moment could both pass: start runs on one output one at a time).
+    """
+
+    NAME = "pipeline.lock"
+
+    def __init__(self, store: OutputStore, stale_s: float):
+        self.store, self.stale_s = store, stale_s
+        self.path = posixpath.join(store.root, self.NAME)
+        self.local = isinstance(store.fs, pafs.LocalFileSystem)
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": store.token}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> dict | None:
+        try:
+            with self.store.fs.open_input_stream(self.path) as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:  # unreadable or half written: treat as stale, say so
+            return {"host": "?", "pid": -1, "heartbeat": 0.0, "error": str(exc)}
+
+    def _stale(self, lock: dict) -> str | None:
+        """Why `lock` is stale (None: its owner may be running)."""
+        age = time.time() - float(lock.get("heartbeat", 0.0))
+        if lock.get("host") == self.owner["host"] and not _pid_alive(int(lock.get("pid", -1))):
+            return f"its owner pid {lock.get('pid')} on this host is not running"
+        if age > self.stale_s:
+            return f"its heartbeat is {age:.0f} s old (write.lock_stale_s={self.stale_s:g})"
+        return None
+
+    def _write(self, exclusive: bool) -> None:
+        data = json.dumps(dict(self.owner, heartbeat=time.time(), since=self.since)).encode()
+        if exclusive and self.local:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                raise OutputLocked(f"{self.store.root} was locked by another run a moment ago") from None
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return
+        tmp = f"{self.path}.{self.store.token}.tmp"
+        with self.store.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.store.fs.move(tmp, self.path)
+
+    def acquire(self) -> None:
+        lock = self._read()
+        if lock is not None:
+            why = self._stale(lock)
+            if why is None:
+                raise OutputLocked(
+                    f"{self.store.root} is being written by another run (host {lock.get('host')}, pid "
+                    f"{lock.get('pid')}, since {time.ctime(float(lock.get('since', 0)))}); wait for it, or if it "
+                    f"is gone, delete {self.path} (it goes stale by itself after write.lock_stale_s={self.stale_s:g} s)"
+                )
+            log.warning("taking over the stale lock of %s: %s (%s)", self.store.root, why, lock)
+            self.store.fs.delete_file(self.path)
+        self.since = time.time()
+        self._write(exclusive=True)
+        held = self._read()
+        if not held or held.get("token") != self.owner["token"]:
+            raise OutputLocked(f"{self.store.root}: another run took the lock at the same moment ({held})")
+        self._thread = threading.Thread(target=self._beat, name="output-lock", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.stale_s / 5):
+            try:
+                self._write(exclusive=False)
+            except OSError as exc:  # a storage hiccup: the next beat tries again
+                log.warning("could not refresh %s: %s", self.path, exc)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        held = self._read()
+        if held and held.get("token") == self.owner["token"]:
+            self.store.fs.delete_file(self.path)
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def _score(x) -> float | None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pipeline.configlib import RangeTable, above, at_least
+
 TRAIN_METRICS = ("val_loss", "loss", "loss_simple", "loss_reg", "loss_trs", "loss_dc")
 """Metrics a training trial reports with its validation loss (training/distributed/worker.py)."""
 SAMPLING_METRICS = ("clipsim", "frame_consistency", "latent_flicker", "fvd")
@@ -30,6 +32,12 @@ SAMPLING_METRICS = ("clipsim", "frame_consistency", "latent_flicker", "fvd")
 @dataclass
 class SearchConfig:
     """The search algorithm and how many trials it runs at once."""
+
+    RANGES: RangeTable = {
+        "num_samples": at_least(1),
+        "max_concurrent_trials": at_least(0),
+        "seed": at_least(0),
+    }
 
     algorithm: Literal["random", "grid", "optuna"] = "random"
     """'random' (Tune's BasicVariantGenerator: grid entries are crossed, the rest sampled), 'grid' (every
@@ -48,6 +56,8 @@ class SearchConfig:
 class SchedulerConfig:
     """Early stopping of weak trials (training sweeps only: a sampling trial reports once)."""
 
+    RANGES: RangeTable = {"grace_period": at_least(1), "reduction_factor": above(1), "max_t": at_least(1)}
+
     kind: Literal["auto", "asha", "fifo"] = "auto"
     """'asha' (AsyncHyperBand on the metric), 'fifo' (run every trial to the end); 'auto': asha for train."""
     time_attr: str = "step"
@@ -63,6 +73,8 @@ class SchedulerConfig:
 @dataclass
 class ResourcesConfig:
     """What one trial reserves. Training trials' workers reserve theirs through the trial's `run.*`."""
+
+    RANGES: RangeTable = {"cpu": at_least(0), "gpu": at_least(0)}
 
     cpu: float | None = None
     """CPUs of the trial process (None: 0.01 for train, a driver whose Ray Train workers hold the CPUs;
@@ -107,6 +119,8 @@ class OutputConfig:
 class SweepConfig:
     """A Ray Tune sweep over training runs (kind 'train') or over sampling of one checkpoint ('sampling')."""
 
+    RANGES: RangeTable = {"max_failures": at_least(0), "time_budget_s": above(0)}
+
     kind: Literal["train", "sampling"] = "train"
     """'train': each trial is a Ray Train run, scored on validation loss; 'sampling': each trial generates
     the fixed prompt set from `sampling.checkpoint` and is scored by `training.evaluate`."""
@@ -145,27 +159,13 @@ class SweepConfig:
             raise ValueError(f"metric={self.metric!r} is not reported by {self.kind} trials: one of {known}")
         if not self.space:
             raise ValueError("space is empty: give at least one dotted key to search")
-        if self.search.num_samples < 1:
-            raise ValueError(f"search.num_samples={self.search.num_samples} must be >= 1")
-        if self.search.max_concurrent_trials < 0:
-            raise ValueError(f"search.max_concurrent_trials={self.search.max_concurrent_trials} must be >= 0")
         if self.kind == "sampling" and self.scheduler.kind == "asha":
             raise ValueError("scheduler.kind=asha needs intermediate results; sampling trials report once")
-        s = self.scheduler
-        if s.grace_period < 1 or s.reduction_factor <= 1:
-            raise ValueError(
-                f"scheduler.grace_period={s.grace_period} must be >= 1 and "
-                f"scheduler.reduction_factor={s.reduction_factor} > 1"
-            )
         r = self.resources
-        if (r.cpu is not None and r.cpu < 0) or r.gpu < 0:
-            raise ValueError(f"resources.cpu={r.cpu} and resources.gpu={r.gpu} must be >= 0")
         if r.cpu == 0 and not r.gpu and not any(r.custom.values()):
             raise ValueError(
                 "resources.cpu=0 with no gpu/custom resource: Tune needs a non-empty trial; use 0.01"
             )
-        if self.max_failures < 0:
-            raise ValueError(f"max_failures={self.max_failures} must be >= 0")
 
     def trial_cpus(self) -> float:
         """CPUs the trial process itself reserves."""

@@ -32,7 +32,11 @@ def test_production_preset_uses_real_models():
         ("decode.clip_per_video=2", r"unknown config key 'decode\.clip_per_video'"),
         ("decode.start=middle", r"'decode\.start'.*'center', 'uniform', 'random'"),
         ("encode.latent_dist=mode", r"'encode\.latent_dist'"),
-        ("decode.clips_per_video=0", r"clips_per_video must be >= 1"),
+        ("decode.clips_per_video=0", r"'decode\.clips_per_video': 0 \(must be >= 1\)"),
+        ("motion.size=0", r"'motion\.size': 0 \(must be >= 1\)"),
+        ("encode.frames_per_batch=0", r"'encode\.frames_per_batch'"),
+        ("metadata.max_duration_s=nan", r"'metadata\.max_duration_s': nan \(must be finite, > 0\)"),
+        ("metadata.min_side=5000", r"min_side \(5000\) <= max_side"),
         ("clip.min_score=high", r"invalid value for config field 'clip\.min_score'"),
     ],
 )

@@ -119,8 +119,25 @@ def test_isolated_decoder_survives_a_segfault_and_goes_on():
         assert "error" not in dec.decode(request(good_mp4()))
         reason, message = dec.decode(request(decoder_killing_mp4()))["error"]
         assert reason == Reason.DECODER_CRASH and "SIGSEGV" in message
+        assert "again (signal SIGSEGV) on a retry in a fresh process" in message  # the crash repeated
         assert "error" not in dec.decode(request(good_mp4(2)))  # a fresh child took over
-        assert dec.restarts == 1
+        assert (dec.restarts, dec.recovered) == (2, 0)
+    finally:
+        dec.close()
+
+
+def test_a_crash_that_does_not_repeat_is_retried_not_rejected(tmp_path, monkeypatch, caplog):
+    """A transient crash (the child dies once, whatever the input) costs a retry in a fresh process, not the
+    sample: before, one crash was a permanent `decoder_crash` rejection."""
+    monkeypatch.setenv("T2V_FLAKY_MARKER", str(tmp_path / "crashed-once"))
+    dec = IsolatedDecoder(timeout_s=60, max_samples=100, module="tests.pipeline.flaky_decoder")
+    try:
+        with caplog.at_level("WARNING", logger="pipeline.decode"):
+            resp = dec.decode(dict(request(good_mp4()), key="k0"))
+        assert "error" not in resp and len(resp["clips"]) == 1
+        assert (tmp_path / "crashed-once").exists()  # the first child really died
+        assert (dec.restarts, dec.recovered) == (1, 1)
+        assert "signal SIGSEGV) on key k0; the retry in a fresh process succeeded" in caplog.text
     finally:
         dec.close()
 

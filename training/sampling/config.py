@@ -12,10 +12,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pipeline.configlib import ANY, Range, RangeTable, above, at_least, between
+
 
 @dataclass
 class SamplerConfig:
     """The reverse process. DDIM/DDPM use the checkpoint's training schedule; Euler/Heun its EDM preconditioning."""
+
+    RANGES: RangeTable = {
+        "steps": at_least(1),
+        "eta": between(0, 1),
+        "steps_offset": at_least(0),
+        "sigma_min": above(0),
+        "sigma_max": above(0),
+        "rho": above(0),
+        "s_churn": at_least(0),
+        "s_tmin": at_least(0),
+        "s_tmax": Range(0, infinite=True),
+        "s_noise": at_least(0),
+    }
 
     kind: Literal["ddim", "ddpm", "euler", "heun"] = "ddim"
     """'ddim' (HARIVO), 'ddpm' (JVID), 'euler'/'heun' (EDM ODE/SDE; for diffusion.objective=edm or any eps model)."""
@@ -47,6 +62,13 @@ class SamplerConfig:
 class GuidanceConfig:
     """Classifier-free guidance with HARIVO's time-dependent scale, and MG sampling (Algorithm 1)."""
 
+    RANGES: RangeTable = {
+        "cfg_early": at_least(0),
+        "cfg_late": at_least(0),
+        "cfg_switch": between(0, 1),
+        "mg_alpha": at_least(0),
+    }
+
     cfg_early: float = 12.5
     """CFG scale while t > cfg_switch * T (HARIVO: 10-15; JVID: 2.0 throughout)."""
     cfg_late: float = 7.5
@@ -63,6 +85,8 @@ class GuidanceConfig:
 class InitNoiseConfig:
     """The initial latent noise x_T (PYoCo eq. 3-4)."""
 
+    RANGES: RangeTable = {"alpha": at_least(0)}
+
     prior: Literal["train", "iid", "mixed", "progressive"] = "train"
     """'train': the prior the checkpoint was trained with; else 'iid', 'mixed' or 'progressive'."""
     alpha: float | None = None
@@ -72,6 +96,17 @@ class InitNoiseConfig:
 @dataclass
 class JVIDConfig:
     """JVID's mixture of an image and a video denoiser (3.4-3.6, 4.3); Table 6 defaults are its 256^2 row."""
+
+    RANGES: RangeTable = {
+        "t_v": between(0, 1),
+        "t_e": between(0, 1),
+        "p_e": between(0, 1),
+        "p_f": between(0, 1),
+        "seed": at_least(0),
+        "r": between(0, 1),
+        "gamma": at_least(0),
+        "smooth_threshold": at_least(0),
+    }
 
     enabled: bool = False
     """Mix the image model into the reverse process (and apply entropy reduction and smoothing)."""
@@ -100,6 +135,8 @@ class JVIDConfig:
 class BaseConfig:
     """Personalisation (HARIVO 4.3): what the frozen text-to-image base is at sampling time."""
 
+    RANGES: RangeTable = {"lora_scale": ANY}
+
     pretrained: str | None = None
     """SD directory / hub id for the VAE, text encoder and tokenizer (None: the checkpoint's model.pretrained)."""
     unet: str | None = None
@@ -114,6 +151,8 @@ class BaseConfig:
 class ControlNetConfig:
     """A diffusers `ControlNetModel` conditioning all frames or a listed subset (HARIVO 4.3)."""
 
+    RANGES: RangeTable = {"scale": at_least(0)}
+
     path: str | None = None
     """ControlNetModel directory or hub id (None: no ControlNet)."""
     images: list[str] = field(default_factory=list)
@@ -127,6 +166,16 @@ class ControlNetConfig:
 @dataclass
 class OutputConfig:
     """What is generated and written."""
+
+    RANGES: RangeTable = {
+        "seed": at_least(0),
+        "videos_per_prompt": at_least(1),
+        "num_frames": at_least(1),
+        "height": at_least(8),
+        "width": at_least(8),
+        "fps": above(0),
+        "decode_chunk": at_least(1),
+    }
 
     seed: int = 0
     """Seed of the first video; video k of prompt i uses seed + i * videos_per_prompt + k."""
@@ -158,6 +207,13 @@ class OutputConfig:
 class CascadeSampleConfig:
     """`--cascade`: the PYoCo chain base -> interpolation -> super-resolution (training/sampling/cascade.py)."""
 
+    RANGES: RangeTable = {
+        "sr_aug_sigma": at_least(0),
+        "interp_aug_sigma": at_least(0),
+        "seed_stride": at_least(0),
+        "window_overlap": at_least(0),
+    }
+
     keyframe_replacement: bool = True
     """Interpolation: keep the base's keyframes exactly (they replace the denoised estimate at their frames at
     every step); False leaves them to the model, which sees them by concatenation only."""
@@ -178,6 +234,16 @@ class CascadeSampleConfig:
 @dataclass
 class EvalConfig:
     """`python -m training.evaluate`: the metrics and their reference data."""
+
+    RANGES: RangeTable = {
+        "max_reference": at_least(1),
+        "fvd_frames": at_least(1),
+        "real_fps": above(0),
+        "real_stride": at_least(1),
+        "real_seed": at_least(0),
+        "min_videos": at_least(1),
+        "max_prompts": at_least(1),
+    }
 
     clip_model: str | None = "ViT-B-32"
     """open_clip model for CLIPSIM / frame consistency, pinned to ViT-B/32 as the papers' baselines report; also

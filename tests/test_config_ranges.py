@@ -12,10 +12,11 @@ import pytest
 
 from pipeline.config import PipelineConfig
 from pipeline.configlib import ConfigError, Range, load_config, numeric_fields
+from training.config import TrainConfig
 from training.sampling.config import SampleConfig
 from tuning.config import SweepConfig
 
-SCHEMAS = [PipelineConfig, SampleConfig, SweepConfig]
+SCHEMAS = [PipelineConfig, TrainConfig, SampleConfig, SweepConfig]
 
 
 def walk(cfg, prefix: str = "") -> Iterator[tuple[str, type, str]]:

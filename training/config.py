@@ -12,10 +12,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pipeline.configlib import ANY, Range, RangeTable, above, at_least, between
+
+# The runner's sections (how a run is fed, distributed and kept); importable from here as before.
+from training.runner_config import DataConfig, DeepSpeedConfig, OptimConfig, RunConfig
+
 
 @dataclass
 class ModelConfig:
     """The frozen text-to-image UNet and the AnimateDiff-style temporal layers inserted into it."""
+
+    RANGES: RangeTable = {
+        "num_frames": at_least(1),
+        "latent_size": at_least(1),
+        "max_text_len": at_least(1),
+        "temporal_heads": at_least(1),
+        "temporal_layers": at_least(1),
+        "max_frames": at_least(1),
+    }
 
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """Hub id or local directory of a diffusers Stable Diffusion model (SD 1.5 or 2.1 layout)."""
@@ -54,6 +68,13 @@ class ModelConfig:
 class HarivoConfig:
     """HARIVO's extra trainable components (sec. 3.2-3.5 and the appendix pseudo-code)."""
 
+    RANGES: RangeTable = {
+        "mapping_heads": at_least(1),
+        "mapping_head_dim": at_least(1),
+        "mapping_kernel_size": at_least(1),
+        "tokens_per_frame": at_least(1),
+    }
+
     mapping_network: bool = True
     """Put the mapping network l^M in front of the UNet, on the noisy latent (sec. 3.2)."""
     mapping_heads: int = 8
@@ -73,6 +94,15 @@ class HarivoConfig:
 @dataclass
 class LossConfig:
     """HARIVO's objective L_all = L_simple + l_TRS L_TRS + l_reg L_reg + l_DC L_DC (eq. 5)."""
+
+    RANGES: RangeTable = {
+        "lambda_trs": at_least(0),
+        "lambda_reg": at_least(0),
+        "lambda_dc": at_least(0),
+        "tau": above(0),
+        "queue_size": at_least(1),
+        "cond_drop_prob": between(0, 1),
+    }
 
     lambda_trs: float = 0.1
     """Weight of the temporal regularised self-attention loss (sec. 4: 0.1)."""
@@ -102,6 +132,8 @@ DEFAULT_ALPHA = {"iid": 0.0, "mixed": 1.0, "progressive": 2.0}
 class NoiseConfig:
     """The training noise prior (PYoCo eq. 3-4); the same function draws the initial sampling noise."""
 
+    RANGES: RangeTable = {"alpha": Range(0, infinite=True)}
+
     prior: Literal["iid", "mixed", "progressive"] = "iid"
     """'iid' (HARIVO, which lets the mapping network learn correlations), 'mixed' or 'progressive' (PYoCo)."""
     alpha: float | None = None
@@ -117,6 +149,12 @@ class NoiseConfig:
 @dataclass
 class DiffusionConfig:
     """Forward process and parameterisation of the training objective."""
+
+    RANGES: RangeTable = {
+        "num_train_timesteps": at_least(1),
+        "beta_start": above(0),
+        "beta_end": between(0, 1),
+    }
 
     objective: Literal["ddpm", "edm"] = "ddpm"
     """'ddpm': discrete timesteps and L_simple (HARIVO); 'edm': log-normal sigmas and lambda(sigma) (PYoCo)."""
@@ -135,6 +173,8 @@ class DiffusionConfig:
 @dataclass
 class EDMConfig:
     """EDM preconditioning (PYoCo sec. 3, seed 000 eq. 8-17); used when diffusion.objective = 'edm'."""
+
+    RANGES: RangeTable = {"sigma_data": above(0), "p_mean": ANY, "p_std": above(0)}
 
     kind: Literal["edm", "sd21", "modified"] = "sd21"
     """'sd21' (SD 2.1 as EDM, eq. 9-12: the base's own discrete timesteps, so a frozen base reads its inputs as it
@@ -169,6 +209,13 @@ class CascadeConfig:
     channels, so every stage starts as the pretrained model. Stages need diffusion.objective = 'edm'.
     """
 
+    RANGES: RangeTable = {
+        "keyframe_stride": at_least(1),
+        "scale": at_least(1),
+        "aug_sigma_max": at_least(0),
+        "interp_aug_sigma_max": at_least(0),
+    }
+
     stage: Literal["none", "base", "interp", "sr"] = "none"
     """'none': a plain video model (HARIVO); 'base', 'interp' or 'sr': a PYoCo stage, exported as kind
     pyoco_<stage> (base: 16 keyframes; interp: fills the frames between them; sr: latent super-resolution)."""
@@ -190,118 +237,6 @@ class CascadeConfig:
 
 
 @dataclass
-class OptimConfig:
-    """AdamW on the trainable parameters only, linear warmup then cosine decay (HARIVO: 1e-4 -> 1e-5)."""
-
-    lr: float = 1e-4
-    """Peak learning rate (HARIVO sec. 4: 1e-4)."""
-    min_lr: float = 1e-5
-    """Learning rate at `max_steps` after cosine decay (HARIVO sec. 4: 1e-5)."""
-    warmup_steps: int = 500
-    """Linear warmup from 0 to `lr` over this many optimiser steps."""
-    max_steps: int = 100_000
-    """Optimiser steps of the whole run (the schedule's length; training stops here)."""
-    batch_size: int = 1
-    """Clips per worker per micro-batch (DeepSpeed's train_micro_batch_size_per_gpu)."""
-    grad_accum: int = 1
-    """Micro-batches per optimiser step (DeepSpeed gradient_accumulation_steps)."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip (0 disables)."""
-    spatial_lr: float | None = None
-    """Peak learning rate of the base UNet's trainable parameters (model.trainable_spatial); None: `lr`. The same
-    warmup and cosine multiplier scales both."""
-    weight_decay: float = 0.01
-    """AdamW weight decay (AnimateDiff: 0.01)."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """AdamW betas."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-
-
-@dataclass
-class DataConfig:
-    """The pipeline's Parquet latents (pipeline/schema.py), streamed by Ray Data, one shard per worker."""
-
-    path: str | None = None
-    """Pipeline output dir (its clips/ is read) or a clips dir; local path or URI. Set by `--data`."""
-    view: str | None = None
-    """Which pipeline view's latents to train on (None: the primary view)."""
-    frame_stride: int = 1
-    """Take every k-th stored latent frame (e.g. 5 turns 76 stored frames into PYoCo's 16 keyframes)."""
-    random_start: bool = True
-    """Random first frame when the stored clip is longer than needed (else start at frame 0)."""
-    val_fraction: float = 0.1
-    """Share of clips (chosen by a hash of the key, so stable across runs) held out for validation loss."""
-    val_batches: int = 4
-    """Validation batches per worker per evaluation (fixed seeds and noise levels)."""
-    shuffle_buffer: int = 64
-    """Rows in each worker's local shuffle buffer (reseeded every epoch)."""
-    image_path: str | None = None
-    """Image store for joint image-video training: `pipeline.run`'s output for image shards (jpg/png + txt; one
-    latent frame per image), same VAE and resolution as data.path."""
-    image_view: str | None = None
-    """Which view of the image store (None: its primary view)."""
-    images_per_clip: int = 0
-    """Joint image-video training (PYoCo sec. 5): N images concatenated to every clip on the time axis. They share
-    the clip's noise level, get i.i.d. noise and their own captions, and skip the temporal layers, the mapping
-    network and the frame tokens; L_simple covers clip and images, L_reg / L_TRS / L_DC the clip only. Needs
-    model.trainable_spatial (else nothing on the image path trains). 0: video only."""
-    image_only: bool = False
-    """Train an image model: data.path is an image store, every batch is single images in image mode (no temporal
-    layers); needs model.num_frames=1 and model.trainable_spatial (with model.from_scratch: an image base from
-    nothing). Only the UNet trains."""
-    cache: Literal["auto", "always", "never"] = "auto"
-    """Keep the store in Ray's object store after the first read ('auto': when its files total < 1 GiB),
-    so later epochs skip the Parquet read; large stores always stream."""
-
-
-@dataclass
-class DeepSpeedConfig:
-    """DeepSpeed engine settings; `training/distributed/engine.py` turns them into DeepSpeed's JSON config."""
-
-    zero_stage: int = 2
-    """ZeRO stage 0 (plain DDP), 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters)."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """'auto': bf16 on GPU, fp32 on CPU."""
-    offload_optimizer: bool = False
-    """ZeRO-Offload the optimizer states to CPU memory (stage >= 1)."""
-
-
-@dataclass
-class RunConfig:
-    """Ray Train: workers, storage, checkpoints, faults and logging."""
-
-    name: str | None = None
-    """Run name; checkpoints live under storage_path/name. Set by `--output` (its last path part)."""
-    storage_path: str | None = None
-    """Local dir or URI (s3://, gs://) holding runs. Set by `--output` (its parent)."""
-    num_workers: int = 2
-    """Ray Train workers (one per GPU on a GPU cluster)."""
-    use_gpu: bool = False
-    """One GPU per worker."""
-    cpus_per_worker: float = 1.0
-    """CPUs reserved per worker."""
-    resources_per_worker: dict[str, float] = field(default_factory=dict)
-    """Extra custom resources per worker, e.g. {train_gpu: 1} to land on training nodes (cluster/resources.yaml)."""
-    seed: int = 0
-    """Seeds the identical initialisation on all ranks and (with the rank) each rank's noise stream."""
-    checkpoint_every: int = 100
-    """Optimiser steps between checkpoints (every rank saves its DeepSpeed shard)."""
-    keep_last: int = 3
-    """Checkpoints kept (older ones are deleted)."""
-    resume_from: str | None = None
-    """Explicit checkpoint dir to resume from; otherwise a run with the same name resumes its latest."""
-    max_failures: int = 0
-    """Worker crashes tolerated; each restarts the workers from the last checkpoint."""
-    log_every: int = 10
-    """Steps between metric reports (ray.train.report + TensorBoard) and progress lines."""
-    val_every: int = 100
-    """Steps between validation-loss evaluations (0: only at the end)."""
-    fail_at_step: int | None = None
-    """Fault injection for tests: rank 0 calls os._exit(1) once when it reaches this step."""
-
-
-@dataclass
 class TrainConfig:
     """A training run: the single-device model and objective, then optimiser, data, DeepSpeed and Ray Train."""
 
@@ -318,29 +253,14 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
-        """Cross-field checks; raises ValueError naming the field and its value."""
+        """Cross-field checks (each field's own range is in its RANGES); raises ValueError naming the fields."""
         m = self.model
         if not 1 <= m.num_frames <= m.max_frames:
             raise ValueError(
                 f"model.num_frames={m.num_frames} must be in [1, model.max_frames={m.max_frames}]"
             )
-        if m.latent_size < 1:
-            raise ValueError(f"model.latent_size={m.latent_size} must be positive")
-        if self.harivo.tokens_per_frame < 1:
-            raise ValueError(f"harivo.tokens_per_frame={self.harivo.tokens_per_frame} must be >= 1")
-        if self.loss.tau <= 0:
-            raise ValueError(f"loss.tau={self.loss.tau} must be positive")
-        if self.loss.queue_size < 1:
-            raise ValueError(f"loss.queue_size={self.loss.queue_size} must be >= 1")
-        for name in ("lambda_trs", "lambda_reg", "lambda_dc"):
-            if getattr(self.loss, name) < 0:
-                raise ValueError(f"loss.{name}={getattr(self.loss, name)} must be >= 0")
         if self.loss.lambda_dc > 0 and not self.harivo.contrastive_head:
             raise ValueError(f"loss.lambda_dc={self.loss.lambda_dc} needs harivo.contrastive_head=true")
-        if not self.noise.strength >= 0:  # also catches nan
-            raise ValueError(f"noise.alpha={self.noise.alpha} must be >= 0 (inf allowed)")
-        if not 0 <= self.loss.cond_drop_prob <= 1:
-            raise ValueError(f"loss.cond_drop_prob={self.loss.cond_drop_prob} must be in [0, 1]")
         if self.edm.sigmas_from == "uniform_t" and self.edm.kind != "sd21":
             raise ValueError(
                 f"edm.sigma_sampling=uniform_t needs the discrete levels of edm.kind=sd21, got edm.kind={self.edm.kind}"
@@ -350,32 +270,13 @@ class TrainConfig:
             raise ValueError(
                 f"need 0 < diffusion.beta_start={d.beta_start} < diffusion.beta_end={d.beta_end} < 1"
             )
-        if self.edm.sigma_data <= 0 or self.edm.p_std <= 0:
-            raise ValueError(
-                f"edm.sigma_data={self.edm.sigma_data} and edm.p_std={self.edm.p_std} must be positive"
-            )
         o = self.optim
-        if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
-            raise ValueError(f"need 0 <= optim.min_lr={o.min_lr} <= optim.lr={o.lr}, optim.lr > 0")
-        for name in ("max_steps", "batch_size", "grad_accum"):
-            if getattr(o, name) < 1:
-                raise ValueError(f"optim.{name}={getattr(o, name)} must be >= 1")
-        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(
-                f"deepspeed.zero_stage={self.deepspeed.zero_stage}: expected one of [0, 1, 2, 3]"
-            )
+        if o.min_lr > o.lr:
+            raise ValueError(f"need optim.min_lr={o.min_lr} <= optim.lr={o.lr}")
         self._validate_image_path()
         if not 0 <= self.data.val_fraction < 1:
             raise ValueError(f"data.val_fraction={self.data.val_fraction} must be in [0, 1)")
-        if self.data.frame_stride < 1:
-            raise ValueError(f"data.frame_stride={self.data.frame_stride} must be >= 1")
         self._validate_cascade()
-        r = self.run
-        if r.num_workers < 1 or r.checkpoint_every < 1 or r.keep_last < 1 or r.log_every < 1:
-            raise ValueError(
-                f"run.num_workers={r.num_workers}, run.checkpoint_every={r.checkpoint_every}, "
-                f"run.keep_last={r.keep_last} and run.log_every={r.log_every} must be >= 1"
-            )
 
     def _validate_image_path(self) -> None:
         """What trains on images, the EDM kinds a frozen base reads, and what joint training combines with."""
@@ -385,15 +286,13 @@ class TrainConfig:
             raise ValueError(
                 f"model.from_scratch=true needs model.trainable_spatial=['*'], got {m.trainable_spatial}"
             )
-        if o.spatial_lr is not None and (o.spatial_lr <= 0 or not spatial):
-            raise ValueError(f"optim.spatial_lr={o.spatial_lr} must be > 0 and needs model.trainable_spatial")
+        if o.spatial_lr is not None and not spatial:
+            raise ValueError(f"optim.spatial_lr={o.spatial_lr} needs model.trainable_spatial")
         if self.diffusion.objective == "edm" and self.edm.kind != "sd21" and not spatial:
             raise ValueError(
                 f"edm.kind={self.edm.kind} feeds c_noise = ln(sigma)/4 into the frozen base's timestep embedding "
                 "(trained on 0..999): use edm.kind=sd21, or train the base (model.trainable_spatial)"
             )
-        if d.images_per_clip < 0:
-            raise ValueError(f"data.images_per_clip={d.images_per_clip} must be >= 0")
         if (d.images_per_clip > 0 or d.image_only) and not spatial:
             field_ = "data.image_only=true" if d.image_only else f"data.images_per_clip={d.images_per_clip}"
             raise ValueError(
@@ -436,14 +335,8 @@ class TrainConfig:
                     f"cascade.stage=interp: model.num_frames={f} must be (keyframes - 1) x "
                     f"cascade.keyframe_stride={k} + 1, so the first and last frames are keyframes"
                 )
-            if c.interp_aug_sigma_max < 0:
-                raise ValueError(f"cascade.interp_aug_sigma_max={c.interp_aug_sigma_max} must be >= 0")
         if c.stage == "sr":
             if not c.cond_view:
                 raise ValueError("cascade.stage=sr needs cascade.cond_view (the low-resolution view)")
             if c.cond_view == self.data.view:
                 raise ValueError(f"cascade.cond_view={c.cond_view} must differ from data.view")
-            if c.scale < 1 or c.aug_sigma_max < 0:
-                raise ValueError(
-                    f"cascade.scale={c.scale} must be >= 1 and cascade.aug_sigma_max={c.aug_sigma_max} >= 0"
-                )

@@ -52,7 +52,7 @@ def test_errors_name_the_field():
         load_config(TrainConfig, None, ["loss.lambda_nope=1"])
     with pytest.raises(ValueError, match="model.num_frames=40"):
         load_config(TrainConfig, None, {"model.num_frames": 40})
-    with pytest.raises(ValueError, match="noise.alpha=-1.0"):
+    with pytest.raises(ValueError, match=r"'noise.alpha': -1.0 \(must be >= 0\)"):
         load_config(TrainConfig, None, {"noise.alpha": -1.0})
     with pytest.raises(ValueError, match="harivo.contrastive_head"):
         load_config(TrainConfig, None, ["harivo.contrastive_head=false"])
@@ -126,9 +126,7 @@ def test_image_training_and_edm_kinds_need_a_trainable_base():
         load("diffusion.objective=edm", "edm.kind=modified")
     with pytest.raises(ValueError, match=r"model.from_scratch=true needs model.trainable_spatial=\['\*'\]"):
         load("model.from_scratch=true", "model.trainable_spatial=['*attentions*']")
-    with pytest.raises(
-        ValueError, match="optim.spatial_lr=1e-05 must be > 0 and needs model.trainable_spatial"
-    ):
+    with pytest.raises(ValueError, match="optim.spatial_lr=1e-05 needs model.trainable_spatial"):
         load("optim.spatial_lr=1e-5")
     ok = load(
         "diffusion.objective=edm", "edm.kind=edm", "model.trainable_spatial=['*']", "optim.spatial_lr=1e-5"

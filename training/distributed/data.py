@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
@@ -34,7 +36,7 @@ CACHE_LIMIT_BYTES = 1 << 30
 
 @dataclass
 class StoreInfo:
-    """What the driver learned from the store's first file: where, which columns, what shape."""
+    """What the driver learned from the store's Parquet footers: where, which columns, what shape."""
 
     clips_path: str
     latents_column: str
@@ -136,17 +138,24 @@ def _inspect(
     view_field: str,
     with_cond_view: bool = False,
 ) -> StoreInfo:
-    """A store's first Parquet file checked against `cfg`; `with_cond_view`: also SR's low-resolution view."""
+    """A store's Parquet footers checked against `cfg` and against each other (every file must agree with the
+    first: one VAE, one latent layout); `with_cond_view`: also SR's low-resolution view. Reads no row data."""
     fs, fs_path, path = _clips_path(data_path)
     infos = [f for f in fs.get_file_info(pafs.FileSelector(fs_path)) if f.path.endswith(".parquet")]
     files = sorted(f.path for f in infos)
     if not files:
         raise LatentStoreError(f"no .parquet files in {path}")
-    with fs.open_input_file(files[0]) as f:
-        file_schema = pq.read_schema(f)
+    footers = _read_footers(fs, files, path)
+    for footer in footers:
+        if not schema.decode_metadata(footer.schema):
+            raise LatentStoreError(f"{footer.path} has no t2v.* metadata: not written by pipeline.run")
+    _check_agreement(footers)
+    file_schema = footers[0].schema
     meta = schema.decode_metadata(file_schema)
-    if not meta:
-        raise LatentStoreError(f"{files[0]} has no t2v.* metadata: not written by pipeline.run")
+    if not any(f.num_rows for f in footers):
+        raise LatentStoreError(
+            f"no clips in {path}: its {len(files)} .parquet files hold 0 rows (every sample was rejected?)"
+        )
     views = meta.get(schema.META_VIEWS, {})
     primary = next(iter(views), None)
     view = data_view or primary
@@ -182,6 +191,79 @@ def _inspect(
     cond_column, cond_shape = _cond_view(cfg, views, view, primary, path) if with_cond_view else (None, None)
     return StoreInfo(
         path, column, shape, has_embeds, meta, sum(f.size for f in infos), cond_column, cond_shape
+    )
+
+
+@dataclass
+class Footer:
+    """What one Parquet file's footer tells: its Arrow schema (with the t2v.* metadata) and row count."""
+
+    path: str  # as the user named the store
+    schema: pa.Schema
+    num_rows: int
+
+
+def _read_footers(fs: pafs.FileSystem, files: list[str], path: str) -> list[Footer]:
+    """Every file's footer (no row data), a few at a time: remote stores answer each read slowly."""
+    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+        return list(pool.map(lambda f: _read_footer(fs, f, path), files))
+
+
+def _read_footer(fs: pafs.FileSystem, fs_file: str, path: str) -> Footer:
+    """One file's footer; an unreadable one (e.g. truncated by a killed writer) is named."""
+    name = f"{path.rstrip('/')}/{fs_file.rsplit('/', 1)[-1]}"
+    try:
+        with fs.open_input_file(fs_file) as f:
+            parquet = pq.ParquetFile(f)
+            return Footer(name, parquet.schema_arrow, parquet.metadata.num_rows)
+    except (OSError, pa.ArrowException) as exc:
+        raise LatentStoreError(
+            f"{name}: cannot read its Parquet footer ({exc}); a truncated or partly written file? Re-run the "
+            "pipeline for its shard or move it out of the store"
+        ) from exc
+
+
+AGREED = (schema.META_VAE_HASH, schema.META_SCALING_FACTOR, schema.META_LATENTS_DTYPE)
+"""The `t2v.*` metadata every file of a store must share with the first (views' latents_shape too)."""
+
+
+def _layout(footer: Footer) -> dict[str, Any]:
+    """A file's fields that must match across the store: VAE, scaling, latent dtype and shapes, tensor types."""
+    meta = schema.decode_metadata(footer.schema)
+    out = {k: meta.get(k) for k in AGREED}
+    for view, spec in meta.get(schema.META_VIEWS, {}).items():
+        out[f"{schema.META_VIEWS}[{view}].latents_shape"] = spec.get("latents_shape")
+    for f in footer.schema:
+        if (tensor := _tensor_type(f)) is not None:
+            out[f"column {f.name!r} type"] = tensor
+    return out
+
+
+def _tensor_type(f: pa.Field) -> str | None:
+    """A tensor column's full type (extension name, value type, shape, dim names, field metadata), else None."""
+    meta = f.metadata or {}
+    if not isinstance(f.type, pa.BaseExtensionType) and not any(k.startswith(b"ARROW:ext") for k in meta):
+        return None
+    return f"{f.type} {dict(sorted(meta.items()))}" if meta else str(f.type)
+
+
+def _check_agreement(footers: list[Footer]) -> None:
+    """Refuse a store whose files disagree with the first: Ray Data would mix VAEs or fail mid-run."""
+    first = _layout(footers[0])
+    bad = []
+    for footer in footers[1:]:
+        layout = _layout(footer)
+        diff = [k for k in {**first, **layout} if first.get(k) != layout.get(k)]
+        if diff:
+            bad.append((footer, layout, diff))
+    if not bad:
+        return
+    footer, layout, diff = bad[0]
+    fields = "; ".join(f"{k} is {layout.get(k)!r} (first file: {first.get(k)!r})" for k in diff)
+    more = f" (and {len(bad) - 1} more files)" if len(bad) > 1 else ""
+    raise LatentStoreError(
+        f"{footer.path}{more} does not match {footers[0].path}, the store's first file: {fields}. One store "
+        "holds one pipeline run's latents: move the odd files out or re-encode them"
     )
 
 

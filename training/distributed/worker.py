@@ -111,6 +111,7 @@ def train_fn_per_worker(config: dict) -> None:
         )
     feed = BatchFeed(cfg, info, text_encoder, empty_text, generator, dtype, w.image_store, images)
     logger = StepLogger(cfg, rank, w.tensorboard_dir, state.step)
+    guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps)
 
     shard = ray.train.get_dataset_shard("train")
     engine.train()
@@ -125,13 +126,14 @@ def train_fn_per_worker(config: dict) -> None:
             engine.backward(terms.total)
             engine.step()  # DeepSpeed only updates at the accumulation boundary
             state.batches_in_epoch += 1
-            logger.add(
-                terms.detached(), b.latents.shape[0] * world, t_step - t_data, time.perf_counter() - t_step
-            )
+            detached = terms.detached()
+            logger.add(detached, b.latents.shape[0] * world, t_step - t_data, time.perf_counter() - t_step)
+            guard.add(detached)
             t_data = time.perf_counter()
             if state.batches_in_epoch % micro:
                 continue
             state.step += 1
+            guard.check(state.step)
             if w.fault_marker:
                 inject_fault(cfg, w.fault_marker, state.step, rank)
             due = Due.at(state.step, cfg)
@@ -160,6 +162,52 @@ def train_fn_per_worker(config: dict) -> None:
         )
         say(f"exported trained weights to {w.export_dir}")
     logger.close()
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss stayed NaN / inf for more optimiser steps in a row than optim.max_nonfinite_steps allows."""
+
+
+class NonFiniteGuard:
+    """Stops the run when an optimiser step's loss, averaged over its micro-batches and all ranks, is non-finite
+    for more than `limit` consecutive steps. Every rank sees the same all-reduced value, so all stop together.
+
+    The forward loss is checked, before any loss scaling: a step that DeepSpeed's fp16 scaler skips because the
+    scaled gradients overflowed has a finite loss and is not counted; a non-finite forward loss (NaN latents,
+    diverged weights) is, as lowering the loss scale cannot repair it."""
+
+    def __init__(self, limit: int):
+        self.limit, self.streak = limit, 0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.batches = 0
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        """One micro-batch's detached loss terms (no sync)."""
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0) + v.float()
+        self.batches += 1
+
+    def check(self, step: int) -> None:
+        """After optimiser step `step`: one all-reduce of the summed terms, and one sync to read them."""
+        names = list(self.sums)
+        sums = torch.stack([self.sums[k] for k in names])
+        world = 1
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+            world = dist.get_world_size()
+        mean = dict(zip(names, (sums / (self.batches * world)).tolist()))
+        self.sums, self.batches = {}, 0
+        if all(map(math.isfinite, mean.values())):
+            self.streak = 0
+            return
+        self.streak += 1
+        if self.streak > self.limit:
+            terms = ", ".join(f"{k} {v:.4g}" for k, v in mean.items())
+            raise NonFiniteLossError(
+                f"step {step}: non-finite loss ({terms}; mean over ranks) for {self.streak} consecutive "
+                f"optimiser steps, more than optim.max_nonfinite_steps={self.limit}: stopped without an "
+                "export. Check the latents (data.path) for NaN / inf, or lower optim.lr"
+            )
 
 
 def epoch_batches(shard, cfg: TrainConfig, state: TrainerState, rank: int, world: int):

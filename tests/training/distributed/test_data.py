@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -98,6 +99,46 @@ def rewrite_metadata(store: Path, dest: Path, **changes) -> Path:
     return dest
 
 
+def copy_store(store: Path, dest: Path, edit=None, which: int = -1) -> Path:
+    """A copy of `store`'s clips files, file `which` rewritten by `edit(table) -> table` (if given)."""
+    files = clip_files(store)
+    assert len(files) >= 2, files  # the demo store: one file per input shard
+    (dest / "clips").mkdir(parents=True)
+    for i, path in enumerate(files):
+        table = pq.read_table(path)
+        if edit is not None and i == which % len(files):
+            table = edit(table)
+        pq.write_table(table, dest / "clips" / path.name)
+    return dest
+
+
+def with_metadata(**changes):
+    """An `edit` replacing `t2v.*` metadata values (None: removed)."""
+
+    def edit(table: pa.Table) -> pa.Table:
+        meta = dict(table.schema.metadata)
+        for key, value in changes.items():
+            if value is None:
+                del meta[f"t2v.{key}".encode()]
+            else:
+                meta[f"t2v.{key}".encode()] = json.dumps(value).encode()
+        return table.replace_schema_metadata(meta)
+
+    return edit
+
+
+def with_latents_type(latents_type):
+    """An `edit` retyping the latents column as `latents_type` (same values)."""
+
+    def edit(table: pa.Table) -> pa.Table:
+        column = table.column(schema.LATENTS).combine_chunks()
+        array = pa.ExtensionArray.from_storage(latents_type, column.storage)
+        index = table.schema.get_field_index(schema.LATENTS)
+        return table.set_column(index, schema.LATENTS, array).replace_schema_metadata(table.schema.metadata)
+
+    return edit
+
+
 @pytest.fixture(scope="module")
 def store(demo_latents) -> Path:
     return Path(demo_latents[0])
@@ -181,6 +222,78 @@ def test_clips_must_hold_the_frames_the_model_needs(tiny_zoo, store, num_frames,
 def test_a_view_the_store_lacks_is_refused(tiny_zoo, store):
     with pytest.raises(LatentStoreError, match=r"data.view='sr' not in the views \['main'\] of "):
         inspect_store(train_config(tiny_zoo, store, **{"data.view": "sr"}))
+
+
+# ---- inspect_store: every file's footer --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"vae": "someone/other-sd", "vae_hash": "0" * 64}, "t2v.vae_hash"),
+        ({"scaling_factor": 0.13025}, "t2v.scaling_factor"),
+        ({"latents_dtype": "float32"}, "t2v.latents_dtype"),
+        (
+            {"views": {"main": {"num_frames": 8, "latents_shape": [8, 4, 16, 16]}}},
+            r"t2v.views\[main\].latents_shape",
+        ),
+    ],
+)
+def test_a_later_file_of_another_vae_or_layout_is_refused(tiny_zoo, store, tmp_path, changes, field):
+    """Only the first file used to be checked: a later one from another VAE trained on, mixed in."""
+    mixed = copy_store(store, tmp_path / "mixed", with_metadata(**changes))
+    odd, first = clip_files(mixed)[-1].name, clip_files(mixed)[0].name
+    with pytest.raises(
+        LatentStoreError, match=rf"clips/{odd} does not match .*clips/{first}, .*: {field} is "
+    ):
+        inspect_store(train_config(tiny_zoo, mixed))
+    # Any file may be the odd one; the first is then the reference the others disagree with.
+    mixed = copy_store(store, tmp_path / "first", with_metadata(**changes), which=0)
+    with pytest.raises(LatentStoreError, match=rf"does not match .*clips/{first}, .*: {field} is "):
+        inspect_store(train_config(tiny_zoo, mixed))
+
+
+def test_a_later_file_whose_tensor_type_differs_only_in_metadata_is_refused(tiny_zoo, store, tmp_path):
+    """Same dtype and shape, other extension metadata (dim names): Ray Data cannot concatenate the files."""
+    stored = pq.read_schema(clip_files(store)[0]).field(schema.LATENTS).type
+    named = pa.fixed_shape_tensor(stored.value_type, stored.shape, dim_names=["F", "C", "H", "W"])
+    mixed = copy_store(store, tmp_path / "mixed", with_latents_type(named))
+    odd = clip_files(mixed)[-1].name
+    with pytest.raises(
+        LatentStoreError, match=rf"clips/{odd} does not match .*column 'latents' type is .*dim_names"
+    ):
+        inspect_store(train_config(tiny_zoo, mixed))
+    # A later file that is not the pipeline's at all is named too.
+    mixed = copy_store(store, tmp_path / "foreign", lambda t: t.replace_schema_metadata(None))
+    with pytest.raises(LatentStoreError, match=rf"clips/{odd} has no t2v.\* metadata"):
+        inspect_store(train_config(tiny_zoo, mixed))
+
+
+@pytest.mark.parametrize("which", [0, -1])
+def test_a_truncated_parquet_file_is_named(tiny_zoo, store, tmp_path, which):
+    """A writer killed mid-file leaves no footer: refused before training, naming the file."""
+    copy = copy_store(store, tmp_path / "s")
+    cut = clip_files(copy)[which]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    with pytest.raises(LatentStoreError, match=rf"clips/{cut.name}: cannot read its Parquet footer \("):
+        inspect_store(train_config(tiny_zoo, copy))
+
+
+def test_a_store_of_empty_files_is_refused_at_once(tiny_zoo, store, tmp_path):
+    """Every sample rejected: files with 0 rows. Refused by the pre-flight, not by an empty shard minutes later."""
+    empty = tmp_path / "empty"
+    (empty / "clips").mkdir(parents=True)
+    for path in clip_files(store):
+        pq.write_table(pq.read_table(path).slice(0, 0), empty / "clips" / path.name)
+    n = len(clip_files(empty))
+    with pytest.raises(
+        LatentStoreError, match=rf"no clips in .*empty/clips: its {n} .parquet files hold 0 rows"
+    ):
+        inspect_store(train_config(tiny_zoo, empty))
+    # One empty file beside clips is fine: the store is not empty.
+    (empty / "clips" / clip_files(empty)[0].name).unlink()
+    pq.write_table(pq.read_table(clip_files(store)[0]), empty / "clips" / clip_files(store)[0].name)
+    assert inspect_store(train_config(tiny_zoo, empty)).latents_shape == [8, 4, 8, 8]
 
 
 # ---- inspect_store: what it reports -----------------------------------------------------------------

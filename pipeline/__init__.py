@@ -1,7 +1,7 @@
 """Curation on Ray Data: WebVid-format shards -> read -> decode -> filter -> encode -> Parquet latents.
 
 One module per stage (`read`, `decode`, `filters`, `encode`, `write`, `summary`) built on `stream`'s
-typed row stages; `run` wires them into one streaming Ray Data job; `schema` is the written contract with
+typed row stages; `shards` lists the input (local or remote, collision-free output names); `run` wires them into one streaming Ray Data job; `schema` is the written contract with
 `training/`; `pyav` is the decode stage's fallback reader for what decord cannot open (AV1, GIF, rotated
 or odd-sized video); `raysession` connects every CLI to Ray (merging with a submitted job's runtime env)
 and explains or records paths the way a job needs; `config` holds `PipelineConfig` (and `config_hash`); `configlib` is the one config loader

@@ -20,12 +20,16 @@ from pipeline.configlib import THRESHOLD, ConfigError, RangeTable, above, at_lea
 class ReadConfig:
     RANGES: RangeTable = {
         "samples_per_block": at_least(1),
+        "max_member_bytes": at_least(1),
         "num_cpus": at_least(0),
         "concurrency": at_least(0),
     }
 
     samples_per_block: int = 16
     """Samples per Ray Data block out of the reader (keep small: mp4 bytes ride in the block)."""
+    max_member_bytes: int = 2**30
+    """Tar members larger than this are streamed past unread and their sample rejected `too_large` (a
+    memory guard while reading; `metadata.max_bytes` then bounds the media bytes that were read)."""
     video_exts: list[str] = field(default_factory=lambda: ["mp4", "webm", "mkv", "avi", "mov"])
     """Member extensions read as the sample's video."""
     image_exts: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
@@ -320,6 +324,7 @@ _RUNTIME_FIELDS = {
     "samples_per_block",
     "frames_per_batch",
     "own_actors",
+    "max_member_bytes",  # a memory guard above metadata.max_bytes: with the defaults it rejects nothing more
 }
 
 

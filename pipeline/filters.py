@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -46,32 +47,71 @@ def iso_seconds(text: str) -> float | None:
     return h * 3600 + mi * 60 + s
 
 
-def declared(meta: dict[str, Any]) -> dict[str, float | None]:
-    """Duration (s), width, height and byte size the json declares (video2dataset / WebVid layout)."""
-    vm = meta.get("video_metadata") or {}
-    fmt = vm.get("format") or {}
-    streams = [s for s in vm.get("streams") or [] if s.get("codec_type", "video") == "video"]
-    st = streams[0] if streams else {}
+class BadMeta(ValueError):
+    """The sample json has a shape or a value the metadata filter cannot use (rejected `bad_json`)."""
 
-    def num(*values):
-        for v in values:
-            try:
-                if v is not None and v != "":
-                    return float(v)
-            except (TypeError, ValueError):
-                continue
+
+def _obj(value: Any, where: str) -> dict:
+    """`value` if it is a JSON object ({} when absent), else `BadMeta`."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadMeta(f"{where} is a {type(value).__name__}, not an object")
+    return value
+
+
+def _num(value: Any, where: str) -> float | None:
+    """A declared number; None when absent or not numeric text (ffprobe's "N/A"); `BadMeta` for a container,
+    a bool or a value that is not finite ("nan", "inf", 1e400)."""
+    if value is None or value == "":
         return None
+    if isinstance(value, bool | dict | list):
+        raise BadMeta(f"{where} is {str(value)[:60]!r}, not a number")
+    try:
+        x = float(value)
+    except OverflowError:
+        x = math.inf
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(x):
+        raise BadMeta(f"{where} is {str(value)[:60]!r}, not a finite number")
+    return x
 
-    duration = num(fmt.get("duration"), st.get("duration"))
+
+def _first(*candidates: tuple[Any, str]) -> float | None:
+    """The first of (value, where) that declares a number."""
+    return next((x for v, where in candidates if (x := _num(v, where)) is not None), None)
+
+
+def _video_stream(vm: dict) -> dict:
+    """The first video stream of `video_metadata` ({} when there is none); `BadMeta` for odd shapes."""
+    streams = vm.get("streams")
+    if streams is None:
+        return {}
+    if not isinstance(streams, list):
+        raise BadMeta(f"video_metadata.streams is a {type(streams).__name__}, not a list")
+    for i, st in enumerate(streams):
+        _obj(st, f"video_metadata.streams[{i}]")
+    return next((st for st in streams if st.get("codec_type", "video") == "video"), {})
+
+
+def declared(meta: Any) -> dict[str, float | None]:
+    """Duration (s), width, height and byte size the json declares (video2dataset / WebVid layout).
+
+    Raises `BadMeta` when the json has an odd shape (a list where an object belongs, a non-finite size)."""
+    meta = _obj(meta, "the json")
+    vm = _obj(meta.get("video_metadata"), "video_metadata")
+    fmt = _obj(vm.get("format"), "video_metadata.format")
+    st = _video_stream(vm)
+    duration = _first((fmt.get("duration"), "format.duration"), (st.get("duration"), "stream duration"))
     if duration is None and meta.get("duration") is not None:
-        duration = (
-            num(meta["duration"]) if not isinstance(meta["duration"], str) else iso_seconds(meta["duration"])
-        )
+        d = meta["duration"]
+        duration = _num(iso_seconds(d), "duration") if isinstance(d, str) else _num(d, "duration")
     return {
         "duration": duration,
-        "width": num(st.get("width"), meta.get("width")),
-        "height": num(st.get("height"), meta.get("height")),
-        "size": num(fmt.get("size")),
+        "width": _first((st.get("width"), "stream width"), (meta.get("width"), "width")),
+        "height": _first((st.get("height"), "stream height"), (meta.get("height"), "height")),
+        "size": _num(fmt.get("size"), "format.size"),
     }
 
 
@@ -88,10 +128,11 @@ class MetadataFilter(stream.RowStage):
         if not sniff(data, media):
             return Reason.NOT_VIDEO, f"not a known {media} format; starts with {data[:16]!r}"
         try:
-            meta = json.loads(row["meta_json"] or "{}")
-        except json.JSONDecodeError as exc:
+            d = declared(json.loads(row["meta_json"] or "{}"))
+        except RecursionError:
+            return Reason.BAD_JSON, "json nested too deep to parse"
+        except ValueError as exc:  # not JSON (JSONDecodeError), or an odd shape (BadMeta)
             return Reason.BAD_JSON, str(exc)
-        d = declared(meta if isinstance(meta, dict) else {})
         if c.check_declared_size and d["size"] is not None and int(d["size"]) != len(data):
             return Reason.TRUNCATED_FILE, f"{len(data)} bytes, json format.size says {int(d['size'])}"
         sides = [s for s in (d["width"], d["height"]) if s is not None]
@@ -114,7 +155,15 @@ class MetadataFilter(stream.RowStage):
 
     def process(self, rows: list[dict]) -> list[dict]:
         for row in rows:
-            if stream.alive(row) and (bad := self.check(row)) is not None:
+            if not stream.alive(row):
+                continue
+            try:
+                bad = self.check(row)
+            except (
+                Exception
+            ) as exc:  # a json shape not foreseen above: the sample is rejected, the job goes on
+                bad = Reason.BAD_JSON, f"metadata check failed: {type(exc).__name__}: {exc}"
+            if bad is not None:
                 stream.reject(row, self.name, *bad)
         return rows
 

@@ -6,7 +6,8 @@ Output layout of `python -m pipeline.run --output OUT`:
     OUT/rejected/<shard>.parquet   one row per rejected sample or clip: key, shard, stage, reason, message
     OUT/summary.json, OUT/summary.png
 
-`<shard>` is the input shard's path relative to the input root, `/` -> `__`, without `.tar`.
+`<shard>` is the input shard's path relative to the input root, `/` -> `__`, without `.tar` (`.tar.gz` / `.tgz`
+kept), escaped so that no two shards share a name (`pipeline.shards.output_stem`).
 
 Clip rows. Tensors are Arrow canonical `arrow.fixed_shape_tensor` columns (no pickles), so plain pyarrow
 reads them: `pq.read_table(p)[LATENTS].combine_chunks().to_numpy_ndarray()` -> (N, F, C, h, w).
@@ -104,6 +105,7 @@ class Reason:
     SCORE_ERROR = "score_error"  # CLIP / aesthetic model raised on this clip
     ENCODE_ERROR = "encode_error"
     MIXED_SHAPES = "mixed_shapes"  # a clip whose latent shape differs from the rest of its shard
+    DUPLICATE_KEY = "duplicate_key"  # a later copy of a key already read from this shard
 
 
 # --- file metadata keys (values are JSON text) -----------------------------------------------------

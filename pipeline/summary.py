@@ -1,8 +1,9 @@
 """Run summary: samples in, clips out, rejections per reason, clips/s per stage -> summary.json (+ PNG).
 
-Counts come from the output files (all shards, including those an earlier run wrote), timings from this
-run. The PNG shows the CLIP, aesthetic and motion score distributions of every scored clip (accepted
-and rejected) with the thresholds marked: how to pick thresholds for a new dataset.
+Counts come from the output files on disk (row counts from their Parquet footers; every shard of the
+input, including those an earlier run wrote, each file once), timings from this run. The PNG shows the
+CLIP, aesthetic and motion score distributions of every scored clip (accepted and rejected) with the
+thresholds marked: how to pick thresholds for a new dataset.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 from collections import Counter
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from pipeline import schema as S
 from pipeline.config import config_hash
@@ -20,9 +22,24 @@ from pipeline.configlib import to_dict, to_json
 log = logging.getLogger(__name__)
 
 
+def _num_rows(store, kind: str, stem: str) -> int:
+    """Rows of `kind/<stem>.parquet` on disk, from its Parquet footer."""
+    with store.fs.open_input_file(store.path(kind, stem)) as f:
+        return pq.read_metadata(f).num_rows
+
+
+def _accounted(clips, rej) -> int:
+    """Samples a shard's files account for: its distinct keys, plus each later copy of a key (a
+    `duplicate_key` rejection shares its key with the first copy)."""
+    keys = set(clips.column(S.KEY).to_pylist()) | set(rej.column(S.KEY).to_pylist())
+    return len(keys) + rej.column(S.REASON).to_pylist().count(S.Reason.DUPLICATE_KEY)
+
+
 def summarize(
     store, cfg, stems: list[str], written: list[str], stage_t: dict[str, list[float]], wall_s: float
 ) -> dict:
+    """Write summary.json (+ summary.png) over the output files of `stems` as they are on disk."""
+    stems, written = list(dict.fromkeys(stems)), list(dict.fromkeys(written))  # each file counted once
     reasons, stages = Counter(), Counter()
     samples_in = clips_out = rejected = 0
     unaccounted: dict[str, int] = {}
@@ -33,15 +50,14 @@ def summarize(
         rej = store.read("rejected", stem, [S.KEY, S.STAGE, S.REASON, *S.SCORES])
         n_in = S.decode_metadata(store.read_schema(stem)).get(S.META_SHARD_SAMPLES, 0)
         samples_in += n_in
-        clips_out += clips.num_rows
-        rejected += rej.num_rows
+        clips_out += _num_rows(store, "clips", stem)
+        rejected += _num_rows(store, "rejected", stem)
         reasons.update(rej.column(S.REASON).to_pylist())
         stages.update(rej.column(S.STAGE).to_pylist())
         if S.Reason.SHARD_TRUNCATED in rej.column(S.REASON).to_pylist():
             truncated.append(stem)
-        keys = set(clips.column(S.KEY).to_pylist()) | set(rej.column(S.KEY).to_pylist())
-        if len(keys) != n_in:
-            unaccounted[stem] = n_in - len(keys)
+        if (n := _accounted(clips, rej)) != n_in:
+            unaccounted[stem] = n_in - n
         for s in S.SCORES:
             for t in (clips, rej):
                 scores[s].append(t.column(s).to_numpy(zero_copy_only=False))
@@ -53,7 +69,7 @@ def summarize(
         }
         for stage, (n, sec) in stage_t.items()
     }
-    written_clips = sum(store.read("clips", s, [S.KEY]).num_rows for s in written)
+    written_clips = sum(_num_rows(store, "clips", s) for s in written)
     summary = {
         "output": store.root,
         "input": cfg.input,

@@ -59,6 +59,41 @@ def test_metadata_guards_run_even_when_the_filter_is_off():
     assert stage.check(row) is None  # the empty caption is a filter, which is off
 
 
+ODD_JSON = {
+    "video_metadata a list": '{"video_metadata": [1, 2]}',
+    "streams a string": '{"video_metadata": {"streams": "h264"}}',
+    "a stream not an object": '{"video_metadata": {"streams": [7]}}',
+    "format a list": '{"video_metadata": {"format": ["mp4"]}}',
+    "size nan": '{"video_metadata": {"format": {"size": "nan"}}}',
+    "size 1e400": '{"video_metadata": {"format": {"size": "1e400"}}}',
+    "width inf": '{"video_metadata": {"streams": [{"width": "inf", "height": 360}]}}',
+    "width NaN literal": '{"width": NaN, "height": 360}',
+    "duration Infinity": '{"video_metadata": {"format": {"duration": Infinity}}}',
+    "height 10**400": '{"height": 1' + "0" * 400 + "}",
+    "width a dict": '{"width": {"px": 640}}',
+    "top level a list": "[1, 2, 3]",
+    "deep nesting": "[" * 100_000 + "]" * 100_000,
+}
+
+
+@pytest.mark.parametrize("meta_json", list(ODD_JSON.values()), ids=list(ODD_JSON))
+def test_an_odd_json_shape_is_a_bad_json_rejection_not_an_exception(meta_json):
+    stage = MetadataFilter(cfg_dict())
+    row = {
+        "row_kind": "sample",
+        "key": "k",
+        "media": "video",
+        "media_bytes": b"\0\0\0\x18ftypisom",
+        "caption": "a caption",
+        "meta_json": meta_json,
+        "reason": "",
+        "stage": "",
+        "message": "",
+    }
+    [out] = stage.process([row])
+    assert out["reason"] == Reason.BAD_JSON and out["stage"] == "metadata" and out["message"]
+
+
 def test_static_clip_is_rejected_by_motion():
     stage = MotionFilter(cfg_dict())
     still = np.full((8, 64, 64, 3), 90, np.uint8)

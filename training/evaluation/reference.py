@@ -82,14 +82,14 @@ def _video_sources(source: str) -> tuple[str, Iterator[tuple[str, bytes]]]:
 
 
 def _shard_videos(spec: str) -> Iterator[tuple[str, bytes]]:
-    from pipeline.read import iter_tar, list_shards, split_key
+    from pipeline.read import Skipped, iter_tar, list_shards, open_shard, split_key
 
     fs, shards = list_shards(spec)
     for shard in shards:
-        with fs.open_input_stream(shard.path) as f:
+        with open_shard(fs, shard) as f:  # gunzipped for .tar.gz / .tgz
             for name, data in iter_tar(f):
                 key, ext = split_key(name)
-                if f".{ext.lower()}" in VIDEO_EXTS:
+                if f".{ext.lower()}" in VIDEO_EXTS and not isinstance(data, Skipped):  # Skipped: over 1 GiB
                     yield f"{shard.uri}:{key}", data
 
 

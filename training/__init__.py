@@ -10,7 +10,7 @@ Rooms (each `__init__` says what lives there and what it may import):
 - `sampling/`     the denoising pipeline, loading, the cascade chain, personalisation, writing videos;
 - `evaluation/`   metrics (FVD, CLIPSIM, consistency, flicker).
 
-`config.py` holds `TrainConfig`; `run.py`, `sample.py`, `evaluate.py`, `demo.py` and `bench.py` are thin
+`config.py` holds `TrainConfig` (its runner sections, optim / data / deepspeed / run, in `runner_config.py`); `run.py`, `sample.py`, `evaluate.py`, `demo.py` and `bench.py` are thin
 CLIs. `training` may import `pipeline` (the Parquet schema, the config loader, shared model loaders),
 never `tuning`.
 """

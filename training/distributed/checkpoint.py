@@ -1,11 +1,18 @@
 """Training checkpoints: every rank's DeepSpeed shard + trainer state, written and read (resume).
 
-A checkpoint directory, as Ray Train persists it under `storage_path/name/checkpoint_*`:
+A checkpoint directory, as Ray Train persists it under `storage_path/name/checkpoint_{step:08d}` (`_{n}`
+appended when a resume skipped that name as unreadable, see `dir_name`):
 
     deepspeed/                         every rank's ZeRO shard (no frozen base: exclude_frozen_parameters)
-    rank{r}.pt                         rank r's noise generator state and L_DC negative queue
-    trainer_state.json                 step, epoch, batches done in the epoch (rank 0)
+    rank{r}.safetensors                rank r's noise generator state and L_DC negative queue
+    trainer_state.json                 step, epoch, batches done in the epoch, image stream position (rank 0)
     config.yaml                        the fully resolved TrainConfig (rank 0)
+
+Resuming unpickles no arbitrary object: rank files are safetensors, trainer state is JSON, DeepSpeed's
+files are read with weights_only=True and an allow-list (`engine.read_shard_file`); older pickled
+`rank{r}.pt` files are refused.
+A run's latest checkpoint that cannot be read is skipped for the newest intact one of the run (the ranks
+agree on which); an explicit `run.resume_from` that cannot be read is an error naming the file.
 
 `save_checkpoint` / `restore` are what the loop calls; exports (the trained weights on their own, for
 sampling) are written by `training/model/export.py`.
@@ -15,23 +22,37 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
+import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import pyarrow.fs
 import ray.train
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from pipeline.configlib import to_yaml
 from training.config import TrainConfig
 from training.distributed import engine as ds
+from training.distributed.engine import CheckpointError
 from training.distributed.progress import say
 
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
+GENERATOR_KEY = "generator"
+OBJECTIVE_PREFIX = "objective."
+CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d{8})(?:_(\d+))?$")
+"""`checkpoint_{step:08d}`, with `_{n}` when a resume skipped that name as unreadable (`dir_name`)."""
+
+_skipped_names: set[str] = set()
+"""Checkpoint names this worker's resume skipped. Ray Train still tracks them: a new checkpoint reusing
+one would be deleted with the old entry (num_to_keep), so `dir_name` steps around them."""
 
 
 @dataclass
@@ -46,6 +67,11 @@ class TrainerState:
     image_batches: int = 0
 
 
+def rank_file(directory: Path, rank: int) -> Path:
+    """Rank `rank`'s generator + objective state: safetensors, which cannot carry code."""
+    return directory / f"rank{rank}.safetensors"
+
+
 def write_rank_files(
     directory: Path,
     rank: int,
@@ -56,47 +82,165 @@ def write_rank_files(
 ) -> None:
     """The non-DeepSpeed part of a checkpoint for one rank (rank 0 also writes the shared files)."""
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {"generator": generator.get_state(), "objective": objective.state_dict()},
-        directory / f"rank{rank}.pt",
-    )
+    tensors = {GENERATOR_KEY: generator.get_state()}
+    for key, value in objective.state_dict().items():
+        tensors[OBJECTIVE_PREFIX + key] = value.detach().cpu().contiguous()
+    save_file(tensors, str(rank_file(directory, rank)))
     if rank == 0:
         (directory / TRAINER_STATE).write_text(json.dumps(asdict(state)))
         (directory / CONFIG_FILE).write_text(to_yaml(cfg))
 
 
-def read_rank_files(
-    directory: Path, rank: int, generator: torch.Generator, objective: torch.nn.Module
-) -> TrainerState:
-    """Restore one rank's generator and objective state; returns the shared trainer state."""
-    state_file = directory / TRAINER_STATE
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{directory} is not a T2V-Ray training checkpoint (no {TRAINER_STATE})")
-    rank_file = directory / f"rank{rank}.pt"
-    if not rank_file.is_file():
+def read_trainer_state(path: Path) -> TrainerState:
+    """trainer_state.json: exactly TrainerState's fields, each a non-negative int (a damaged or edited
+    file must not resume at step "abc" or -5)."""
+    names = [f.name for f in fields(TrainerState)]
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is unreadable: {e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected an object with fields {names}, got {raw!r}")
+    unknown, missing = sorted(raw.keys() - set(names)), [n for n in names if n not in raw]
+    if unknown or missing:
+        raise CheckpointError(f"{path}: unknown fields {unknown}, missing fields {missing}")
+    for name in names:
+        value = raw[name]
+        if type(value) is not int or value < 0:  # bool is an int to isinstance
+            raise CheckpointError(f"{path}: field '{name}' must be a non-negative integer, got {value!r}")
+    return TrainerState(**raw)
+
+
+def read_rank_tensors(directory: Path, rank: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(generator state, objective state dict) of rank `rank`, read without unpickling anything."""
+    path = rank_file(directory, rank)
+    legacy = directory / f"rank{rank}.pt"
+    if not path.is_file() and legacy.is_file():
+        raise CheckpointError(
+            f"{legacy} is a pickled rank file of an older T2V-Ray: refused (unpickling it could run code); "
+            "resume from a checkpoint written by this version, or start the run anew"
+        )
+    if not path.is_file():
         raise FileNotFoundError(
             f"{directory} has no state for rank {rank}: it was written by fewer workers than run.num_workers"
         )
-    saved = torch.load(rank_file, map_location="cpu", weights_only=False)
-    generator.set_state(saved["generator"])
-    objective.load_state_dict(saved["objective"])
-    return TrainerState(**json.loads(state_file.read_text()))
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated or corrupted?): {e}"
+        ) from e
+    generator = tensors.pop(GENERATOR_KEY, None)
+    stray = sorted(k for k in tensors if not k.startswith(OBJECTIVE_PREFIX))
+    if generator is None or generator.dtype != torch.uint8 or stray:
+        raise CheckpointError(
+            f"{path}: expected a uint8 '{GENERATOR_KEY}' and '{OBJECTIVE_PREFIX}*' tensors only"
+        )
+    return generator, {k[len(OBJECTIVE_PREFIX) :]: v for k, v in tensors.items()}
+
+
+def read_rank_files(
+    directory: Path, rank: int, generator: torch.Generator, objective: torch.nn.Module
+) -> TrainerState:
+    """Restore one rank's generator and objective state; returns the shared trainer state.
+
+    Every file is read and checked before anything is set: an unreadable one leaves both untouched."""
+    state_file = directory / TRAINER_STATE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{directory} is not a T2V-Ray training checkpoint (no {TRAINER_STATE})")
+    state = read_trainer_state(state_file)
+    generator_state, objective_state = read_rank_tensors(directory, rank)
+    try:
+        objective.load_state_dict(objective_state)
+        generator.set_state(generator_state)
+    except RuntimeError as e:  # another queue size, or a CUDA generator's state on CPU
+        raise CheckpointError(f"{rank_file(directory, rank)} does not fit this run: {e}") from e
+    return state
+
+
+def check_checkpoint(directory: Path, rank: int) -> None:
+    """Read (not apply) everything rank `rank` would resume from `directory`; raises what is wrong."""
+    if not (directory / TRAINER_STATE).is_file():
+        raise FileNotFoundError(f"{directory} is not a T2V-Ray training checkpoint (no {TRAINER_STATE})")
+    read_trainer_state(directory / TRAINER_STATE)
+    read_rank_tensors(directory, rank)
+    ds.check_shard(directory, rank)
+
+
+def older_checkpoints(latest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """The run's checkpoints before `latest` (its siblings `checkpoint_*` of a lower step), newest first."""
+    match = CHECKPOINT_NAME.match(posixpath.basename(latest.path.rstrip("/")))
+    if match is None:
+        return []
+    parent = posixpath.dirname(latest.path.rstrip("/"))
+    found = []
+    for info in latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent)):
+        m = CHECKPOINT_NAME.match(info.base_name)
+        if m and info.type == pyarrow.fs.FileType.Directory and int(m[1]) < int(match[1]):
+            found.append(((int(m[1]), int(m[2] or 0)), info.path))
+    return [ray.train.Checkpoint(p, latest.filesystem) for _, p in sorted(found, reverse=True)]
+
+
+def resume(
+    engine,
+    checkpoint: ray.train.Checkpoint,
+    rank: int,
+    generator: torch.Generator,
+    objective,
+    fallback: bool,
+) -> tuple[ray.train.Checkpoint, TrainerState]:
+    """Load `checkpoint` (or, with `fallback`, the newest intact one of its run): every rank reads its files
+    first and all agree before any reaches the engine, so all resume from the same step."""
+    tried = [checkpoint, *older_checkpoints(checkpoint)] if fallback else [checkpoint]
+    problems = []
+    for candidate in tried:
+        with candidate.as_directory() as directory:
+            problem = _problem(Path(directory), rank)
+            if ds.all_ranks_ok(engine, problem is None):
+                ds.load_shard(engine, directory)
+                return candidate, read_rank_files(Path(directory), rank, generator, objective)
+        problem = problem or CheckpointError(f"{candidate.path} is unreadable on another rank (see its log)")
+        if not fallback:
+            raise problem
+        _skipped_names.add(posixpath.basename(candidate.path.rstrip("/")))
+        log.warning("rank %d: skipping checkpoint %s: %s", rank, candidate.path, problem)
+        say(f"rank {rank}: skipped checkpoint {candidate.path}: {problem}")
+        problems.append(f"{candidate.path}: {problem}")
+    raise CheckpointError("no intact checkpoint to resume from:\n  " + "\n  ".join(problems))
+
+
+def _problem(directory: Path, rank: int) -> Exception | None:
+    """What keeps rank `rank` from resuming from `directory`, or None (only checkpoint errors count)."""
+    try:
+        check_checkpoint(directory, rank)
+    except (CheckpointError, FileNotFoundError) as e:
+        return e
+    return None
 
 
 def restore(engine, cfg: TrainConfig, rank: int, generator: torch.Generator, objective) -> TrainerState:
-    """Resume from the run's latest checkpoint (same run name, or after a worker failure) or from
-    `run.resume_from`: this rank's DeepSpeed shard, generator and objective state. A new run starts at 0."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and cfg.run.resume_from:
-        checkpoint = ray.train.Checkpoint(cfg.run.resume_from)
-    if checkpoint is None:
+    """Resume from the run's latest checkpoint (same run name, or after a worker failure; an unreadable one
+    falls back to the newest intact) or from `run.resume_from` (no fallback). A new run starts at 0."""
+    latest = ray.train.get_checkpoint()
+    if latest is None and not cfg.run.resume_from:
         return TrainerState()
-    with checkpoint.as_directory() as directory:
-        ds.load_shard(engine, directory)
-        state = read_rank_files(Path(directory), rank, generator, objective)
+    if latest is None:
+        checkpoint, state = resume(
+            engine, ray.train.Checkpoint(cfg.run.resume_from), rank, generator, objective, fallback=False
+        )
+    else:
+        checkpoint, state = resume(engine, latest, rank, generator, objective, fallback=True)
     if rank == 0:
         say(f"resumed from {checkpoint.path} at step {state.step} (epoch {state.epoch})")
     return state
+
+
+def dir_name(step: int) -> str:
+    """`checkpoint_{step:08d}`, or with the first `_{n}` that no skipped (unreadable) checkpoint has."""
+    name, n = f"checkpoint_{step:08d}", 0
+    while (f"{name}_{n}" if n else name) in _skipped_names:
+        n += 1
+    return f"{name}_{n}" if n else name
 
 
 def save_checkpoint(
@@ -119,7 +263,7 @@ def save_checkpoint(
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-            checkpoint_dir_name=f"checkpoint_{state.step:08d}",
+            checkpoint_dir_name=dir_name(state.step),
         )
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -5,17 +5,27 @@ trainable parameters only (the base's own, when some train, in a group with its 
 warmup + cosine schedule; `save_shard` / `load_shard` persist every
 rank's ZeRO shard without the frozen base; `gathered_trainable_state` collects the trainable weights on
 every rank (ZeRO-3 partitions them) for export.
+
+Shards are read back with `weights_only=True` and only `SHARD_GLOBALS` allowed (`read_shard_file`): a
+pickle planted in a run directory (a shared bucket or volume) must not run code in the workers on resume.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import pickle
+import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
+import torch.distributed as dist
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
 from training.config import DeepSpeedConfig, OptimConfig
@@ -23,6 +33,14 @@ from training.config import DeepSpeedConfig, OptimConfig
 log = logging.getLogger(__name__)
 
 CHECKPOINT_TAG = "deepspeed"
+
+SHARD_GLOBALS = (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+"""The classes besides tensors and containers that DeepSpeed pickles into a ZeRO 0-3 shard (its optimizer
+state: loss scaler, ZeRO stage, bf16/fp32 partition addresses); anything else in a shard is refused."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file resuming cannot use (unreadable, truncated, unsafe or invalid); names the file."""
 
 
 def resolve_precision(cfg: DeepSpeedConfig, use_gpu: bool) -> str:
@@ -112,19 +130,86 @@ def save_shard(engine, directory: str | Path, client_state: dict | None = None) 
     )
 
 
+def read_shard_file(path: str | Path, map_location: Any = "cpu") -> Any:
+    """One DeepSpeed checkpoint file, unpickled with weights_only=True and SHARD_GLOBALS only (DeepSpeed's
+    own reader unpickles anything: code execution on resume); every failure names the file."""
+    try:
+        with torch.serialization.safe_globals(list(SHARD_GLOBALS)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} holds objects other than DeepSpeed's checkpoint state: refused ({e})"
+        ) from None
+    except Exception as e:  # torch reports truncation as RuntimeError, OSError or EOFError, naming no file
+        raise CheckpointError(f"{path} is unreadable (truncated or corrupted?): {e}") from e
+
+
+class _WeightsOnlyLoads:
+    """The engine's checkpoint engine with `load` replaced by `read_shard_file` (all else is DeepSpeed's)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location=None):
+        return read_shard_file(path, map_location)
+
+
+@contextmanager
+def _weights_only_loads(engine):
+    """For one `load_checkpoint`: DeepSpeed reads every shard file through `engine.checkpoint_engine.load`
+    (TorchCheckpointEngine: weights_only=False), so only that attribute is swapped, and put back after."""
+    own = engine.checkpoint_engine
+    engine.checkpoint_engine = _WeightsOnlyLoads(own)
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = own
+
+
+def shard_files(directory: str | Path, rank: int) -> list[Path]:
+    """The DeepSpeed files rank `rank` reads on load: the shared mp_rank_* model states (ZeRO 0-2) and its
+    own zero_pp_rank_{rank}_* files (optimizer partition; ZeRO-3 model partition)."""
+    own = re.compile(rf"^(mp_rank_\d+_|(bf16_)?zero_pp_rank_{rank}_mp_rank_\d+_).*\.pt$")
+    folder = Path(directory) / CHECKPOINT_TAG
+    return sorted(p for p in folder.glob("*.pt") if own.match(p.name)) if folder.is_dir() else []
+
+
+def check_shard(directory: str | Path, rank: int) -> None:
+    """Read this rank's DeepSpeed files before any reaches the engine, so that a truncated or unsafe one
+    is found while another checkpoint can still be loaded (a failed load_checkpoint half-restores)."""
+    files = shard_files(directory, rank)
+    if not files:
+        raise CheckpointError(f"{Path(directory) / CHECKPOINT_TAG} has no DeepSpeed files for rank {rank}")
+    for path in files:
+        read_shard_file(path)
+
+
+def all_ranks_ok(engine, ok: bool) -> bool:
+    """True when `ok` holds on every rank (one MIN all-reduce): ranks must resume from the same checkpoint."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([int(ok)], device=engine.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def load_shard(engine, directory: str | Path) -> dict:
     """Restore this rank's shard from `directory`; returns the client state saved with it.
 
     DeepSpeed only warns and returns (None, None) when it finds nothing, which would silently start the
-    run over: here that is an error.
+    run over: here that is an error. Its files are read by `read_shard_file` (no arbitrary unpickling).
     """
-    path, client_state = engine.load_checkpoint(
-        str(directory),
-        tag=CHECKPOINT_TAG,
-        load_module_strict=False,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )
+    with _weights_only_loads(engine):
+        path, client_state = engine.load_checkpoint(
+            str(directory),
+            tag=CHECKPOINT_TAG,
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint (tag '{CHECKPOINT_TAG}') found in {directory}")
     return client_state or {}

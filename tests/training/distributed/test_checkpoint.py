@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pipeline.configlib import load_config
 from training.config import TrainConfig
@@ -14,6 +15,7 @@ from training.diffusion.objective import HarivoObjective
 from training.distributed.checkpoint import (
     CONFIG_FILE,
     TRAINER_STATE,
+    CheckpointError,
     TrainerState,
     read_rank_files,
     write_rank_files,
@@ -76,11 +78,15 @@ def test_rank_zero_writes_the_shared_files(tmp_path):
     state = TrainerState(step=6, epoch=1, batches_in_epoch=2)
     objective = trained_objective(cfg, 0)
     write_rank_files(tmp_path / "r1", 1, state, used_generator(1), objective, cfg)
-    assert sorted(p.name for p in (tmp_path / "r1").iterdir()) == ["rank1.pt"]
+    assert sorted(p.name for p in (tmp_path / "r1").iterdir()) == ["rank1.safetensors"]
     write_rank_files(tmp_path / "r0", 0, state, used_generator(0), objective, cfg)
     assert sorted(p.name for p in (tmp_path / "r0").iterdir()) == sorted(
-        ["rank0.pt", TRAINER_STATE, CONFIG_FILE]
+        ["rank0.safetensors", TRAINER_STATE, CONFIG_FILE]
     )
+    # Tensors only, no pickle: the generator's state and the objective's state dict.
+    assert load_file(tmp_path / "r0" / "rank0.safetensors").keys() == {"generator"} | {
+        f"objective.{k}" for k in objective.state_dict()
+    }
     assert json.loads((tmp_path / "r0" / TRAINER_STATE).read_text()) == {
         "step": 6,
         "epoch": 1,
@@ -139,5 +145,78 @@ def test_an_objective_of_another_shape_is_refused(tmp_path):
     cfg = config()
     write_rank_files(tmp_path / "ckpt", 0, TrainerState(), used_generator(0), trained_objective(cfg, 0), cfg)
     other = HarivoObjective(config(**{"loss.queue_size": 32}), HSPACE)
-    with pytest.raises(RuntimeError, match="queue.items"):  # not silently resumed with a wrong queue
+    # Not silently resumed with a wrong queue; the error names the file.
+    with pytest.raises(RuntimeError, match="(?s)rank0.safetensors does not fit this run.*queue.items"):
         read_rank_files(tmp_path / "ckpt", 0, torch.Generator(), other)
+
+
+class Payload:
+    """Unpickling this runs code: it creates `marker` (what a planted checkpoint file would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+@pytest.mark.parametrize("planted", ["rank0.pt", "rank0.safetensors"])
+def test_a_pickle_planted_as_a_rank_file_is_refused_and_never_runs(planted, tmp_path):
+    cfg = config()
+    directory = tmp_path / "ckpt"
+    write_rank_files(directory, 0, TrainerState(step=3), used_generator(0), trained_objective(cfg, 0), cfg)
+    for old in directory.glob("rank0.*"):
+        old.unlink()
+    marker = tmp_path / "pwned"
+    torch.save({"generator": Payload(marker), "objective": {}}, tmp_path / "payload.pt")
+    torch.load(tmp_path / "payload.pt", weights_only=False)  # the payload is live: unpickled, it runs
+    assert marker.exists()
+    marker.unlink()
+    (directory / planted).write_bytes((tmp_path / "payload.pt").read_bytes())
+    g = torch.Generator().manual_seed(3)
+    before = g.get_state()
+    with pytest.raises(CheckpointError, match=f"{directory / planted} is (a pickled|not a readable)"):
+        read_rank_files(directory, 0, g, HarivoObjective(cfg, HSPACE))
+    assert not marker.exists() and torch.equal(g.get_state(), before)
+
+
+def test_a_truncated_rank_file_is_named(tmp_path):
+    cfg = config()
+    write_rank_files(tmp_path, 0, TrainerState(), used_generator(0), trained_objective(cfg, 0), cfg)
+    path = tmp_path / "rank0.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=f"{path} is not a readable safetensors file"):
+        read_rank_files(tmp_path, 0, torch.Generator(), HarivoObjective(cfg, HSPACE))
+
+
+FIELDS = {"step": 6, "epoch": 1, "batches_in_epoch": 2, "image_epoch": 0, "image_batches": 0}
+
+
+@pytest.mark.parametrize(
+    "saved, message",
+    [
+        ({**FIELDS, "step": "abc"}, "field 'step' must be a non-negative integer, got 'abc'"),
+        ({**FIELDS, "step": -5}, "field 'step' must be a non-negative integer, got -5"),
+        ({**FIELDS, "step": {}}, "field 'step' must be a non-negative integer, got {}"),
+        ({**FIELDS, "epoch": 1.5}, "field 'epoch' must be a non-negative integer, got 1.5"),
+        ({**FIELDS, "batches_in_epoch": True}, "field 'batches_in_epoch' must be a non-negative integer"),
+        ({**FIELDS, "image_batches": None}, "field 'image_batches' must be a non-negative integer, got None"),
+        ({**FIELDS, "stepp": 6}, r"unknown fields \['stepp'\], missing fields \[\]"),
+        (
+            {k: v for k, v in FIELDS.items() if k != "epoch"},
+            r"unknown fields \[\], missing fields \['epoch'\]",
+        ),
+        ([6, 1, 2], "expected an object with fields"),
+        ("{not json", "is unreadable"),
+    ],
+)
+def test_trainer_state_is_validated_naming_file_and_field(saved, message, tmp_path):
+    cfg = config()
+    write_rank_files(tmp_path, 0, TrainerState(), used_generator(0), trained_objective(cfg, 0), cfg)
+    path = tmp_path / TRAINER_STATE
+    path.write_text(saved if isinstance(saved, str) else json.dumps(saved))
+    g = torch.Generator().manual_seed(3)
+    before = g.get_state()
+    with pytest.raises(CheckpointError, match=f"{path}.*{message}"):
+        read_rank_files(tmp_path, 0, g, HarivoObjective(cfg, HSPACE))
+    assert torch.equal(g.get_state(), before)  # nothing restored from a checkpoint that is refused

@@ -7,6 +7,7 @@ pipeline's Parquet streamed through Ray Data, checkpoints persisted by Ray Train
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -109,8 +110,9 @@ def test_zero2_trains_checkpoints_and_exports(uninterrupted, tiny_zoo, store):
         "zero_pp_rank_0_mp_rank_00_optim_states.pt" in shards
         and "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
     )
-    assert {"rank0.pt", "rank1.pt", "trainer_state.json", "config.yaml"} <= {p.name for p in ckpt.iterdir()}
-    model_states = torch.load(ckpt / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"rank0.safetensors", "rank1.safetensors", "trainer_state.json", "config.yaml"} <= names
+    model_states = torch.load(ckpt / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
     assert model_states and not any(k.startswith("unet.") for k in model_states)
     assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == [
         "checkpoint_00000003",
@@ -289,3 +291,35 @@ def test_bad_inputs_fail_fast_with_a_message(tiny_zoo, store, tmp_path, capsys):
     # A copy of the base elsewhere (same VAE files) is accepted: the VAE is compared by content.
     shutil.copytree(tiny_zoo.sd, tmp_path / "moved-sd")
     assert inspect_store(_cfg(tiny_zoo, store, tmp_path / "r", f"model.pretrained={tmp_path / 'moved-sd'}"))
+
+
+@pytest.mark.slow
+def test_a_truncated_shard_on_one_rank_resumes_both_from_the_previous_checkpoint(
+    ray_local, tiny_zoo, demo_latents, tmp_path
+):
+    """2 workers, ZeRO-2: the latest checkpoint is damaged on rank 1 only; both ranks fall back to the previous
+    one and end where an undamaged run ends."""
+    run_dir = tmp_path / "run"
+    store = demo_latents[0]
+    _train(_cfg(tiny_zoo, store, run_dir, "run.keep_last=2"))
+    reference = _weights(run_dir)
+    shutil.rmtree(run_dir / "export")
+    shard = run_dir / "checkpoint_00000006" / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:100])  # rank 1's optimizer partition only
+
+    summary = _train(_cfg(tiny_zoo, store, run_dir, "run.keep_last=2"))  # the same command again
+
+    # Resumed at step 3 on both ranks (rank 0's files were intact), trained to 6: the same weights.
+    assert summary["metrics"]["step"] == 6
+    _assert_same_weights(_weights(run_dir), reference, atol=1e-5)
+    # The new step-6 checkpoint did not go into the skipped one, which is left as it was.
+    assert Path(summary["checkpoint"]).name == "checkpoint_00000006_1" and shard.stat().st_size == 100
+
+    # Later checkpoints retire the skipped one (keep_last=2) without touching the new step-6 files.
+    summary = _train(_cfg(tiny_zoo, store, run_dir, "run.keep_last=2", "optim.max_steps=9"))
+    assert summary["metrics"]["step"] == 9
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == [
+        "checkpoint_00000006_1",
+        "checkpoint_00000009",
+    ]
+    assert (run_dir / "checkpoint_00000006_1" / "rank1.safetensors").is_file()

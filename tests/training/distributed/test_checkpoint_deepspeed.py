@@ -1,0 +1,248 @@
+"""DeepSpeed's part of a training checkpoint on resume (`engine.load_shard`, `checkpoint.resume`): real
+DeepSpeed engines on CPU in one gloo process (world size 1) around a tiny two-layer model.
+
+Resuming must never unpickle arbitrary objects (a planted pickle ran in every worker), must name the file
+it cannot read, and must fall back from an unreadable latest checkpoint to the newest intact one."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+
+import pytest
+import ray.train
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.configlib import load_config
+from training.config import TrainConfig
+from training.diffusion.objective import HarivoObjective
+from training.distributed import checkpoint as ckpt
+from training.distributed import engine as ds
+from training.distributed.checkpoint import TRAINER_STATE, TrainerState, write_rank_files
+
+HSPACE = 8
+
+
+class Payload:
+    """Unpickling this runs code: it creates `marker` (what a planted checkpoint file would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+class Tiny(nn.Module):
+    """A frozen base layer (left out of shards) and a trained head."""
+
+    def __init__(self):
+        super().__init__()
+        self.base = nn.Linear(4, 8).requires_grad_(False)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.base(x)))
+
+    def trainable_state_dict(self):
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def world_of_one():
+    """One gloo process group for the module (DeepSpeed needs one; a Ray Train worker has one), and the
+    LOCAL_RANK DeepSpeed asserts, set only while the module runs."""
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LOCAL_RANK", "0")
+        yield
+
+
+def config(stage: int = 2) -> TrainConfig:
+    return load_config(
+        TrainConfig,
+        None,
+        {
+            "deepspeed.zero_stage": stage,
+            "optim.warmup_steps": 2,
+            "loss.queue_size": 16,
+            "model.num_frames": 4,
+        },
+    )
+
+
+def engine_for(cfg: TrainConfig, seed: int):
+    """An engine whose head starts from `seed`; the frozen base is the same in all (the pretrained model)."""
+    torch.manual_seed(0)
+    model = Tiny()
+    torch.manual_seed(seed)
+    model.head.reset_parameters()
+    return ds.initialize(model, cfg.deepspeed, cfg.optim, use_gpu=False)[0], model
+
+
+def train(engine, steps: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        engine.backward(engine(torch.randn(2, 4, generator=g)).pow(2).mean())
+        engine.step()
+
+
+def weights(engine, model) -> dict[str, torch.Tensor]:
+    return ds.gathered_trainable_state(engine, model)
+
+
+def save(engine, cfg, directory, step: int) -> None:
+    """A whole checkpoint directory, as `save_checkpoint` has Ray Train persist it (one rank)."""
+    ds.save_shard(engine, directory)
+    objective = HarivoObjective(cfg, HSPACE)
+    write_rank_files(
+        directory, 0, TrainerState(step=step), torch.Generator().manual_seed(step), objective, cfg
+    )
+
+
+def optim_file(directory):
+    return next((directory / ds.CHECKPOINT_TAG).glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_every_shard_file_loads_with_weights_only_and_restores_training(stage, tmp_path):
+    cfg = config(stage)
+    engine, model = engine_for(cfg, seed=0)
+    train(engine, 3, seed=1)
+    ds.save_shard(engine, tmp_path)
+    files = sorted((tmp_path / ds.CHECKPOINT_TAG).glob("*.pt"))
+    assert files and ds.shard_files(tmp_path, 0) == files
+    for path in files:  # SHARD_GLOBALS is all DeepSpeed pickles at this stage
+        assert isinstance(ds.read_shard_file(path), dict), path
+    saved = weights(engine, model)
+    train(engine, 2, seed=2)
+    after = weights(engine, model)
+
+    fresh, fresh_model = engine_for(cfg, seed=5)
+    assert not torch.equal(weights(fresh, fresh_model)["head.weight"], saved["head.weight"])
+    ds.load_shard(fresh, tmp_path)
+    assert all(torch.equal(weights(fresh, fresh_model)[k], v) for k, v in saved.items())
+    train(fresh, 2, seed=2)  # optimizer moments and schedule came back too: the same next steps
+    assert all(torch.allclose(weights(fresh, fresh_model)[k], v, atol=1e-7) for k, v in after.items())
+
+
+@pytest.mark.parametrize("kind", ["model_states", "optim_states"])
+def test_a_pickle_planted_as_a_deepspeed_file_is_refused_and_never_runs(kind, tmp_path):
+    cfg = config(2)
+    engine, model = engine_for(cfg, seed=0)
+    ds.save_shard(engine, tmp_path / "ckpt")
+    target = next((tmp_path / "ckpt" / ds.CHECKPOINT_TAG).glob(f"*{kind}.pt"))
+    marker = tmp_path / "pwned"
+    torch.save({"module": Payload(marker)}, target)
+    torch.load(target, weights_only=False)  # the payload is live: unpickled as DeepSpeed did, it runs
+    assert marker.exists()
+    marker.unlink()
+
+    before = weights(engine, model)
+    with pytest.raises(ds.CheckpointError, match=f"{target}.*refused"):
+        ds.load_shard(engine, tmp_path / "ckpt")
+    with pytest.raises(ds.CheckpointError, match=f"{target}.*refused"):
+        ds.check_shard(tmp_path / "ckpt", 0)
+    assert not marker.exists()
+    assert all(torch.equal(weights(engine, model)[k], v) for k, v in before.items())
+
+
+def test_a_truncated_shard_is_named(tmp_path):
+    cfg = config(2)
+    engine, _ = engine_for(cfg, seed=0)
+    ds.save_shard(engine, tmp_path)
+    target = optim_file(tmp_path)
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    with pytest.raises(ds.CheckpointError, match=f"{target} is unreadable \\(truncated or corrupted\\?\\)"):
+        ds.load_shard(engine_for(cfg, seed=1)[0], tmp_path)
+
+
+def spoil_shard(directory, marker):
+    path = optim_file(directory)
+    path.write_bytes(path.read_bytes()[:100])
+    return path
+
+
+def plant_payload(directory, marker):
+    path = directory / ds.CHECKPOINT_TAG / "mp_rank_00_model_states.pt"
+    torch.save(Payload(marker), path)
+    return path
+
+
+def negative_step(directory, marker):
+    path = directory / TRAINER_STATE
+    path.write_text('{"step": -5, "epoch": 0, "batches_in_epoch": 0, "image_epoch": 0, "image_batches": 0}')
+    return path
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run's storage dir with checkpoints at steps 3 and 6, and the trained weights at each."""
+    cfg = config(2)
+    engine, model = engine_for(cfg, seed=0)
+    at = {}
+    for step in (3, 6):
+        train(engine, 3, seed=step)
+        save(engine, cfg, tmp_path / f"checkpoint_{step:08d}", step)
+        at[step] = weights(engine, model)
+    return tmp_path, at
+
+
+@pytest.mark.parametrize("spoil", [spoil_shard, plant_payload, negative_step])
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_newest_intact(spoil, run_dir, monkeypatch):
+    monkeypatch.setattr(ckpt, "_skipped_names", set())
+    run, at = run_dir
+    marker = run / "pwned"
+    spoiled = spoil(run / "checkpoint_00000006", marker)
+    cfg = config(2)
+    engine, model = engine_for(cfg, seed=9)
+    latest = ray.train.Checkpoint(str(run / "checkpoint_00000006"))
+
+    used, state = ckpt.resume(
+        engine, latest, 0, torch.Generator(), HarivoObjective(cfg, HSPACE), fallback=True
+    )
+
+    assert used.path == str(run / "checkpoint_00000003") and state == TrainerState(step=3)
+    assert all(torch.equal(weights(engine, model)[k], v) for k, v in at[3].items())
+    assert not marker.exists()
+    # The skipped checkpoint stays as it was; the next one of its step gets a name of its own (Ray Train
+    # still tracks the skipped one, and deleting it must not delete the new files).
+    assert spoiled.exists() and ckpt.dir_name(6) == "checkpoint_00000006_1" and ckpt.dir_name(9).endswith("9")
+
+
+def test_no_intact_checkpoint_is_an_error_naming_each(run_dir, monkeypatch):
+    monkeypatch.setattr(ckpt, "_skipped_names", set())
+    run, _ = run_dir
+    spoiled = [
+        spoil_shard(run / "checkpoint_00000006", None),
+        negative_step(run / "checkpoint_00000003", None),
+    ]
+    (run / "checkpoint_00000001").mkdir()  # an empty one (an interrupted upload)
+    (run / "checkpoint_00000009").mkdir()  # newer than Ray Train's latest: never a fallback
+    cfg = config(2)
+    latest = ray.train.Checkpoint(str(run / "checkpoint_00000006"))
+    with pytest.raises(ds.CheckpointError, match="no intact checkpoint") as err:
+        ckpt.resume(engine_for(cfg, 1)[0], latest, 0, torch.Generator(), HarivoObjective(cfg, HSPACE), True)
+    message = str(err.value)
+    assert all(str(p) in message for p in spoiled) and "field 'step'" in message
+    assert f"{run / 'checkpoint_00000001'} is not a T2V-Ray training checkpoint" in message
+    assert "checkpoint_00000009" not in message
+
+
+def test_an_unreadable_explicit_checkpoint_fails_naming_the_file(run_dir):
+    run, at = run_dir
+    shutil.copytree(run / "checkpoint_00000006", run / "elsewhere")
+    spoiled = spoil_shard(run / "elsewhere", None)
+    cfg = config(2)
+    engine, model = engine_for(cfg, seed=9)
+    before = weights(engine, model)
+    explicit = ray.train.Checkpoint(str(run / "elsewhere"))  # run.resume_from: no fallback
+    with pytest.raises(ds.CheckpointError, match=f"{spoiled} is unreadable"):
+        ckpt.resume(engine, explicit, 0, torch.Generator(), HarivoObjective(cfg, HSPACE), fallback=False)
+    assert all(torch.equal(weights(engine, model)[k], v) for k, v in before.items())  # nothing loaded

@@ -53,15 +53,21 @@ class Tiny(nn.Module):
 @pytest.fixture(scope="module", autouse=True)
 def world_of_one():
     """One gloo process group for the module (DeepSpeed needs one; a Ray Train worker has one), and the
-    LOCAL_RANK DeepSpeed asserts, set only while the module runs."""
-    if not dist.is_initialized():
+    LOCAL_RANK DeepSpeed asserts, set only while the module runs. ZeRO-3 replaces `F.linear` for the rest of
+    the process ("This will persist unless manually reset"), which breaks `torch.jit.script` in later tests:
+    put back, with the process group, when the module ends."""
+    own_group = not dist.is_initialized()
+    if own_group:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("LOCAL_RANK", "0")
+        env.setattr(torch.nn.functional, "linear", torch.nn.functional.linear)  # restored on exit
         yield
+    if own_group:
+        dist.destroy_process_group()
 
 
 def config(stage: int = 2) -> TrainConfig:

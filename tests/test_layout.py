@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "training", "tuning", "fixtures", "cluster")
+PACKAGES = ("pipeline", "training", "tuning", "fixtures", "cluster", "shapes")
 MAX_LINES = 450
 
 
@@ -91,10 +91,11 @@ def test_only_the_distributed_room_imports_ray_train_and_deepspeed():
     [
         (
             "pipeline",
-            ("training", "tuning", "fixtures"),
+            ("training", "tuning", "fixtures", "shapes"),
             ("pipeline.synth", "pipeline.zoo", "pipeline.bench"),
         ),
-        ("training", ("tuning", "fixtures"), ("training.demo", "training.bench")),
+        ("training", ("tuning", "fixtures", "shapes"), ("training.demo", "training.bench")),
+        ("shapes", ("tuning", "fixtures"), ()),
         ("tuning", ("fixtures",), ("tuning.bench",)),
         ("training.model", ("training.diffusion", "training.distributed", "training.sampling", "ray"), ()),
         (

@@ -63,13 +63,13 @@ def test_stale_locks_are_detected_and_reported(tmp_path, caplog, host, age_s, ta
 
 def test_the_heartbeat_keeps_a_long_run_lock_fresh(tmp_path):
     store = OutputStore(str(tmp_path))
-    with OutputLock(store, stale_s=0.5):
+    with OutputLock(store, stale_s=2.0):  # refreshed every 0.4 s
         first = json.loads((tmp_path / OutputLock.NAME).read_text())["heartbeat"]
-        time.sleep(0.6)  # longer than stale_s: without refreshes the lock would be stale now
+        time.sleep(2.5)  # longer than stale_s: without refreshes the lock would be stale now
         now = json.loads((tmp_path / OutputLock.NAME).read_text())
-        assert now["heartbeat"] > first and time.time() - now["heartbeat"] < 0.5
+        assert now["heartbeat"] > first and time.time() - now["heartbeat"] < 2.0
         with pytest.raises(OutputLocked):
-            OutputLock(OutputStore(str(tmp_path)), stale_s=0.5).acquire()
+            OutputLock(OutputStore(str(tmp_path)), stale_s=2.0).acquire()
 
 
 def test_pipeline_run_refuses_an_output_another_run_holds(tmp_path, demo_shards, tiny_zoo, capsys):

@@ -27,8 +27,8 @@ demo: install
 	$(PY) -m training.demo --output $(DEMO_DIR)
 
 lint: install
-	$(VENV)/bin/ruff check pipeline training tuning fixtures tests
-	$(VENV)/bin/ruff format --check pipeline training tuning fixtures tests
+	$(VENV)/bin/ruff check pipeline training tuning fixtures shapes tests
+	$(VENV)/bin/ruff format --check pipeline training tuning fixtures shapes tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

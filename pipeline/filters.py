@@ -159,9 +159,7 @@ class MetadataFilter(stream.RowStage):
                 continue
             try:
                 bad = self.check(row)
-            except (
-                Exception
-            ) as exc:  # a json shape not foreseen above: the sample is rejected, the job goes on
+            except Exception as exc:  # a json shape not foreseen above: rejected, the job goes on
                 bad = Reason.BAD_JSON, f"metadata check failed: {type(exc).__name__}: {exc}"
             if bad is not None:
                 stream.reject(row, self.name, *bad)

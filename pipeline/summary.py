@@ -1,7 +1,7 @@
 """Run summary: samples in, clips out, rejections per reason, clips/s per stage -> summary.json (+ PNG).
 
-Counts come from the output files on disk (row counts from their Parquet footers; every shard of the
-input, including those an earlier run wrote, each file once), timings from this run. The PNG shows the
+Counts come from the output files on disk (every shard of the input, including those an earlier run
+wrote, each file once), timings from this run. The PNG shows the
 CLIP, aesthetic and motion score distributions of every scored clip (accepted and rejected) with the
 thresholds marked: how to pick thresholds for a new dataset.
 """
@@ -13,19 +13,12 @@ import logging
 from collections import Counter
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from pipeline import schema as S
 from pipeline.config import config_hash
 from pipeline.configlib import to_dict, to_json
 
 log = logging.getLogger(__name__)
-
-
-def _num_rows(store, kind: str, stem: str) -> int:
-    """Rows of `kind/<stem>.parquet` on disk, from its Parquet footer."""
-    with store.fs.open_input_file(store.path(kind, stem)) as f:
-        return pq.read_metadata(f).num_rows
 
 
 def _accounted(clips, rej) -> int:
@@ -45,13 +38,15 @@ def summarize(
     unaccounted: dict[str, int] = {}
     truncated = []
     scores: dict[str, list[np.ndarray]] = {s: [] for s in S.SCORES}
+    clips_of: dict[str, int] = {}
     for stem in stems:
         clips = store.read("clips", stem, [S.KEY, *S.SCORES])
         rej = store.read("rejected", stem, [S.KEY, S.STAGE, S.REASON, *S.SCORES])
         n_in = S.decode_metadata(store.read_schema(stem)).get(S.META_SHARD_SAMPLES, 0)
         samples_in += n_in
-        clips_out += _num_rows(store, "clips", stem)
-        rejected += _num_rows(store, "rejected", stem)
+        clips_of[stem] = clips.num_rows
+        clips_out += clips.num_rows
+        rejected += rej.num_rows
         reasons.update(rej.column(S.REASON).to_pylist())
         stages.update(rej.column(S.STAGE).to_pylist())
         if S.Reason.SHARD_TRUNCATED in rej.column(S.REASON).to_pylist():
@@ -69,7 +64,7 @@ def summarize(
         }
         for stage, (n, sec) in stage_t.items()
     }
-    written_clips = sum(_num_rows(store, "clips", s) for s in written)
+    written_clips = sum(clips_of[s] for s in written)
     summary = {
         "output": store.root,
         "input": cfg.input,

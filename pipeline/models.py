@@ -1,5 +1,6 @@
 """The pretrained models curation, training and evaluation share: open_clip (and the one CLIP embedding
-rule), the LAION aesthetic head, the base's CLIP text encoder, and the precision names.
+rule), the LAION aesthetic head, the base's CLIP text encoder, the precision names, and the writer of a Stable
+Diffusion directory with the real CLIP BPE tokenizer (offline, from the vocabulary open_clip ships).
 
 Production code loads weights only through these functions (and diffusers' `from_pretrained`), with a
 hub id, a named open_clip tag or a local path. The tiny model zoo (`fixtures.zoo`) is just another
@@ -191,3 +192,52 @@ class TextEncoder:
             return_tensors="pt",
         ).input_ids.to(self.device)
         return self.model(ids)[0]  # (B, 77, D) in the model's dtype
+
+
+def write_clip_tokenizer_files(out: Path) -> None:
+    """vocab.json + merges.txt of OpenAI CLIP's BPE, from the vocabulary file open_clip ships.
+
+    Same construction as `open_clip.tokenizer.SimpleTokenizer`, so both tokenizers agree token for
+    token (tested).
+    """
+    import gzip
+    import json
+
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+
+
+def save_sd_directory(
+    out: Path, vae, text_encoder, unet, scheduler, pad_token: str = "<|endoftext|>"
+) -> Path:
+    """`out` as a Stable Diffusion directory (`vae/`, `text_encoder/`, `tokenizer/`, `unet/`, `scheduler/`,
+    `model_index.json`) with the real CLIP BPE tokenizer (SD 1.5 pads with `<|endoftext|>`, SD 2.1 with `!`)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    tok_dir = Path(out) / "tokenizer"
+    write_clip_tokenizer_files(tok_dir)
+    tokenizer = CLIPTokenizer(
+        str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), pad_token=pad_token, model_max_length=77
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+    return Path(out)

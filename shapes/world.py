@@ -75,6 +75,11 @@ def sample_scene(rng: np.random.Generator) -> Scene:
 
 def render(scene: Scene, num_frames: int, height: int, width: int) -> np.ndarray:
     """Frames of `scene` as uint8 `(F, H, W, 3)`."""
+    return np.stack([frame_at(scene, i / max(num_frames - 1, 1), height, width) for i in range(num_frames)])
+
+
+def frame_at(scene: Scene, s: float, height: int, width: int) -> np.ndarray:
+    """The frame of `scene` at progress `s` through the clip (0: first frame, 1: last) as uint8 `(H, W, 3)`."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     bg = np.array(BACKGROUNDS[scene.background], np.float32)
     if scene.gradient:  # a vertical shading so the background is not flat
@@ -84,34 +89,51 @@ def render(scene: Scene, num_frames: int, height: int, width: int) -> np.ndarray
         background = np.broadcast_to(bg, (height, width, 3)).copy()
     c0, c1 = np.array(COLOURS[scene.colour], np.float32), np.array(COLOURS[scene.end_colour], np.float32)
     base = 0.22 * min(height, width)
-    frames = np.empty((num_frames, height, width, 3), np.uint8)
-    for i in range(num_frames):
-        s = i / max(num_frames - 1, 1)  # progress through the clip, 0 -> 1
-        cx, cy, radius, colour = 0.5 * width, 0.5 * height, base, c0
-        if scene.motion == "moves from left to right":
-            cx = (0.2 + 0.6 * s) * width
-        elif scene.motion == "moves from right to left":
-            cx = (0.8 - 0.6 * s) * width
-        elif scene.motion == "moves up":
-            cy = (0.8 - 0.6 * s) * height
-        elif scene.motion == "moves down":
-            cy = (0.2 + 0.6 * s) * height
-        elif scene.motion == "grows":
-            radius = base * (0.4 + 1.0 * s)
-        elif scene.motion == "shrinks":
-            radius = base * (1.4 - 1.0 * s)
-        elif scene.motion == "changes colour":
-            colour = (1 - s) * c0 + s * c1
-        if scene.shape == "circle":
-            mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
-        elif scene.shape == "square":
-            mask = (np.abs(xx - cx) <= radius) & (np.abs(yy - cy) <= radius)
-        else:  # triangle pointing up
-            mask = (yy <= cy + radius) & (yy - (cy - radius) >= 2 * np.abs(xx - cx))
-        frame = background.copy()
-        frame[mask] = colour
-        frames[i] = frame.astype(np.uint8)
-    return frames
+    cx, cy, radius, colour = 0.5 * width, 0.5 * height, base, c0
+    if scene.motion == "moves from left to right":
+        cx = (0.2 + 0.6 * s) * width
+    elif scene.motion == "moves from right to left":
+        cx = (0.8 - 0.6 * s) * width
+    elif scene.motion == "moves up":
+        cy = (0.8 - 0.6 * s) * height
+    elif scene.motion == "moves down":
+        cy = (0.2 + 0.6 * s) * height
+    elif scene.motion == "grows":
+        radius = base * (0.4 + 1.0 * s)
+    elif scene.motion == "shrinks":
+        radius = base * (1.4 - 1.0 * s)
+    elif scene.motion == "changes colour":
+        colour = (1 - s) * c0 + s * c1
+    if scene.shape == "circle":
+        mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
+    elif scene.shape == "square":
+        mask = (np.abs(xx - cx) <= radius) & (np.abs(yy - cy) <= radius)
+    else:  # triangle pointing up
+        mask = (yy <= cy + radius) & (yy - (cy - radius) >= 2 * np.abs(xx - cx))
+    frame = background.copy()
+    frame[mask] = colour
+    return frame.astype(np.uint8)
+
+
+def still_caption(scene: Scene) -> str:
+    """What one frame of `scene` shows, with no motion: "a red circle on a dark blue background"."""
+    return f"a {scene.colour} {scene.shape} on a {scene.background} background"
+
+
+def sample_still(rng: np.random.Generator, height: int, width: int) -> tuple[Scene, np.ndarray]:
+    """A still of the world for training an image model: a scene that does not change colour, drawn at a random
+    point of its motion, so the objects stand at the positions and sizes the videos pass through."""
+    scene = sample_scene(rng)
+    if scene.motion == "changes colour":
+        scene = Scene(
+            scene.shape,
+            scene.colour,
+            scene.background,
+            str(rng.choice(MOTIONS[:6])),
+            scene.end_colour,
+            scene.gradient,
+        )
+    return scene, frame_at(scene, float(rng.random()), height, width)
 
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {

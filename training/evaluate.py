@@ -9,6 +9,21 @@ override here too) under OUTPUT/videos/, and OUTPUT/report.json records the scor
 protocol they were measured under: #videos, frames, resolution, fps, the real set's source, window stride or
 fps and seed, the I3D and CLIP files' checksums (FVD is only comparable within one protocol).
 `evaluate(...)` is the same as a function, for Ray Tune objectives (sampling-only sweeps).
+
+A domain evaluator (`eval.domain_evaluator=runs/shapes/evaluator`, the shapes world's I3D; its checksum is
+checked against its card and `eval.domain_sha256`) adds `metrics.motion_accuracy`, `metrics.attribute_accuracy`
+(the mean of `shape_accuracy`, `colour_accuracy`, `background_accuracy`): the fraction of videos whose
+evaluator label is the one their prompt states; and, with `eval.reference`, `metrics.domain_fvd` (its video
+features) and `metrics.domain_fid` (its frame features) against real windows of the generated length, size and
+fps, needing `eval.domain_min_videos` videos (or `eval.allow_few_videos`). `report.domain` holds the protocol,
+checksum and per-label confusion counts (training/evaluation/domain.py).
+
+`--baseline frames` scores the frozen image model sampled frame by frame instead of the video model: the same
+prompts, seeds and sampler, every frame an independent image sample (JVID with P_V = 0 at every step, i.i.d.
+noise, no MG or smoothing: `training.sampling.config.frame_baseline`); `report.baseline` says which was scored.
+
+    python -m training.evaluate --checkpoint RUN --prompts PROMPTS --output runs/eval/frames --baseline frames \\
+        eval.domain_evaluator=runs/shapes/evaluator eval.reference=SHARDS
 """
 
 from __future__ import annotations
@@ -31,7 +46,7 @@ from training.evaluation.metrics import (
     load_i3d,
 )
 from training.evaluation.reference import real_clips
-from training.sampling.config import SampleConfig
+from training.sampling.config import SampleConfig, frame_baseline
 from training.sampling.loading import load_pipeline
 from training.sampling.write import generate, read_prompts
 
@@ -69,13 +84,40 @@ def _fvd(e, videos: torch.Tensor, fps: float) -> dict:
     }
 
 
-def evaluate(checkpoint: str, prompts: list[str], output: str | Path, cfg: SampleConfig) -> dict:
-    """Generate `prompts` x videos_per_prompt under `output`/videos and score them; returns the report."""
+def _domain_metrics(domain: dict) -> dict:
+    """The domain report's scalars, flat (Ray Tune reports `metrics` as they are)."""
+    labels = domain["labels"]
+    out = {
+        "motion_accuracy": labels["motion"]["accuracy"],
+        "attribute_accuracy": domain["attribute_accuracy"],
+    }
+    out.update({f"{k}_accuracy": labels[k]["accuracy"] for k in ("shape", "colour", "background")})
+    if domain["fvd"] is not None:
+        out.update(domain_fvd=domain["fvd"]["fvd"], domain_fid=domain["fid"]["fid"])
+    return out
+
+
+def evaluate(
+    checkpoint: str, prompts: list[str], output: str | Path, cfg: SampleConfig, baseline: str | None = None
+) -> dict:
+    """Generate `prompts` x videos_per_prompt under `output`/videos and score them; returns the report.
+    `baseline='frames'`: the frozen image model sampled frame by frame instead (`frame_baseline`)."""
     out = Path(output)
     t0 = time.perf_counter()
+    if baseline not in (None, "frames"):
+        raise ValueError(f"baseline={baseline!r}: None (the video model) or 'frames'")
+    cfg = frame_baseline(cfg) if baseline == "frames" else cfg
     e = cfg.eval
     if e.max_prompts is not None:
         prompts = prompts[: e.max_prompts]
+    evaluator = None
+    if e.domain_evaluator:  # checked first: a refused checksum or too few videos cost no generation
+        from training.evaluation.domain import check_size, load_evaluator
+
+        evaluator = load_evaluator(e.domain_evaluator, e.domain_sha256)
+        if e.reference and not e.allow_few_videos:
+            n = len(prompts) * cfg.output.videos_per_prompt
+            check_size(e.max_reference, n, e.domain_min_videos, e.allow_few_videos, "domain FVD")
     pipe = load_pipeline(checkpoint, cfg)
     records = generate(pipe, prompts, out / "videos", keep=True)
     videos = torch.stack([r["frames"] for r in records])  # (N, F, 3, H, W) in [0, 1]
@@ -102,8 +144,26 @@ def evaluate(checkpoint: str, prompts: list[str], output: str | Path, cfg: Sampl
     if e.i3d_path and e.reference:
         fvd_result = _fvd(e, videos, cfg.output.fps)
         metrics["fvd"] = fvd_result["fvd"]
-    elif e.i3d_path or e.reference:
+    elif e.i3d_path or (e.reference and evaluator is None):
         raise ValueError("FVD needs both eval.i3d_path and eval.reference")
+    domain = None
+    if evaluator is not None:
+        from training.evaluation.domain import domain_report
+
+        domain = domain_report(
+            evaluator,
+            videos,
+            [r["prompt"] for r in records],
+            e.reference,
+            cfg.output.fps,
+            e.max_reference,
+            e.real_fps,
+            e.real_stride,
+            e.real_seed,
+            e.domain_min_videos,
+            e.allow_few_videos,
+        )
+        metrics.update(_domain_metrics(domain))
     report = {
         "checkpoint": pipe.checkpoint,
         "num_prompts": len(prompts),
@@ -113,7 +173,9 @@ def evaluate(checkpoint: str, prompts: list[str], output: str | Path, cfg: Sampl
         "width": w,
         "fps": cfg.output.fps,
         "metrics": metrics,
+        "baseline": baseline,
         "fvd": fvd_result,
+        "domain": domain,
         "clip": clip_record,
         "videos": [{"name": r["name"], "prompt": r["prompt"], "seed": r["seed"]} for r in records],
         "config": to_dict(cfg),
@@ -129,11 +191,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--checkpoint", required=True, help="export dir, RUN_DIR or trainable.safetensors")
     p.add_argument("--prompts", default="training/prompts/harivo_a3.txt", help="one prompt per line")
     p.add_argument("--output", required=True, help="directory for videos/ and report.json")
+    p.add_argument(
+        "--baseline",
+        choices=["frames"],
+        help="score the frozen image model sampled frame by frame (same prompts and seeds) instead",
+    )
     add_config_args(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(SampleConfig, *config_args(a))
-    report = evaluate(a.checkpoint, read_prompts(a.prompts), a.output, cfg)
+    report = evaluate(a.checkpoint, read_prompts(a.prompts), a.output, cfg, baseline=a.baseline)
     print(json.dumps({k: report[k] for k in ("num_videos", "frames", "height", "width", "fps", "metrics")}))
     return report
 

@@ -9,7 +9,8 @@ image and a video denoiser, entropy reduction, latent smoothing). Load with the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from pipeline.configlib import ANY, Range, RangeTable, above, at_least, between
@@ -243,6 +244,7 @@ class EvalConfig:
         "real_seed": at_least(0),
         "min_videos": at_least(1),
         "max_prompts": at_least(1),
+        "domain_min_videos": at_least(2),
     }
 
     clip_model: str | None = "ViT-B-32"
@@ -275,6 +277,14 @@ class EvalConfig:
     """Compute FVD on fewer than `min_videos` anyway (warned about, recorded as below_min_videos in the report)."""
     max_prompts: int | None = None
     """Use only the first N prompts of the prompt file (None: all)."""
+    domain_evaluator: str | None = None
+    """A domain evaluator directory (evaluator.pt + evaluator.json, `python -m shapes.evaluator`): motion and
+    attribute accuracy against the prompts, and with `reference` a domain FVD / FID (training/evaluation/domain.py)."""
+    domain_sha256: str | None = None
+    """The evaluator file's pinned SHA-256 (None: only the card's own checksum is checked)."""
+    domain_min_videos: int = 512
+    """Domain FVD / FID need at least this many real and generated videos (its 256-d video features need N > 256
+    for a non-singular covariance); fewer only with `allow_few_videos` (recorded as below_min_videos)."""
 
     @property
     def clipsim_enabled(self) -> bool:
@@ -331,3 +341,17 @@ class SampleConfig:
             raise ValueError("controlnet.images given without controlnet.path")
         if self.controlnet.path is not None and not self.controlnet.images:
             raise ValueError(f"controlnet.path={self.controlnet.path} needs controlnet.images")
+
+
+def frame_baseline(cfg: SampleConfig) -> SampleConfig:
+    """The frame-by-frame baseline (issue 18): every frame an independent sample of the frozen image model for the
+    same prompt, seed and sampler. JVID with P_V = 0 at every step (its image model, `jvid.image_model`: 'base',
+    the frozen base per frame, unless set otherwise), and nothing that couples frames: i.i.d. initial and step
+    noise (no PYoCo prior, JVID r = 0, gamma = 1), no latent smoothing, no MG."""
+    out = copy.deepcopy(cfg)
+    out.jvid = replace(
+        cfg.jvid, enabled=True, t_v=0.0, t_e=0.0, p_e=0.0, p_f=0.0, r=0.0, gamma=1.0, smooth_threshold=0.0
+    )
+    out.noise = replace(cfg.noise, prior="iid", alpha=None)
+    out.guidance = replace(cfg.guidance, mg_alpha=0.0)
+    return out

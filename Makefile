@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 DEMO_DIR ?= runs/demo
 
-.PHONY: install test test-fast demo lint clean
+.PHONY: install test test-fast demo shapes lint clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ test-fast: install
 
 demo: install
 	$(PY) -m training.demo --output $(DEMO_DIR)
+
+# Every model of the shapes world trained end to end (resumable; README, "The shapes world").
+shapes: install
+	$(PY) -m shapes.build --out runs/shapes
 
 lint: install
 	$(VENV)/bin/ruff check pipeline training tuning fixtures shapes tests

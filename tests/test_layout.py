@@ -95,7 +95,7 @@ def test_only_the_distributed_room_imports_ray_train_and_deepspeed():
             ("pipeline.synth", "pipeline.zoo", "pipeline.bench"),
         ),
         ("training", ("tuning", "fixtures", "shapes"), ("training.demo", "training.bench")),
-        ("shapes", ("tuning", "fixtures"), ()),
+        ("shapes", ("tuning", "fixtures"), ("shapes.build",)),
         ("tuning", ("fixtures",), ("tuning.bench",)),
         ("training.model", ("training.diffusion", "training.distributed", "training.sampling", "ray"), ()),
         (

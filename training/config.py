@@ -154,6 +154,7 @@ class DiffusionConfig:
         "num_train_timesteps": at_least(1),
         "beta_start": above(0),
         "beta_end": between(0, 1),
+        "noise_offset": at_least(0),
     }
 
     objective: Literal["ddpm", "edm"] = "ddpm"
@@ -168,6 +169,12 @@ class DiffusionConfig:
     """Last beta of the schedule (HARIVO App. D)."""
     beta_schedule: Literal["linear", "scaled_linear"] = "linear"
     """diffusers beta_schedule: HARIVO/AnimateDiff train with 'linear'; SD 1.5 itself used 'scaled_linear'."""
+    noise_offset: float = 0.0
+    """'ddpm' only: add `noise_offset` x a per-sample, per-channel N(0, 1) constant (shared over frames and
+    pixels) to the training noise (offset noise, as diffusers' training scripts' `--noise_offset`). A schedule
+    whose last step keeps signal (SD's: sqrt(abar_T) = 0.068) leaks each image's mean colour into x_T, so a model
+    learns to read it there and at sampling takes a random colour from the noise (Lin et al. 2023, sec. 2); on
+    8x8 latents that leak is strong (the shapes world's base: shapes_base.yaml). 0: off, the draws unchanged."""
 
 
 @dataclass

@@ -7,8 +7,26 @@ import pytest
 import torch
 
 from fixtures.zoo import TINY_CLIP_CFG
-from shapes.base import VAE_CONFIG, random_text_encoder, stills, text_encoder_from_open_clip, write_base
-from shapes.world import COLOURS, frame_at, render, sample_scene, sample_still
+from shapes.base import (
+    VAE_CONFIG,
+    check_base,
+    random_text_encoder,
+    reconstruction_read,
+    stills,
+    text_encoder_from_open_clip,
+    write_base,
+)
+from shapes.world import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    Scene,
+    frame_at,
+    held_out_still,
+    render,
+    sample_scene,
+    sample_still,
+)
 
 
 def _open_clip_model(quick_gelu: bool = False):
@@ -64,6 +82,19 @@ def test_the_base_loads_as_stable_diffusion_15(tmp_path):
     assert z.shape == (2, 4, 8, 8)  # SD's latent layout: 4 channels, 8x downsampling
     image = pipe(captions[0], num_inference_steps=2, height=64, width=64, output_type="np").images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+    # the check draws held-out captions through this same pipeline and reads them back
+    check = check_base(tmp_path / "base", n=4, steps=2, batch=2)
+    assert check["summary"]["n"] == 4 and len(check["rows"]) == 4
+    held = {
+        f"a {c} {s} on a {b} background"
+        for s in SHAPES
+        for c in COLOURS
+        for b in BACKGROUNDS
+        if held_out_still(Scene(s, c, b, "grows", c, False))
+    }
+    assert {r["caption"] for r in check["rows"]} <= held
+    assert all(0 <= check["summary"][k] <= 1 for k in ("colour", "shape", "colour_and_shape", "background"))
+    assert reconstruction_read(x, x) == {"colour": 1.0, "shape": 1.0}  # the originals read as themselves
 
 
 def test_stills_stand_where_the_videos_pass_and_say_what_they_show():

@@ -148,6 +148,9 @@ class HarivoObjective(nn.Module):
             )
             timesteps = timesteps.to(latents.device)
             latents, noise = with_images(latents, noise)
+            if cfg.diffusion.noise_offset > 0:  # drawn last: with 0 the random stream is unchanged
+                offset = torch.randn((b, noise.shape[1], 1, 1, 1), generator=generator, device=gen_device)
+                noise = noise + cfg.diffusion.noise_offset * offset.to(noise.device, noise.dtype)
             noisy_latents = self.scheduler.add_noise(latents, noise, timesteps)  # (B, C, F [+ N], H, W)
             if cfg.diffusion.prediction_type == "epsilon":
                 target = noise

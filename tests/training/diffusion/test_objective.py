@@ -148,3 +148,27 @@ def test_sd21_trains_on_uniform_timesteps_and_reads_the_base_prediction_type():
     assert v.denoiser(lambda *a: None).prediction_type == "v_prediction"
     edm = {"diffusion.objective": "edm", "edm.kind": "edm", "model.trainable_spatial": ["*"]}
     assert HarivoObjective(_config(**edm)).cfg.edm.sigmas_from == "lognormal"
+
+
+def test_noise_offset_adds_one_constant_per_sample_and_channel(make_video_model, monkeypatch):
+    """diffusion.noise_offset: the training noise is the offset-free draw plus offset x N(0, 1) per (sample,
+    channel), the same over frames and pixels; with 0 the noise is exactly the offset-free draw."""
+    seen = []
+
+    def run(offset):
+        model, cfg = make_video_model(**{"diffusion.noise_offset": offset})
+        objective = HarivoObjective.for_model(cfg, model)
+        add_noise = objective.scheduler.add_noise
+
+        def capture(latents, noise, t):
+            seen.append(noise.clone())
+            return add_noise(latents, noise, t)
+
+        monkeypatch.setattr(objective.scheduler, "add_noise", capture)
+        objective(model, *batch(4, 4), generator=torch.Generator().manual_seed(3))
+        return seen[-1]
+
+    plain, offset = run(0.0), run(0.5)
+    diff = offset - plain  # (B, C, F, H, W)
+    assert torch.allclose(diff, diff[:, :, :1, :1, :1].expand_as(diff), atol=1e-6)
+    assert diff.abs().amin() > 0 and diff[:, :, 0, 0, 0].std() > 0.1

@@ -231,6 +231,7 @@ def write_base(out: str | Path, vae, text_encoder, seed: int = 0, record: dict |
         steps_offset=1,
         set_alpha_to_one=False,
     )
+    scheduler.register_to_config(clip_sample=False)  # as SD 1.5's file: a DDIM made from it must not clip
     save_sd_directory(out, vae, text_encoder, unet, scheduler)
     (out / CARD_FILE).write_text(json.dumps(record or {}, indent=1) + "\n")
     return out
@@ -264,7 +265,8 @@ def check_base(
     pipe = StableDiffusionPipeline.from_pretrained(
         str(base), safety_checker=None, requires_safety_checker=False
     )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    # clip_sample off as SD 1.5's scheduler config says: DDIM's default clips x0 to [-1, 1], latents are not
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng([seed, 21])
     scenes = [sample_still(rng, SIZE, SIZE, split="val")[0] for _ in range(n)]

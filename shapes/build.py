@@ -62,8 +62,19 @@ class Preset:
     expected_s: dict = field(default_factory=dict)  # stage -> seconds measured on 2 cores (progress / ETA)
 
 
+MEASURED_S = dict(  # the full build on the 2-core machine, 2026-12-02 (eval: half of its run beside a CI run)
+    shards=34,
+    clip=228,
+    evaluator=372,
+    base=583,
+    stills=76,
+    base_train=1077,
+    latents=168,
+    video=1113,
+    eval=700,
+)
 PRESETS = {
-    "full": Preset(),
+    "full": Preset(expected_s=MEASURED_S),
     "small": Preset(
         video_shards=2,
         videos_per_shard=200,

@@ -3,7 +3,8 @@
     python -m shapes.build --out runs/shapes                 # the full build (README: minutes per stage)
     python -m shapes.build --out runs/shapes-small --preset small   # a reduced world: the same stages, smaller
 
-Stages, each a directory under OUT (a re-run skips finished stages; `--redo STAGE` runs one again):
+Stages, each a directory under OUT (a re-run skips finished stages; `--redo STAGE` empties it and the
+stages after it, and runs them again):
 1. shards/     WebVid-format shards of the world (`fixtures.synth`): videos/ (bad crawl samples, mis-captioned
                and degraded videos mixed in) and stills/ (single frames, motionless captions), both of the
                training combinations only; eval_prompts.txt: prompts of the held-out combinations;
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -38,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 STAGES = ("shards", "clip", "evaluator", "base", "stills", "base_train", "latents", "video", "eval")
+OUTPUTS = {"stills": "latents/stills", "latents": "latents/videos"}
+"""Each stage's directory under OUT (the stage's name where not listed); `--redo` empties it first."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,33 @@ def _run(args: list[str], env: dict) -> None:
         raise SystemExit(f"shapes.build: `{' '.join(args)}` failed (exit {code})")
 
 
+def _curate(shards: Path, latents: Path, overrides: list[str], env: dict) -> dict:
+    """`pipeline.run` with the world's preset; returns its summary.json."""
+    _run(
+        ["python", "-m", "pipeline.run", "--config", "pipeline/configs/shapes.yaml"]
+        + ["--input", str(shards), "--output", str(latents), *overrides],
+        env,
+    )
+    return json.loads((latents / "summary.json").read_text())
+
+
+def _train(config: str, data: Path, run_dir: Path, base: Path, steps: int, env: dict) -> dict:
+    """`training.run` of `config` on the base `base`; returns its final metrics (result.json)."""
+    _run(
+        ["python", "-m", "training.run", "--config", f"training/configs/{config}"]
+        + [
+            "--data",
+            str(data),
+            "--output",
+            str(run_dir),
+            f"model.pretrained={base}",
+            f"optim.max_steps={steps}",
+        ],
+        env,
+    )
+    return json.loads((run_dir / "result.json").read_text())["metrics"]
+
+
 # --- stages ----------------------------------------------------------------------------------------------------
 
 
@@ -207,30 +238,20 @@ def stage_base(out: Path, p: Preset, env: dict) -> dict:
 
 
 def stage_stills(out: Path, p: Preset, env: dict) -> dict:
-    latents = out / "latents" / "stills"
-    _run(
-        ["python", "-m", "pipeline.run", "--config", "pipeline/configs/shapes.yaml"]
-        + ["--input", str(out / "shards" / "stills"), "--output", str(latents)]
-        + ["clip.enabled=false", "aesthetic.enabled=false"],
-        env,
-    )
-    return {k: json.loads((latents / "summary.json").read_text())[k] for k in ("clips_out", "rejected")}
+    off = ["clip.enabled=false", "aesthetic.enabled=false"]  # stills are clean by construction
+    summary = _curate(out / "shards" / "stills", out / "latents" / "stills", off, env)
+    return {k: summary[k] for k in ("clips_out", "rejected")}
 
 
 def stage_base_train(out: Path, p: Preset, env: dict) -> dict:
     from shapes import base
 
     run_dir = out / "base_train"
-    _run(
-        ["python", "-m", "training.run", "--config", "training/configs/shapes_base.yaml"]
-        + ["--data", str(out / "latents" / "stills"), "--output", str(run_dir)]
-        + [f"model.pretrained={out / 'base'}", f"optim.max_steps={p.base_steps}"],
-        env,
-    )
+    metrics = _train("shapes_base.yaml", out / "latents" / "stills", run_dir, out / "base", p.base_steps, env)
     base.install_unet(out / "base", run_dir / "export" / "unet")
     check = base.check_base(out / "base", n=p.base_check, steps=p.sample_steps)
     _write_json(out / "base" / "check.json", check)
-    return dict(result=json.loads((run_dir / "result.json").read_text())["metrics"], check=check["summary"])
+    return dict(result=metrics, check=check["summary"])
 
 
 def stage_latents(out: Path, p: Preset, env: dict) -> dict:
@@ -238,15 +259,9 @@ def stage_latents(out: Path, p: Preset, env: dict) -> dict:
 
     t = json.loads((out / "clip" / "card.json").read_text())["thresholds"]
     latents = out / "latents" / "videos"
-    _run(
-        ["python", "-m", "pipeline.run", "--config", "pipeline/configs/shapes.yaml"]
-        + ["--input", str(out / "shards" / "videos"), "--output", str(latents)]
-        + [f"{k}={v}" for k, v in t.items()],
-        env,
-    )
+    summary = _curate(out / "shards" / "videos", latents, [f"{k}={v}" for k, v in t.items()], env)
     report = filter_report(latents, out / "shards" / "videos" / "manifest.json")
     _write_json(latents / "filter_report.json", report)
-    summary = json.loads((latents / "summary.json").read_text())
     return dict(clips_out=summary["clips_out"], rejected=summary["rejected"], filters=report)
 
 
@@ -263,14 +278,9 @@ def _sample_overrides(out: Path, p: Preset) -> list[str]:
 
 
 def stage_video(out: Path, p: Preset, env: dict) -> dict:
-    run_dir = out / "video"
-    _run(
-        ["python", "-m", "training.run", "--config", "training/configs/shapes_video.yaml"]
-        + ["--data", str(out / "latents" / "videos"), "--output", str(run_dir)]
-        + [f"model.pretrained={out / 'base'}", f"optim.max_steps={p.video_steps}"],
-        env,
+    return _train(
+        "shapes_video.yaml", out / "latents" / "videos", out / "video", out / "base", p.video_steps, env
     )
-    return json.loads((run_dir / "result.json").read_text())["metrics"]
 
 
 def stage_eval(out: Path, p: Preset, env: dict) -> dict:
@@ -343,12 +353,13 @@ def build(
         raise SystemExit(f"{out} was built with --preset {record['preset']}, not {preset}: use another --out")
     record |= dict(preset=preset, settings=asdict(p))
     record.setdefault("stages", {})
-    for s in redo:
-        record["stages"].pop(s, None)
+    if redo:  # a redone stage and every stage after it (they read its output) start from nothing
+        for s in STAGES[min(STAGES.index(r) for r in redo) :]:
+            record["stages"].pop(s, None)
+            shutil.rmtree(out / OUTPUTS.get(s, s), ignore_errors=True)
     last = STAGES.index(until) + 1 if until else len(STAGES)
     todo = [s for s in STAGES[:last] if s not in record["stages"] and s not in skip]
-    env = os.environ | {"T2V_SHAPES": str(out), "RAY_DATA_LOG_LEVEL": "WARNING"}
-    os.environ["T2V_SHAPES"] = str(out)
+    env = os.environ | {"T2V_SHAPES": str(out), "RAY_DATA_LOG_LEVEL": "WARNING"}  # the presets' model paths
     progress = Progress(p, todo)
     for stage in STAGES[:last]:
         if stage in skip:
@@ -372,7 +383,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m shapes.build", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/shapes", help="the world's directory (resumed when present)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    ap.add_argument("--redo", nargs="*", default=[], choices=STAGES, help="run these stages again")
+    ap.add_argument(
+        "--redo",
+        nargs="*",
+        default=[],
+        choices=STAGES,
+        help="run these stages and the ones after them again, from nothing",
+    )
     ap.add_argument("--until", choices=STAGES, help="stop after this stage")
     ap.add_argument("--skip", nargs="*", default=[], choices=STAGES, help="leave these stages out")
     a = ap.parse_args(argv)

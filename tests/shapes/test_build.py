@@ -50,7 +50,11 @@ def test_stages_resume_after_a_failure_and_skip_what_is_done(tmp_path, monkeypat
     B.build(tmp_path, "small")
     assert ran == ["video", "eval"]  # resumed where it failed
     ran.clear()
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "stale").write_text("from the last run")
     B.build(tmp_path, "small", redo=("base",), until="base")
-    assert ran == ["base"]
+    assert ran == ["base"] and not (tmp_path / "base").exists()  # redone from nothing
+    record = json.loads((tmp_path / "build.json").read_text())
+    assert list(record["stages"]) == list(B.STAGES[: B.STAGES.index("base") + 1])  # what follows it is undone
     with pytest.raises(SystemExit, match="preset small"):
         B.build(tmp_path, "full")  # one directory, one preset

@@ -77,6 +77,17 @@ MEASURED_S = dict(  # the full build on the 2-core machine, 2026-12-02 (eval: ha
     video=1113,
     eval=700,
 )
+SMALL_MEASURED_S = dict(  # the small preset on the 2-core machine, alone, 2026-12-02: 1,473 s in all
+    shards=6,
+    clip=111,
+    evaluator=180,
+    base=184,
+    stills=61,
+    base_train=459,
+    latents=72,
+    video=316,
+    eval=85,
+)
 PRESETS = {
     "full": Preset(expected_s=MEASURED_S),
     "small": Preset(
@@ -94,6 +105,7 @@ PRESETS = {
         eval_prompts=8,
         eval_videos_per_prompt=1,
         sample_steps=15,
+        expected_s=SMALL_MEASURED_S,
     ),
 }
 

@@ -114,7 +114,13 @@ class OutputStore:
     ) -> None:
         tmp, final = self.path(kind, stem, f".{self.token}.tmp"), self.path(kind, stem)
         with self.fs.open_output_stream(tmp) as f:
-            pq.write_table(table, f, row_group_size=row_group_size, compression=compression)
+            pq.write_table(
+                table,
+                f,
+                row_group_size=row_group_size,
+                compression=compression,
+                use_dictionary=dictionary_columns(table.schema),
+            )
         self.fs.move(tmp, final)
 
     def write_text(self, name: str, text: str | bytes) -> None:
@@ -123,6 +129,20 @@ class OutputStore:
         with self.fs.open_output_stream(tmp) as f:
             f.write(text.encode() if isinstance(text, str) else text)
         self.fs.move(tmp, final)
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Columns worth dictionary encoding: all but tensors (lists and tensor extension types), whose values
+    rarely repeat: a dictionary over half floats is most of a clip's write time. Measured on 64 SD-sized clips
+    (24 x 4 x 32 x 32 fp16 latents + 77 x 768 fp16 embeddings, zstd), alternating in one run: 1.7x faster
+    without it, the file 2% smaller."""
+
+    def tensor(t: pa.DataType) -> bool:
+        if isinstance(t, pa.ExtensionType):
+            t = t.storage_type
+        return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+    return [f.name for f in schema if not tensor(f.type)]
 
 
 class OutputLocked(ConfigError):

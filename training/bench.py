@@ -1,6 +1,7 @@
 """Training benchmark: where a step's time goes, and what ZeRO saves. Ratios measured side by side in one run.
 
     python -m training.bench [--steps 20] [--unet tiny|small|sd15] [--zero-steps 6] [--skip-zero]
+    python -m training.bench --device cuda|cpu [...]     one step part by part, MFU (training/bench_step.py)
 
 Part 1, one process, the same model, objective and batch size, three ways to feed it:
   in-memory  latents already in tensors (the floor: pure compute)
@@ -19,6 +20,7 @@ import argparse
 import io
 import json
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
@@ -228,6 +230,11 @@ def zero_benchmark(cfg, steps: int) -> list[tuple[int, float, float]]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--device" or a.startswith("--device=") for a in argv):  # the step / GPU check
+        from training.bench_step import main as step_main
+
+        return step_main(argv)
     p = argparse.ArgumentParser(prog="python -m training.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20, help="timed steps per feed")
     p.add_argument("--unet", choices=("tiny", "small", "sd15"), default="tiny")

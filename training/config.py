@@ -55,6 +55,9 @@ class ModelConfig:
     """Initialise the temporal layers from this diffusers MotionAdapter (hub id or dir) instead of zero-init."""
     gradient_checkpointing: bool = False
     """Recompute the temporal layers' activations in the backward pass (less memory, ~1/3 more compute)."""
+    checkpoint_unet: bool = False
+    """Recompute the whole video UNet's blocks (the frozen base's too, diffusers' block checkpointing, with
+    the temporal layers inside) in the backward: the least activation memory, ~1 more forward of compute."""
     trainable_spatial: list[str] = field(default_factory=list)
     """Base-UNet parameters that train too, as fnmatch patterns over `unet.named_parameters()` names, e.g.
     ['*attentions*'] (the spatial transformers) or ['*'] (the whole UNet, PYoCo's joint fine-tuning). Empty: the
@@ -102,6 +105,8 @@ class LossConfig:
         "tau": above(0),
         "queue_size": at_least(1),
         "cond_drop_prob": between(0, 1),
+        "trs_chunk_heads": at_least(0),
+        "trs_chunk_frames": at_least(0),
     }
 
     lambda_trs: float = 0.1
@@ -119,6 +124,15 @@ class LossConfig:
     trs_reduction: Literal["sum", "mean"] = "sum"
     """L_TRS over the F - 1 frame pairs and N decoder layers: 'sum' (eq. 3) or 'mean' (sum / ((F - 1) N)), which
     keeps its scale independent of the clip length and UNet depth."""
+    reg_recompute: bool = False
+    """L_reg's image-mode forward keeps only its input and is recomputed in the backward (activation
+    checkpointing): its gradient (to the mapping network, trainable spatial layers) without its activations,
+    for one more image-mode forward of compute. Nothing on that path trains: no graph is kept either way."""
+    trs_chunk_heads: int = 1
+    """L_TRS builds each layer's attention maps this many heads at a time (0: all), recomputed in the backward,
+    so memory holds one chunk's maps, not (B, F, heads, HW, HW) per layer; the value and gradient are the same."""
+    trs_chunk_frames: int = 0
+    """... and this many consecutive frame pairs at a time (0: all)."""
     cond_drop_prob: float = 0.1
     """Caption dropout for classifier-free guidance: the probability that a training caption's embedding is
     replaced by the empty prompt's (AnimateDiff: 0.1; JVID 4.1: 0.3); 0 never trains the unconditional branch."""

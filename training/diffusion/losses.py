@@ -6,6 +6,8 @@ Reductions (the paper writes norms without saying how they are normalised; our r
 - L_simple, L_reg: mean over elements, like diffusers' `F.mse_loss`; L_reg weighted per sample.
 - L_TRS: |A^(j) - A^(j-1)| is the L1 distance between the two frames' attention distributions
   (sum over keys), averaged over queries, heads and batch; summed over frames j and layers i (eq. 3).
+  Training computes it a chunk of heads x frames at a time, recomputed in the backward
+  (`attention_frame_distances`): the (B, F, heads, HW, HW) maps are never all held.
 - L_DC: z L2-normalised (cosine similarity); mean over the videos of the batch.
 """
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from training.config import LossConfig
 
@@ -38,25 +41,69 @@ def reg_loss(
     return (reg_weight(timesteps, num_train_timesteps).to(per_sample.device) * per_sample).mean()
 
 
-def trs_loss(attention_maps: list[torch.Tensor], reduction: str = "sum") -> torch.Tensor:
+def frame_distances(maps: torch.Tensor) -> torch.Tensor:
+    """|A^(j) - A^(j-1)| of one layer's maps (B, F, heads, HW, HW) for j = 2..F: (F-1,), the L1 distance
+    between two frames' attention distributions (sum over keys), averaged over batch, heads and queries."""
+    diff = (maps[:, 1:] - maps[:, :-1]).float().abs()  # (B, F-1, heads, HW, HW)
+    return diff.sum(dim=-1).mean(dim=(0, 2, 3))
+
+
+def attention_frame_distances(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    upcast_softmax: bool,
+    heads_per_chunk: int = 0,
+    frames_per_chunk: int = 0,
+) -> torch.Tensor:
+    """`frame_distances(softmax(q k^T scale))` of one layer, (F-1,), without holding its maps.
+
+    `query`, `key`: (B, F, heads, HW, d). The maps are built a chunk at a time (`heads_per_chunk` heads x
+    `frames_per_chunk` frame pairs; 0 = all) and recomputed in the backward (activation checkpointing), so
+    the graph keeps q and k, never the (B, F, heads, HW, HW) maps: same value and gradient, peak memory
+    one chunk's maps. Each frame's softmax is its own, so windows of frames overlap by one frame.
+    """
+    b, f, heads, n, _ = query.shape
+    hc = heads_per_chunk or heads
+    fc = frames_per_chunk or f - 1
+
+    def chunk_sum(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        scores = (q @ k.transpose(-1, -2)) * scale  # (B, f', h', HW, HW)
+        probs = scores.float().softmax(dim=-1) if upcast_softmax else scores.softmax(dim=-1)
+        diff = (probs[:, 1:] - probs[:, :-1]).float().abs()  # (B, f'-1, h', HW, HW)
+        return diff.sum(dim=(0, 2, 3, 4))  # (f'-1,): summed over batch, heads, queries and keys
+
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+    per_frame = []
+    for j0 in range(0, f - 1, fc):
+        j1 = min(j0 + fc, f - 1)  # frames j0..j1: the pairs (j0, j0+1) .. (j1-1, j1)
+        window = query.new_zeros(j1 - j0, dtype=torch.float32)
+        for h0 in range(0, heads, hc):
+            q, k = query[:, j0 : j1 + 1, h0 : h0 + hc], key[:, j0 : j1 + 1, h0 : h0 + hc]
+            window = window + (checkpoint(chunk_sum, q, k, use_reentrant=False) if grad else chunk_sum(q, k))
+        per_frame.append(window)
+    return torch.cat(per_frame) / (b * heads * n)
+
+
+def trs_loss(distances: list[torch.Tensor], reduction: str = "sum") -> torch.Tensor:
     """L_TRS = sum_i sum_{j=2..F} lambda_i |A_i^(j) - A_i^(j-1)|, lambda_i = i / N (eq. 3).
 
-    `attention_maps`: the N decoder self-attention maps in forward order, each (B, F, heads, HW, HW).
+    `distances`: the N decoder self-attention layers' `frame_distances` (each (F-1,)) in forward order.
     `reduction` 'mean' divides the sum by its (F - 1) N terms, so the loss keeps its scale across clip
     lengths and UNet depths (eq. 3 is 'sum').
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"trs_loss reduction must be 'sum' or 'mean', got {reduction!r}")
-    if not attention_maps:
-        raise ValueError("trs_loss needs at least one decoder self-attention map; was the forward captured?")
-    n = len(attention_maps)
-    total = attention_maps[0].new_zeros((), dtype=torch.float32)
-    for i, maps in enumerate(attention_maps, start=1):
-        diff = (maps[:, 1:] - maps[:, :-1]).float().abs()  # (B, F-1, heads, HW, HW)
-        per_frame = diff.sum(dim=-1).mean(dim=(0, 2, 3))  # L1 over keys; mean over B, heads, queries: (F-1,)
-        total = total + (i / n) * per_frame.sum()
+    if not distances:
+        raise ValueError(
+            "trs_loss needs at least one decoder self-attention layer; was the forward captured?"
+        )
+    n = len(distances)
+    total = distances[0].new_zeros((), dtype=torch.float32)
+    for i, per_frame in enumerate(distances, start=1):
+        total = total + (i / n) * per_frame.float().sum()
     if reduction == "mean":
-        return total / (n * (attention_maps[0].shape[1] - 1))
+        return total / (n * distances[0].shape[0])
     return total
 
 
@@ -98,7 +145,8 @@ def positive_frames(
 class NegativeQueue(nn.Module):
     """FIFO queue of earlier positives' projections z (detached), the negatives Q of L_DC.
 
-    A buffer, so it travels with `state_dict()` and resumes with the run.
+    Buffers, so it travels with `state_dict()` and resumes with the run. The fill pointer and count are
+    mirrored as Python ints (refreshed on load), so a step never waits on the device to read them.
     """
 
     def __init__(self, size: int, dim: int):
@@ -108,20 +156,26 @@ class NegativeQueue(nn.Module):
         self.register_buffer("items", torch.zeros(size, dim))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self._ptr = self._count = 0
+        self.register_load_state_dict_post_hook(lambda module, _: module._sync_host())
+
+    def _sync_host(self) -> None:
+        self._ptr, self._count = int(self.ptr), int(self.count)  # once per load: the only host read
 
     def negatives(self) -> torch.Tensor:
         """The filled part, (Q, D) with Q <= size."""
-        return self.items[: int(self.count)]
+        return self.items[: self._count]
 
     @torch.no_grad()
     def push(self, z: torch.Tensor) -> None:
         """Enqueue (N, D), overwriting the oldest entries once full."""
         size = self.items.shape[0]
         z = z.detach().to(self.items.dtype)[-size:]
-        idx = (int(self.ptr) + torch.arange(z.shape[0])) % size
-        self.items[idx.to(self.items.device)] = z
-        self.ptr.fill_((int(self.ptr) + z.shape[0]) % size)
-        self.count.fill_(min(size, int(self.count) + z.shape[0]))
+        idx = (self._ptr + torch.arange(z.shape[0], device=self.items.device)) % size
+        self.items[idx] = z
+        self._ptr, self._count = (self._ptr + z.shape[0]) % size, min(size, self._count + z.shape[0])
+        self.ptr.fill_(self._ptr)
+        self.count.fill_(self._count)
 
 
 def dc_loss_from_hspace(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from training.config import TrainConfig
 from training.diffusion.cascade import training_condition
@@ -39,6 +40,7 @@ from training.diffusion.edm import (
 from training.diffusion.losses import (
     LossTerms,
     NegativeQueue,
+    attention_frame_distances,
     dc_loss_from_hspace,
     reg_loss,
     simple_loss,
@@ -82,7 +84,7 @@ class HarivoObjective(nn.Module):
         e = self.cfg.edm
         if e.sigmas_from == "uniform_t":
             t = torch.randint(0, len(self.sigmas), (n,), generator=generator, device=device)
-            return self.sigmas.to(device)[t]
+            return self.sigmas.to(t.device)[t]
         return sample_sigmas(n, e.p_mean, e.p_std, generator, device)
 
     def forward(
@@ -160,7 +162,7 @@ class HarivoObjective(nn.Module):
             def predict(x: torch.Tensor, image: bool, kwargs: dict) -> torch.Tensor:
                 return model(x, timesteps, encoder_hidden_states, image_mode=image, **kwargs)
 
-            with model.capture(attention_maps=need_trs, hspace=need_dc) as captured:  # outputs unchanged
+            with model.capture(False, need_dc, need_trs) as captured:  # outputs unchanged
                 model_pred = predict(noisy_latents, image_mode, joint_kwargs)
             simple = simple_loss(model_pred, target)
             reg_timesteps = timesteps
@@ -182,7 +184,7 @@ class HarivoObjective(nn.Module):
                     **kwargs,
                 )
 
-            with model.capture(attention_maps=need_trs, hspace=need_dc) as captured:
+            with model.capture(False, need_dc, need_trs) as captured:
                 denoised, model_pred = predict(noisy_latents, image_mode, joint_kwargs)
             sigma_data = effective_sigma_data(cfg.edm.kind, cfg.edm.sigma_data)
             simple = edm_loss(denoised.float(), latents.float(), sigma, sigma_data).mean()
@@ -192,11 +194,26 @@ class HarivoObjective(nn.Module):
         # L_simple on that path.
         reg = zero
         if need_reg:
-            image_pred = predict(noisy_latents[:, :, :f], True, stage_kwargs)
-            image_pred = image_pred[1] if isinstance(image_pred, tuple) else image_pred
+
+            def image_path(x: torch.Tensor) -> torch.Tensor:
+                pred = predict(x, True, stage_kwargs)
+                return pred[1] if isinstance(pred, tuple) else pred
+
+            clip = noisy_latents[:, :, :f]
+            if cfg.loss.reg_recompute and torch.is_grad_enabled():  # keep its input, not its activations
+                image_pred = checkpoint(image_path, clip, use_reentrant=False)
+            else:
+                image_pred = image_path(clip)
             reg = reg_loss(model_pred[:, :, :f], image_pred, reg_timesteps, cfg.diffusion.num_train_timesteps)
         # L_TRS on the decoder self-attention maps of the frozen layers, L_DC on the h-space (the clip's frames).
-        trs = trs_loss(captured.attention_maps, cfg.loss.trs_reduction) if need_trs else zero
+        trs = zero
+        if need_trs:
+            chunks = (cfg.loss.trs_chunk_heads, cfg.loss.trs_chunk_frames)
+            distances = [
+                attention_frame_distances(a.query, a.key, a.scale, a.upcast_softmax, *chunks)
+                for a in captured.attention_qk
+            ]
+            trs = trs_loss(distances, cfg.loss.trs_reduction)
         dc = zero
         if need_dc:
             dc = dc_loss_from_hspace(

@@ -424,9 +424,9 @@ def collate_stage(
     target = stored(info.latents_column)
     span = (num_frames - 1) * frame_stride + 1
     slack = target.shape[1] - span
-    start = (
-        int(torch.randint(0, slack + 1, (1,), generator=generator)) if generator is not None and slack else 0
-    )
+    start = 0
+    if generator is not None and slack:  # drawn on the generator's device (a CUDA generator on GPU)
+        start = int(torch.randint(0, slack + 1, (1,), generator=generator, device=generator.device))
     latents = window(target)
     # The paired view shares the window: frame k of both is the same source frame.
     cond_latents = window(stored(info.cond_column)) if info.cond_column is not None else None

@@ -110,6 +110,14 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
+def clock(device: torch.device) -> float:
+    """`time.perf_counter()` once `device` has finished its queued work: CUDA runs asynchronously, so an
+    unsynchronised timer measures kernel launches, not the step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this worker: CUDA allocations on GPU, the process's max RSS on CPU."""
     if device.type == "cuda":

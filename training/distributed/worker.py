@@ -27,7 +27,7 @@ from training.diffusion.objective import HarivoObjective
 from training.distributed import engine as ds
 from training.distributed.checkpoint import TrainerState, restore, save_checkpoint
 from training.distributed.data import ImageStream, StoreInfo, collate_stage
-from training.distributed.progress import Due, StepLogger, say
+from training.distributed.progress import Due, StepLogger, clock, say
 from training.model.export import export_weights
 from training.model.unet import VideoUNet
 
@@ -127,7 +127,8 @@ def train_fn_per_worker(config: dict) -> None:
             engine.step()  # DeepSpeed only updates at the accumulation boundary
             state.batches_in_epoch += 1
             detached = terms.detached()
-            logger.add(detached, b.latents.shape[0] * world, t_step - t_data, time.perf_counter() - t_step)
+            t_end = clock(device)  # the step's kernels done: compute time, not launch time
+            logger.add(detached, b.latents.shape[0] * world, t_step - t_data, t_end - t_step)
             guard.add(detached)
             t_data = time.perf_counter()
             if state.batches_in_epoch % micro:

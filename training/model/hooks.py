@@ -8,6 +8,8 @@ the folded frames are images: the temporal layers and the observers see the clip
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -17,11 +19,25 @@ from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
+class AttentionQK:
+    """What softmax(q k^T * scale) of one self-attention layer needs, for the clip's frames."""
+
+    query: torch.Tensor
+    """(B, F, heads, HW, d)"""
+    key: torch.Tensor
+    """(B, F, heads, HW, d)"""
+    scale: float
+    upcast_softmax: bool
+
+
+@dataclass
 class Captured:
     """What one captured forward recorded (HARIVO's TRS and DC losses read it)."""
 
     attention_maps: list[torch.Tensor] = field(default_factory=list)
     """Decoder self-attention probabilities in forward order, each (B, F, heads, HW, HW)."""
+    attention_qk: list[AttentionQK] = field(default_factory=list)
+    """The same layers' queries and keys, from which L_TRS builds the maps a chunk at a time."""
     hspace: torch.Tensor | None = None
     """h-space, the UNet mid-block output, (B, F, ch, h, w)."""
 
@@ -36,11 +52,62 @@ class RunState:
         )
         self.temporal = False
         self.checkpointing = False
+        self.in_checkpoint = False  # inside a block `checkpoint_replaying` recomputes: no nested checkpoint
         self.store: Captured | None = None
         self.capture_maps = False
         self.capture_hspace = False
+        self.capture_qk = False
         self.cond: torch.Tensor | None = None  # (B F, C_cond, H, W): cascade conditioning for conv_in
         self.level_emb: torch.Tensor | None = None  # (B F, D_temb): conditioning augmentation level
+
+    FIELDS = (
+        "num_frames", "video_frames", "temporal", "checkpointing", "store", "capture_maps", "capture_hspace",
+        "capture_qk", "cond", "level_emb",
+    )  # fmt: skip
+
+    def snapshot(self) -> dict:
+        """The fields as they are now, inside a forward (a block's recompute replays them)."""
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+    @contextlib.contextmanager
+    def replay(self, snapshot: dict) -> Iterator[None]:
+        """Run with `snapshot`'s fields (what a checkpointed block saw in its forward), then back to idle. What
+        the hooks capture meanwhile goes to a throwaway store: the forward already recorded it."""
+        for k, v in snapshot.items():
+            setattr(self, k, v)
+        if self.store is not None:
+            self.store = Captured()
+        try:
+            yield
+        finally:
+            idle = RunState()
+            for k in self.FIELDS:
+                if k != "checkpointing":  # a setting, not per-forward state
+                    setattr(self, k, getattr(idle, k))
+
+
+def checkpoint_replaying(state: RunState):
+    """diffusers' `gradient_checkpointing_func` for the frozen UNet's blocks: `torch.utils.checkpoint` that
+    replays the hooks' per-forward state when the backward recomputes a block (by then the forward has
+    finished and the state is idle: without the replay the temporal layers and captures would not run, and
+    the recompute would not match the forward)."""
+
+    def checkpoint_block(module: nn.Module, *args):
+        live = state.snapshot()
+
+        def run(*inputs):
+            outer, state.in_checkpoint = state.in_checkpoint, True
+            try:
+                if state.num_frames is not None:  # the forward itself (or a recompute inside another forward)
+                    return module(*inputs)
+                with state.replay(live):
+                    return module(*inputs)
+            finally:
+                state.in_checkpoint = outer
+
+        return checkpoint(run, *args, use_reentrant=False)
+
+    return checkpoint_block
 
 
 class ConditionHook:
@@ -85,7 +152,7 @@ class TemporalHook:
             raise TypeError(f"temporal hook on {type(module).__name__} got a {type(output).__name__} output")
         hidden_states = output[0] if isinstance(output, tuple) else output  # (B (F + N), C, H, W)
         clip, images = split_images(hidden_states, s.num_frames, s.video_frames)  # (B F, ...), (B, N, ...)
-        if s.checkpointing and torch.is_grad_enabled():
+        if s.checkpointing and not s.in_checkpoint and torch.is_grad_enabled():
             clip = checkpoint(self.motion_module, clip, num_frames=s.video_frames, use_reentrant=False)
         else:
             clip = self.motion_module(clip, num_frames=s.video_frames)
@@ -114,10 +181,12 @@ def join_images(clip: torch.Tensor, images: torch.Tensor | None, video_frames: i
 
 
 class AttentionMapHook:
-    """Observer on a decoder self-attention (`attn1`): recomputes softmax(q k^T * scale) from its input.
+    """Observer on a decoder self-attention (`attn1`): recomputes softmax(q k^T * scale) from its input
+    (`capture(attention_maps=True)`), or keeps only its queries and keys (`capture(attention_qk=True)`,
+    what training uses: L_TRS then builds the maps a chunk at a time, never all of them at once).
 
     The attention's own output is untouched (the hook returns None), so capturing cannot change the
-    model's outputs; the cost is one extra q/k projection and score matrix per captured layer.
+    model's outputs; the cost is one extra q/k projection (and score matrix) per captured layer.
     """
 
     def __init__(self, state: RunState):
@@ -125,18 +194,22 @@ class AttentionMapHook:
 
     def __call__(self, attn: nn.Module, args: tuple, kwargs: dict, output) -> None:
         s = self.state
-        if s.store is None or s.num_frames is None or not s.capture_maps:
+        if s.store is None or s.num_frames is None or not (s.capture_maps or s.capture_qk):
             return None
         hidden_states = args[0] if args else kwargs["hidden_states"]  # (B F, HW, C), after norm1
         query = attn.head_to_batch_dim(attn.to_q(hidden_states), out_dim=4)  # (B F, heads, HW, d)
         key = attn.head_to_batch_dim(attn.to_k(hidden_states), out_dim=4)  # (B F, heads, HW, d)
         if attn.upcast_attention:
             query, key = query.float(), key.float()
-        scores = (query @ key.transpose(-1, -2)) * attn.scale  # (B F, heads, HW, HW)
-        probs = scores.float().softmax(dim=-1) if attn.upcast_softmax else scores.softmax(dim=-1)
-        bf, heads, n, _ = probs.shape
-        probs = probs.reshape(bf // s.num_frames, s.num_frames, heads, n, n)  # (B, F + N, heads, HW, HW)
-        s.store.attention_maps.append(probs[:, : s.video_frames])  # the clip's frames only
+        bf, heads, n, d = query.shape
+        if s.capture_qk:
+            clip = lambda x: x.reshape(bf // s.num_frames, s.num_frames, heads, n, d)[:, : s.video_frames]  # noqa: E731
+            s.store.attention_qk.append(AttentionQK(clip(query), clip(key), attn.scale, attn.upcast_softmax))
+        if s.capture_maps:
+            scores = (query @ key.transpose(-1, -2)) * attn.scale  # (B F, heads, HW, HW)
+            probs = scores.float().softmax(dim=-1) if attn.upcast_softmax else scores.softmax(dim=-1)
+            probs = probs.reshape(bf // s.num_frames, s.num_frames, heads, n, n)  # (B, F + N, heads, HW, HW)
+            s.store.attention_maps.append(probs[:, : s.video_frames])  # the clip's frames only
         return None
 
 

@@ -40,6 +40,7 @@ from training.model.hooks import (
     LevelHook,
     RunState,
     TemporalHook,
+    checkpoint_replaying,
 )
 
 log = logging.getLogger(__name__)
@@ -168,8 +169,8 @@ class VideoUNet(nn.Module):
             else None
         )
         self._state = RunState()
-        self._state.checkpointing = cfg.gradient_checkpointing
         self._attach_hooks()
+        self.enable_gradient_checkpointing(cfg.gradient_checkpointing, cfg.checkpoint_unet)
 
     @classmethod
     def from_pretrained(
@@ -228,18 +229,23 @@ class VideoUNet(nn.Module):
         return [(n, m) for n, m in self.unet.up_blocks.named_modules() if n.endswith("attn1")]
 
     @contextlib.contextmanager
-    def capture(self, attention_maps: bool = True, hspace: bool = True) -> Iterator[Captured]:
-        """Record decoder self-attention maps and/or h-space of the forwards run inside the block.
+    def capture(
+        self, attention_maps: bool = True, hspace: bool = True, attention_qk: bool = False
+    ) -> Iterator[Captured]:
+        """Record decoder self-attention maps (or only their queries and keys, `attention_qk`) and/or
+        h-space of the forwards run inside the block.
 
         Observers only: the model's outputs are the same with and without capture.
         """
         store = Captured()
         state = self._state
         state.store, state.capture_maps, state.capture_hspace = store, attention_maps, hspace
+        state.capture_qk = attention_qk
         try:
             yield store
         finally:
             state.store, state.capture_maps, state.capture_hspace = None, False, False
+            state.capture_qk = False
 
     def forward(
         self,
@@ -357,9 +363,17 @@ class VideoUNet(nn.Module):
             if name != "unet":
                 module.requires_grad_(False)
 
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute the temporal layers in the backward pass instead of storing their activations."""
-        self._state.checkpointing = enabled
+    def enable_gradient_checkpointing(self, enabled: bool = True, whole_unet: bool = False) -> None:
+        """Recompute the temporal layers (`whole_unet`: every block of the UNet, the temporal layers inside
+        them) in the backward pass instead of storing their activations."""
+        if whole_unet:  # the hooks' state is replayed when a block is recomputed
+            self.unet.enable_gradient_checkpointing(checkpoint_replaying(self._state))
+        elif self.unet.is_gradient_checkpointing:
+            self.unet.disable_gradient_checkpointing()
+        # Whole UNet: diffusers checkpoints the resnets and transformer blocks, not every layer a motion
+        # module follows (a cross-attention block's Transformer2DModel): those motion modules checkpoint
+        # themselves; inside a checkpointed layer they do not (`RunState.in_checkpoint`).
+        self._state.checkpointing = enabled or whole_unet
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)

@@ -172,3 +172,68 @@ def test_noise_offset_adds_one_constant_per_sample_and_channel(make_video_model,
     diff = offset - plain  # (B, C, F, H, W)
     assert torch.allclose(diff, diff[:, :, :1, :1, :1].expand_as(diff), atol=1e-6)
     assert diff.abs().amin() > 0 and diff[:, :, 0, 0, 0].std() > 0.1
+
+
+def test_trs_from_chunked_queries_and_keys_equals_the_whole_maps_through_the_model(
+    make_video_model, perturb_temporal
+):
+    # The objective builds L_TRS from captured q/k a chunk at a time; through the tiny model its value and
+    # its gradient on every trainable weight match L_TRS of the whole captured maps.
+    from training.diffusion.losses import attention_frame_distances, frame_distances, trs_loss
+
+    model, cfg = make_video_model()
+    perturb_temporal(model)
+    latents, text = batch(2, 4)
+    with model.capture(attention_maps=True, hspace=False, attention_qk=True) as captured:
+        model(latents, torch.tensor([200, 700]), text)
+    assert len(captured.attention_qk) == len(captured.attention_maps) > 0
+    whole = trs_loss([frame_distances(m) for m in captured.attention_maps])
+    chunked = trs_loss(
+        [
+            attention_frame_distances(a.query, a.key, a.scale, a.upcast_softmax, 1, 2)
+            for a in captured.attention_qk
+        ]
+    )
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-7)
+    params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(TRAINABLE)]
+    g_whole = torch.autograd.grad(whole, params, retain_graph=True, allow_unused=True)
+    g_chunked = torch.autograd.grad(chunked, params, allow_unused=True)
+    reached = 0
+    for a, b in zip(g_chunked, g_whole):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+            reached += int(b.abs().sum() > 0)
+    assert reached > 0
+
+
+def test_reg_recompute_keeps_the_loss_and_gradients_without_the_image_paths_activations(
+    make_video_model, perturb_temporal
+):
+    results = []
+    for recompute in (False, True):
+        model, cfg = make_video_model(
+            **{"loss.reg_recompute": recompute, "loss.lambda_trs": 0.0, "loss.lambda_dc": 0.0}
+        )
+        perturb_temporal(model)
+        objective = HarivoObjective.for_model(cfg, model)
+        saved = []
+
+        def pack(t, saved=saved):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            terms = objective(model, *batch(2, 4), generator=torch.Generator().manual_seed(3))
+        assert terms.reg > 0
+        terms.total.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((terms.detached(), grads, sum(saved)))
+    (t0, g0, bytes0), (t1, g1, bytes1) = results
+    for k in t0:
+        torch.testing.assert_close(t1[k], t0[k])
+    assert g0.keys() == g1.keys() and any(n.startswith("mapping_network.") for n in g0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-7)
+    # The video path's activations are kept either way; the image path's only without recompute.
+    assert bytes1 < 0.7 * bytes0, (bytes1, bytes0)

@@ -175,6 +175,47 @@ def test_gradient_checkpointing_gives_the_same_gradients(make_video_model, pertu
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # HARIVO: temporal layers, mapping network, frame tokens; L_TRS / L_reg / L_DC capture
+        {"model.trainable_spatial": ["*attentions*"], "data.images_per_clip": 2, "data.image_path": "images"},
+    ],
+)
+def test_whole_unet_checkpointing_gives_the_same_loss_and_gradients(
+    make_video_model, perturb_temporal, overrides
+):
+    # diffusers' block checkpointing of the frozen UNet recomputes blocks after the forward: the hooks'
+    # state is replayed then, so the temporal layers and captures run as in the forward.
+    from training.diffusion.objective import HarivoObjective
+
+    results = []
+    for whole in (False, True):
+        model, cfg = make_video_model(**{"model.checkpoint_unet": whole, **overrides})
+        perturb_temporal(model)
+        assert model.unet.is_gradient_checkpointing == whole
+        g = torch.Generator().manual_seed(0)
+        latents, text = torch.randn(2, 4, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+        extra = {}
+        if overrides:
+            extra = dict(
+                images=torch.randn(2, 4, 2, 8, 8, generator=g), image_text=text[:, None].expand(2, 2, 77, 32)
+            )
+        terms = HarivoObjective.for_model(cfg, model)(
+            model, latents, text, torch.Generator().manual_seed(1), **extra
+        )
+        terms.total.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((terms.detached(), grads, model._state.snapshot()))
+    (terms0, grads0, _), (terms1, grads1, idle) = results
+    for k in terms0:
+        torch.testing.assert_close(terms1[k], terms0[k], rtol=1e-5, atol=1e-7)
+    assert grads0.keys() == grads1.keys() and len(grads0) > 10
+    for n in grads0:
+        torch.testing.assert_close(grads1[n], grads0[n], rtol=1e-4, atol=1e-6)
+    assert idle["num_frames"] is None and idle["store"] is None  # the replays left the state idle
+
+
 @torch.no_grad()
 def test_deepcopy_gives_an_independent_model(make_video_model, perturb_temporal):
     """EMA copies: the copy's hooks must run the copy's temporal layers, not the original's."""

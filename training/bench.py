@@ -2,6 +2,7 @@
 
     python -m training.bench [--steps 20] [--unet tiny|small|sd15] [--zero-steps 6] [--skip-zero]
     python -m training.bench --device cuda|cpu [...]     one step part by part, MFU (training/bench_step.py)
+    python -m training.bench --sampling                  sampling seconds per video by sampler.batch_size
 
 Part 1, one process, the same model, objective and batch size, three ways to feed it:
   in-memory  latents already in tensors (the floor: pure compute)
@@ -56,8 +57,16 @@ def build_base(zoo_sd: Path, size: str, out: Path) -> Path:
     shutil.copytree(zoo_sd, out, dirs_exist_ok=True)
     torch.manual_seed(0)
     cross = UNet2DConditionModel.load_config(zoo_sd, subfolder="unet")["cross_attention_dim"]
+    if size == "shapes":  # the shapes world's base UNet layout
+        from shapes.base import UNET_CONFIG
+
+        layout = {
+            k: v for k, v in UNET_CONFIG.items() if k not in ("sample_size", "in_channels", "out_channels")
+        }
+    else:
+        layout = UNET_SIZES[size]
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=cross, **UNET_SIZES[size]
+        sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=cross, **layout
     )
     shutil.rmtree(out / "unet")
     unet.save_pretrained(out / "unet")
@@ -229,6 +238,38 @@ def zero_benchmark(cfg, steps: int) -> list[tuple[int, float, float]]:
     return rows
 
 
+def sampling_benchmark(work: Path, videos: int, batch_sizes: list[int], reps: int) -> dict[int, float]:
+    """{batch size: seconds per video} sampling `videos` videos with `training/configs/sample_shapes.yaml`
+    (DDIM 25, CFG, MG, 8 frames of 64 px) on a random-init video model of the shapes world's UNet layout;
+    the batch sizes take turns, `reps` rounds."""
+    from fixtures.checkpoints import tiny_checkpoint
+    from fixtures.zoo import ensure_tiny_zoo
+    from pipeline.configlib import load_config
+    from training.sampling.config import SampleConfig
+    from training.sampling.loading import load_pipeline
+
+    zoo = ensure_tiny_zoo(work / "zoo")
+    base = build_base(zoo.sd, "shapes", work / "base-shapes")
+    run = tiny_checkpoint(base, work / "sample-run", **{"model.num_frames": 8, "model.latent_size": 8})
+    preset = Path(__file__).resolve().parent / "configs" / "sample_shapes.yaml"
+    pipes = {
+        b: load_pipeline(
+            run, load_config(SampleConfig, preset, {"sampler.batch_size": b, "output.device": "cpu"})
+        )
+        for b in batch_sizes
+    }
+    prompts = [f"a red circle moves {d}" for d in ("left", "right", "up", "down")] * (videos // 4 + 1)
+    seconds = dict.fromkeys(batch_sizes, 0.0)
+    for b, pipe in pipes.items():  # warm-up
+        pipe.sample_batch(prompts[:b], list(range(b)))
+    for _ in range(reps):
+        for b, pipe in pipes.items():
+            t0 = time.perf_counter()
+            pipe.sample_batch(prompts[:videos], list(range(videos)))
+            seconds[b] += (time.perf_counter() - t0) / (videos * reps)
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if any(a == "--device" or a.startswith("--device=") for a in argv):  # the step / GPU check
@@ -241,7 +282,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--zero-steps", type=int, default=6)
     p.add_argument("--skip-zero", action="store_true")
     p.add_argument("--work", help="keep generated data here (default: a temp dir)")
+    p.add_argument("--sampling", action="store_true", help="only: sampling seconds per video by batch size")
     a = p.parse_args(argv)
+    if a.sampling:
+        work = Path(a.work or tempfile.mkdtemp(prefix="t2v-bench-"))
+        sizes = [1, 4, 8]
+        per_video = sampling_benchmark(work, 8, sizes, 2)
+        print(
+            f"\nSampling (sample_shapes.yaml, shapes-world UNet layout, random init, CPU, {torch.get_num_threads()} threads)"
+        )
+        print(f"{'sampler.batch_size':20s}{'s/video':>10s}{'speed-up':>10s}")
+        for b in sizes:
+            print(f"{b:<20d}{per_video[b]:10.3f}{per_video[1] / per_video[b]:9.2f}x")
+        return
 
     import ray
 

@@ -173,4 +173,6 @@ def generate_cascade(
         }
         return frames, result.latents, fields
 
-    return write_videos(sample_one, pipe.cfg, prompts, output, keep)
+    return write_videos(
+        lambda jobs: [sample_one(p, seed) for p, seed in jobs], pipe.cfg, prompts, output, keep
+    )

@@ -31,12 +31,16 @@ class SamplerConfig:
         "s_tmin": at_least(0),
         "s_tmax": Range(0, infinite=True),
         "s_noise": at_least(0),
+        "batch_size": at_least(1),
     }
 
     kind: Literal["ddim", "ddpm", "euler", "heun"] = "ddim"
     """'ddim' (HARIVO), 'ddpm' (JVID), 'euler'/'heun' (EDM ODE/SDE; for diffusion.objective=edm or any eps model)."""
     steps: int = 25
     """Reverse steps (HARIVO: DDIM 25; JVID: DDPM 50)."""
+    batch_size: int = 1
+    """Videos denoised together per model call (`training.sample`, `training.evaluate`); each keeps its own
+    seed's noise, so a video is the same in any batch up to float rounding. A cascade samples one at a time."""
     eta: float = 0.0
     """DDIM stochasticity (0: deterministic DDIM as in seed 000 eq. 4)."""
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"

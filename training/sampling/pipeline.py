@@ -113,10 +113,10 @@ class VideoPipeline:
         self, fn, x: torch.Tensor, level: torch.Tensor, text: torch.Tensor, scale: float
     ) -> torch.Tensor:
         """CFG: pred(uncond) + w (pred(cond) - pred(uncond)), both halves in one batch; w = 1 skips uncond."""
-        x_in = x.to(self.dtype)
+        x_in, n = x.to(self.dtype), x.shape[0]  # text: (2N, 77, D), the N negatives then the N prompts
         if scale == 1.0:
-            return fn(x_in, level, text[1:]).float()
-        pred = fn(torch.cat([x_in, x_in]), level, text).float()  # (2, C, F, h, w)
+            return fn(x_in, level, text[n:]).float()
+        pred = fn(torch.cat([x_in, x_in]), level, text).float()  # (2N, C, F, h, w)
         uncond, cond = pred.chunk(2)
         return uncond + scale * (cond - uncond)
 
@@ -191,18 +191,54 @@ class VideoPipeline:
             raise ValueError("a conditioned cascade stage samples with sampler.kind=euler/heun and no JVID")
         self._condition = condition
         try:
-            return self._sample(prompt, seed, condition)
+            return self._sample([prompt], [seed], condition)[0]
         finally:
             self._condition = None
 
-    def _sample(self, prompt: str, seed: int, condition: StageCondition | None) -> SampleResult:
+    @torch.no_grad()
+    def sample_batch(self, prompts: list[str], seeds: list[int]) -> list[SampleResult]:
+        """`sample(prompt, seed)` for each pair, `sampler.batch_size` videos per model call: each video's noise
+        comes from its own seed's generator in the same order, so a video does not depend on its batch
+        (equal up to float rounding of batched kernels). Videos whose JVID model choices differ (per-seed
+        schedules) go in separate batches."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
+        groups: dict[tuple, list[int]] = {}
+        for k, seed in enumerate(seeds):
+            groups.setdefault(tuple(self.video_steps(seed, self._progress_of_schedule())), []).append(k)
+        results: list[SampleResult | None] = [None] * len(prompts)
+        size = self.cfg.sampler.batch_size
+        for members in groups.values():
+            for i in range(0, len(members), size):
+                chunk = members[i : i + size]
+                for k, r in zip(
+                    chunk, self._sample([prompts[k] for k in chunk], [seeds[k] for k in chunk], None)
+                ):
+                    results[k] = r
+        return results
+
+    def _progress_of_schedule(self) -> list[float]:
+        s = self.cfg.sampler
+        if s.kind in ("ddim", "ddpm"):
+            make = ddim_scheduler if s.kind == "ddim" else ddpm_scheduler
+            return self.progress(
+                discrete_schedule(
+                    make(self.train_cfg.diffusion, s.timestep_spacing, s.steps_offset), s.steps
+                ).timesteps
+            )
+        return self.progress(self._sigmas()[:-1])
+
+    def _sample(
+        self, prompts: list[str], seeds: list[int], condition: StageCondition | None
+    ) -> list[SampleResult]:
         cfg, s = self.cfg, self.cfg.sampler
-        text = self.encode_prompt([cfg.guidance.negative_prompt, prompt])  # (2, 77, D): [uncond, cond]
+        n = len(prompts)
+        text = self.encode_prompt([cfg.guidance.negative_prompt] * n + prompts)  # (2N, 77, D): [uncond, cond]
         shape = (1, self.video.unet.config.in_channels, self.num_frames, self.height // 8, self.width // 8)
-        generator = torch.Generator().manual_seed(seed)
-        x = video_noise(shape, self.noise_prior, self.noise_alpha, generator).to(
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        x = torch.cat([video_noise(shape, self.noise_prior, self.noise_alpha, g) for g in generators]).to(
             self.device
-        )  # (1, C, F, h, w)
+        )  # (N, C, F, h, w)
         discrete = s.kind in ("ddim", "ddpm")
         if discrete:
             if self.train_cfg.diffusion.objective != "ddpm":
@@ -216,8 +252,16 @@ class VideoPipeline:
         else:
             sigmas = self._sigmas()
         progress = self.progress(schedule.timesteps if discrete else sigmas[:-1])
-        steps = self.video_steps(seed, progress)
-        step_noise = self._step_noise(shape, generator, steps)
+        steps = self.video_steps(seeds[0], progress)
+        if any(self.video_steps(seed, progress) != steps for seed in seeds[1:]):
+            raise ValueError(
+                "a batch's videos must share their JVID model choices (sample_batch groups them)"
+            )
+        per_video = [self._step_noise(shape, g, steps) for g in generators]
+
+        def step_noise(i: int) -> torch.Tensor:
+            return torch.cat([noise(i) for noise in per_video])  # each video's draw from its own generator
+
         g = cfg.guidance
 
         def scale(i: int) -> float:
@@ -264,7 +308,8 @@ class VideoPipeline:
             levels = sigmas[:-1].tolist()
         if cfg.jvid.enabled and cfg.jvid.smooth_threshold > 0:
             x = smooth_latents(x, cfg.jvid.smooth_threshold)  # JVID 3.6, on the final latent video
-        return SampleResult(x.float().cpu(), steps, levels)
+        x = x.float().cpu()
+        return [SampleResult(x[k : k + 1], steps, levels) for k in range(n)]
 
     def _sigmas(self) -> torch.Tensor:
         s, tc = self.cfg.sampler, self.train_cfg

@@ -37,26 +37,38 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+Job = tuple[str, int]
+"""(prompt, seed) of one video."""
+Sampled = tuple[torch.Tensor, "torch.Tensor | dict[str, torch.Tensor]", dict]
+"""(frames (F, 3, H, W), latents (one tensor, or one per cascade stage), record fields) of one video."""
+
+
 def write_videos(
-    sample_one: Callable[[str, int], tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor], dict]],
+    sample_many: Callable[[list[Job]], list[Sampled]],
     cfg: SampleConfig,
     prompts: list[str],
     output: str | Path,
     keep: bool = False,
 ) -> list[dict]:
-    """Every prompt x videos_per_prompt through `sample_one(prompt, seed)` -> (frames (F, 3, H, W), latents
-    (one tensor, or one per cascade stage), record fields); writes mp4 / gif / latents and a JSON record per
-    video, then `samples.json`. Returns the records (with the tensors if `keep`)."""
+    """Every prompt x videos_per_prompt through `sample_many(jobs)`, `sampler.batch_size` jobs at a time;
+    writes mp4 / gif / latents and a JSON record per video (its `seconds`: its batch's share), then
+    `samples.json`. Returns the records (with the tensors if `keep`)."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     o = cfg.output
+    jobs = [
+        (i, k, prompt, o.seed + i * o.videos_per_prompt + k)
+        for i, prompt in enumerate(prompts)
+        for k in range(o.videos_per_prompt)
+    ]
     records = []
-    for i, prompt in enumerate(prompts):
-        for k in range(o.videos_per_prompt):
-            seed = o.seed + i * o.videos_per_prompt + k
+    for b in range(0, len(jobs), cfg.sampler.batch_size):
+        batch = jobs[b : b + cfg.sampler.batch_size]
+        t0 = time.perf_counter()
+        sampled = sample_many([(prompt, seed) for _, _, prompt, seed in batch])
+        seconds = (time.perf_counter() - t0) / len(batch)
+        for (i, k, prompt, seed), (frames, latents, fields) in zip(batch, sampled):
             name = f"{i:03d}-{k}_{_slug(prompt)}"
-            t0 = time.perf_counter()
-            frames, latents, fields = sample_one(prompt, seed)
             files = {}
             if o.mp4:
                 files["mp4"] = write_mp4(frames, out / f"{name}.mp4", o.fps).name
@@ -69,7 +81,7 @@ def write_videos(
                 )
                 files["latents"] = f"{name}.latents.safetensors"
             record = {"prompt": prompt, "seed": seed, "name": name, "files": files, "config": to_dict(cfg)}
-            record.update(fields, seconds=round(time.perf_counter() - t0, 3))
+            record.update(fields, seconds=round(seconds, 3))
             (out / f"{name}.json").write_text(to_json(record, indent=2))
             if keep:
                 record = {**record, "latents": latents, "frames": frames}
@@ -84,8 +96,11 @@ def generate(pipe: VideoPipeline, prompts: list[str], output: str | Path, keep: 
     """Sample, decode and write every prompt x videos_per_prompt; returns the records (with tensors if `keep`)."""
     import diffusers
 
-    def sample_one(prompt: str, seed: int):
-        result = pipe.sample(prompt, seed)
+    def sample_many(jobs: list[Job]) -> list[Sampled]:
+        results = pipe.sample_batch([p for p, _ in jobs], [s for _, s in jobs])
+        return [record(result) for result in results]
+
+    def record(result) -> Sampled:
         resolved = {
             "num_frames": pipe.num_frames,
             "height": pipe.height,
@@ -103,4 +118,4 @@ def generate(pipe: VideoPipeline, prompts: list[str], output: str | Path, keep: 
         fields = {"checkpoint": pipe.checkpoint, "resolved": resolved, "versions": versions}
         return pipe.decode(result.latents), result.latents, fields
 
-    return write_videos(sample_one, pipe.cfg, prompts, output, keep)
+    return write_videos(sample_many, pipe.cfg, prompts, output, keep)

@@ -127,6 +127,39 @@ def test_edm_samplers_run_on_a_ddpm_checkpoint(pipe):
         assert out.shape == (1, 4, 4, 8, 8) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"jvid.enabled": False, "guidance.mg_alpha": 40.0, "noise.prior": "mixed", "noise.alpha": 1.0},
+        {"jvid.enabled": False, "sampler.kind": "euler", "sampler.s_churn": 1.0},  # stochastic EDM steps
+        {"jvid.enabled": True},  # per-seed model choices: grouped, entropy-reduced noise per video
+        {"jvid.enabled": False, "sampler.kind": "ddpm", "guidance.cfg_early": 1.0, "guidance.cfg_late": 1.0},
+    ],
+)
+def test_a_batch_of_videos_is_each_video_on_its_own(pipe, overrides):
+    # 5 videos, batches of 2: each video's noise is its own seed's, so batching changes nothing but
+    # float rounding; the order of the results is the order asked for.
+    one = with_cfg(pipe, **overrides)
+    batched = with_cfg(pipe, **overrides, **{"sampler.batch_size": 2})
+    prompts = [
+        "a red circle moves left",
+        "a blue square",
+        "a green triangle grows",
+        "",
+        "a red circle moves left",
+    ]
+    seeds = [3, 1, 4, 1, 5]
+    together = batched.sample_batch(prompts, seeds)
+    assert len(together) == 5
+    for prompt, seed, got in zip(prompts, seeds, together):
+        alone = one.sample(prompt, seed)
+        assert got.video_steps == alone.video_steps and got.latents.shape == alone.latents.shape
+        torch.testing.assert_close(got.latents, alone.latents, rtol=1e-4, atol=1e-4)
+    # Not the same video: different seeds differ, and so do different prompts at one seed.
+    assert not torch.allclose(together[1].latents, together[2].latents)
+    assert not torch.allclose(together[1].latents, together[3].latents)
+
+
 def test_merge_lora_matches_the_formula(tiny_zoo, tmp_path):
     unet = UNet2DConditionModel.from_pretrained(tiny_zoo.sd, subfolder="unet")
     name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"

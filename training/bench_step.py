@@ -263,8 +263,9 @@ def _child(args: argparse.Namespace, mode: str, unet: str) -> dict:
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
     if p.returncode or not lines:
-        tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"unet": unet, "mode": mode, "error": tail[0][:160]}
+        errors = [x for x in (p.stderr or p.stdout).strip().splitlines() if "Error" in x or "error" in x]
+        why = f"killed by signal {-p.returncode} (out of memory?)" if p.returncode < 0 else f"exit {p.returncode}"
+        return {"unet": unet, "mode": mode, "error": f"{why}: {(errors[-1:] or ['no error line'])[0][:120]}"}
     return json.loads(lines[-1])
 
 

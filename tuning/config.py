@@ -25,8 +25,22 @@ from pipeline.configlib import RangeTable, above, at_least
 
 TRAIN_METRICS = ("val_loss", "loss", "loss_simple", "loss_reg", "loss_trs", "loss_dc")
 """Metrics a training trial reports with its validation loss (training/distributed/worker.py)."""
-SAMPLING_METRICS = ("clipsim", "frame_consistency", "latent_flicker", "fvd")
-"""Metrics a sampling trial reports (`training.evaluate.evaluate`)."""
+SAMPLING_METRICS = (
+    "clipsim",
+    "frame_consistency",
+    "latent_flicker",
+    "fvd",
+    "motion_accuracy",
+    "attribute_accuracy",
+    "shape_accuracy",
+    "colour_accuracy",
+    "background_accuracy",
+    "domain_fvd",
+    "domain_fid",
+)
+"""Metrics of generated videos (`training.evaluate.evaluate`): what a sampling trial reports, and a
+training trial too when it ends with `evaluation` (the domain ones need `eval.domain_evaluator`)."""
+DOMAIN_METRICS = SAMPLING_METRICS[4:]
 
 
 @dataclass
@@ -96,6 +110,25 @@ class SamplingTrialConfig:
 
 
 @dataclass
+class TrialEvaluationConfig:
+    """Training sweeps: every trial ends by sampling its final weights on one fixed prompt set with fixed
+    seeds and scoring the videos (`training.evaluate`), so trials can be ranked by what they generate."""
+
+    RANGES: RangeTable = {"cpus": above(0), "gpus": at_least(0)}
+
+    prompts: str | None = None
+    """Prompt file (one per line); None: no evaluation (the metric must then be a training one)."""
+    config: str | None = None
+    """Sampling preset of the evaluation (e.g. training/configs/sample_shapes.yaml; None: the defaults)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted overrides of that preset (eval.domain_evaluator, eval.reference, output.videos_per_prompt, ...)."""
+    cpus: float = 1.0
+    """CPUs of the evaluation task (it runs once the trial's Ray Train workers have finished)."""
+    gpus: float = 0.0
+    """GPUs of the evaluation task."""
+
+
+@dataclass
 class OutputConfig:
     """Where the sweep lives and what it writes besides Tune's own files."""
 
@@ -122,7 +155,8 @@ class SweepConfig:
     RANGES: RangeTable = {"max_failures": at_least(0), "time_budget_s": above(0)}
 
     kind: Literal["train", "sampling"] = "train"
-    """'train': each trial is a Ray Train run, scored on validation loss; 'sampling': each trial generates
+    """'train': each trial is a Ray Train run, scored on validation loss or (with `evaluation`) on the videos
+    its final weights generate; 'sampling': each trial generates
     the fixed prompt set from `sampling.checkpoint` and is scored by `training.evaluate`."""
     base: str | None = None
     """Preset of the trial config (e.g. training/configs/demo.yaml); None: the trial config's defaults."""
@@ -150,13 +184,27 @@ class SweepConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     sampling: SamplingTrialConfig = field(default_factory=SamplingTrialConfig)
+    evaluation: TrialEvaluationConfig = field(default_factory=TrialEvaluationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> None:
         """Checks that need no trial config; raises ValueError naming the field and its value."""
-        known = TRAIN_METRICS if self.kind == "train" else SAMPLING_METRICS
+        evaluated = self.kind == "train" and self.evaluation.prompts is not None
+        known = (
+            SAMPLING_METRICS
+            if self.kind == "sampling"
+            else TRAIN_METRICS + (SAMPLING_METRICS if evaluated else ())
+        )
         if self.metric not in known:
-            raise ValueError(f"metric={self.metric!r} is not reported by {self.kind} trials: one of {known}")
+            hint = " (metrics of generated videos need evaluation.prompts)" if self.kind == "train" else ""
+            raise ValueError(
+                f"metric={self.metric!r} is not reported by {self.kind} trials: one of {known}{hint}"
+            )
+        if self.kind == "train" and self.metric in SAMPLING_METRICS and self.scheduler.kind == "asha":
+            raise ValueError(
+                f"metric={self.metric} comes once, from the final evaluation: ASHA would never stop a trial; "
+                "use scheduler.kind=fifo"
+            )
         if not self.space:
             raise ValueError("space is empty: give at least one dotted key to search")
         if self.kind == "sampling" and self.scheduler.kind == "asha":

@@ -8,6 +8,8 @@ the driver into a plain nested dict) with the sampled values set at their dotted
   driver of the Train run and reserves ~0 CPU; its workers reserve theirs). The workers' reports reach
   Tune through `TuneReportCallback`, filtered to those carrying the metric (validation loss is only
   computed every run.val_every steps), so ASHA sees one result per validation, indexed by `step`.
+  With `evaluation` (metrics of generated videos), the trial then samples its final weights on the fixed
+  prompt set and seeds in a Ray task and reports those scores once, with the last val_loss beside them.
 - `sampling_trial`: `training.evaluate.evaluate` of the fixed checkpoint on the fixed prompt set with
   fixed seeds; reports the evaluation metrics once.
 """
@@ -72,11 +74,15 @@ def _report_callback(metric: str):
     return MetricReportCallback()
 
 
-def train_trial(config: dict, *, base_tree: dict, metric: str, train_storage: str) -> None:
-    """Tune function trainable: train `base_tree` + `config` with Ray Train to optim.max_steps.
+def train_trial(
+    config: dict, *, base_tree: dict, metric: str, train_storage: str, evaluation: dict | None = None
+) -> None:
+    """Tune function trainable: train `base_tree` + `config` with Ray Train to optim.max_steps; with
+    `evaluation`, then sample the final weights on its fixed prompts and seeds and report the scores.
 
     The Train run is `train_storage/<trial_id>`: stable across `Tuner.restore`, so a resumed trial
-    continues that run from its latest checkpoint instead of starting over."""
+    continues that run from its latest checkpoint instead of starting over. The evaluation's videos and
+    report.json are kept in the run, under `samples/`."""
     import ray.tune
 
     from training.config import TrainConfig
@@ -87,7 +93,51 @@ def train_trial(config: dict, *, base_tree: dict, metric: str, train_storage: st
     cfg = trial_config(
         TrainConfig, base_tree, {**config, "run.storage_path": train_storage, "run.name": trial_id}
     )
-    train(cfg, callbacks=[_report_callback(metric)])
+    result = train(cfg, callbacks=[_report_callback(metric)])
+    if evaluation is None:
+        return
+    final = result.get("metrics") or {}
+    scores = evaluate_run(f"{train_storage}/{trial_id}", evaluation)
+    # One result after the training's: the videos' scores, with the run's last validation loss beside them.
+    carried = {k: final[k] for k in ("val_loss", "loss") if isinstance(final.get(k), (int, float))}
+    ray.tune.report({**carried, **scores, "step": cfg.optim.max_steps})
+
+
+def evaluate_run(run_dir: str, evaluation: dict) -> dict:
+    """Sample and score a finished Train run's export in a Ray task holding `evaluation`'s CPUs / GPUs
+    (on this node when it has them); returns the flat scores. A run on object storage is read locally."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    task = ray.remote(_evaluate_export).options(
+        num_cpus=evaluation["cpus"], num_gpus=evaluation["gpus"], scheduling_strategy=here
+    )
+    return ray.get(task.remote(run_dir, evaluation["tree"], evaluation["prompts"]))
+
+
+def _evaluate_export(run_dir: str, tree: dict, prompts: list[str]) -> dict:
+    import tempfile
+
+    import ray
+    import torch
+
+    from training.evaluate import evaluate
+    from training.sampling.config import SampleConfig
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+    cfg = trial_config(SampleConfig, tree, {})
+    if "://" not in run_dir:
+        report = evaluate(run_dir, prompts, Path(run_dir) / "samples", cfg)
+    else:  # the export is small: copy it here; the videos and report go back next to it
+        import pyarrow.fs as pafs
+
+        with tempfile.TemporaryDirectory() as tmp:
+            pafs.copy_files(f"{run_dir}/export", f"{tmp}/export")
+            report = evaluate(f"{tmp}/export", prompts, Path(tmp) / "samples", cfg)
+            pafs.copy_files(f"{tmp}/samples", f"{run_dir}/samples")
+    return {**report["metrics"], "num_videos": report["num_videos"], "eval_seconds": report["seconds"]}
 
 
 def sampling_trial(config: dict, *, base_tree: dict, checkpoint: str, prompts: list[str]) -> None:

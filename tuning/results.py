@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.configlib import to_json, to_yaml
-from tuning.config import SweepConfig
+from tuning.config import SAMPLING_METRICS, SweepConfig
 from tuning.objectives import trial_config
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,20 @@ def trial_rows(grid, sweep: SweepConfig, params: list[str], max_steps: int | Non
         row.update({p: (result.config or {}).get(p) for p in params})
         row[metric] = _finite(m.get(metric))
         row[f"{metric}_best"] = min(history, key=lambda v: sign * v) if history else None
+        # Every score of the generated videos a trial reported (sampling trials, evaluated training trials).
+        scores = {k: _finite(m[k]) for k in SAMPLING_METRICS if k in m}
         if sweep.kind == "train":
             last = (result.config or {}).get("optim.max_steps", max_steps)
             row["step"] = m.get("step")
             row["stopped_early"] = row["step"] is not None and last is not None and row["step"] < last
+            row["val_loss"] = _finite(m.get("val_loss"))
+            if sweep.evaluation.prompts is not None:
+                row.update(scores, num_videos=m.get("num_videos"), eval_seconds=m.get("eval_seconds"))
         else:
             row.update(
                 {k: _finite(m.get(k)) for k in ("clipsim", "frame_consistency", "latent_flicker", "fvd")}
             )
+            row.update(scores)
             row["seconds"] = m.get("seconds")  # inside evaluate()
         row["time_total_s"] = _finite(m.get("time_total_s"))  # the whole trial, as Tune timed it
         row["error"] = str(result.error).strip().splitlines()[-1][:300] if result.error else None

@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.configlib import ConfigError, config_args, flatten, from_dict, load_config, to_dict, to_yaml
 from pipeline.raysession import init_ray, where_resolved
-from tuning.config import SweepConfig
+from tuning.config import SAMPLING_METRICS, SweepConfig
 from tuning.objectives import absolute_paths, sampling_trial, train_trial
 from tuning.space import SpaceError, check_space, grid_size, to_tune
 
@@ -98,15 +98,49 @@ def prepare(sweep: SweepConfig) -> dict[str, Any]:
         prompts = read_prompts(sweep.sampling.prompts)
         if trial_cfg.eval.max_prompts is not None:
             prompts = prompts[: trial_cfg.eval.max_prompts]
-        e = trial_cfg.eval
-        if sweep.metric in ("clipsim", "frame_consistency") and not e.clipsim_enabled:
-            raise SweepError(
-                f"metric={sweep.metric} needs eval.clip_model with its weights (eval.clip_pretrained, or a "
-                "local-dir: / hf-hub: model) in the trial config (fixed: ...)"
-            )
-        if sweep.metric == "fvd" and not (e.i3d_path and e.reference):
-            raise SweepError("metric=fvd needs eval.i3d_path and eval.reference in the trial config")
-    return {"space": flat, "preset_tree": preset_tree, "trial_tree": trial_tree, "prompts": prompts}
+        check_metric_inputs(sweep.metric, trial_cfg.eval, "the trial config (fixed: ...)")
+    evaluation = None
+    if sweep.kind == "train" and sweep.evaluation.prompts is not None:
+        evaluation = evaluation_plan(sweep)
+    return {
+        "space": flat,
+        "preset_tree": preset_tree,
+        "trial_tree": trial_tree,
+        "prompts": prompts,
+        "evaluation": evaluation,
+    }
+
+
+def check_metric_inputs(metric: str, e, where: str) -> None:
+    """The trial's sampling config has what `metric` is computed from (`e`: its EvalConfig)."""
+    from tuning.config import DOMAIN_METRICS
+
+    if metric in ("clipsim", "frame_consistency") and not e.clipsim_enabled:
+        raise SweepError(
+            f"metric={metric} needs eval.clip_model with its weights (eval.clip_pretrained, or a "
+            f"local-dir: / hf-hub: model) in {where}"
+        )
+    if metric == "fvd" and not (e.i3d_path and e.reference):
+        raise SweepError(f"metric=fvd needs eval.i3d_path and eval.reference in {where}")
+    if metric in DOMAIN_METRICS and not e.domain_evaluator:
+        raise SweepError(f"metric={metric} needs eval.domain_evaluator in {where}")
+    if metric in ("domain_fvd", "domain_fid") and not e.reference:
+        raise SweepError(f"metric={metric} needs eval.reference (real videos) in {where}")
+
+
+def evaluation_plan(sweep: SweepConfig) -> dict[str, Any]:
+    """What every training trial's final evaluation samples and scores: {"tree": SampleConfig dict,
+    "prompts": [...], "cpus", "gpus"}; checked here so a missing evaluator fails before any training."""
+    from training.sampling.config import SampleConfig
+    from training.sampling.write import read_prompts
+
+    ev = sweep.evaluation
+    cfg = load_config(SampleConfig, _abs(ev.config), flatten(ev.overrides))
+    check_metric_inputs(sweep.metric, cfg.eval, "evaluation.overrides")
+    prompts = read_prompts(ev.prompts)
+    if cfg.eval.max_prompts is not None:
+        prompts = prompts[: cfg.eval.max_prompts]
+    return {"tree": absolute_paths(to_dict(cfg)), "prompts": prompts, "cpus": ev.cpus, "gpus": ev.gpus}
 
 
 def trial_resources(sweep: SweepConfig, trial_tree: dict) -> tuple[dict[str, float], dict[str, float]]:
@@ -155,7 +189,8 @@ def _scheduler(sweep: SweepConfig, trial_tree: dict):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     s = sweep.scheduler
-    if s.kind == "fifo" or (s.kind == "auto" and sweep.kind == "sampling"):
+    once = sweep.kind == "sampling" or sweep.metric in SAMPLING_METRICS  # reported once per trial
+    if s.kind == "fifo" or (s.kind == "auto" and once):
         return FIFOScheduler()
     max_t = s.max_t or trial_tree["optim"]["max_steps"]
     return ASHAScheduler(
@@ -194,6 +229,7 @@ def build_trainable(sweep: SweepConfig, plan: dict, own: dict[str, float]):
             base_tree=plan["trial_tree"],
             metric=sweep.metric,
             train_storage=f"{storage_root(sweep)}/train-runs",
+            evaluation=plan["evaluation"],
         )
     else:
         fn = tune.with_parameters(

@@ -161,3 +161,66 @@ def test_killed_sweep_resumes_with_every_trial_accounted_for(zoo_env, tiny_check
     assert {r["status"] for r in rows} == {"TERMINATED"}
     assert sorted(float(r["jvid.gamma"]) for r in rows) == [0.02, 0.1, 1.0]
     assert (out / "best.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    "metric,overrides,words",
+    [
+        ("motion_accuracy", [], "needs eval.domain_evaluator in evaluation.overrides"),
+        ("clipsim", [], "needs eval.clip_model"),
+        ("domain_fvd", ["evaluation.overrides.eval.domain_evaluator=ev"], "needs eval.reference"),
+    ],
+)
+def test_an_evaluated_training_sweep_checks_its_evaluation_before_training(
+    zoo_env, demo_latents, tmp_path, metric, overrides, words
+):
+    from tuning.run import SweepError, prepare
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moves left\n")
+    sweep = load_config(
+        SweepConfig,
+        CONFIGS / "demo_train.yaml",
+        [f"data={demo_latents[0]}", f"output.dir={tmp_path / 'sweep'}", f"metric={metric}", "mode=max"]
+        + ["scheduler.kind=fifo", f"evaluation.prompts={prompts}", *overrides],
+    )
+    with pytest.raises(SweepError, match=words):
+        prepare(sweep)
+
+
+@pytest.mark.slow
+def test_a_training_sweep_ranks_trials_by_their_generated_videos(ray_local, zoo_env, demo_latents, tmp_path):
+    # Each trial trains, then samples its final weights on the fixed prompts and seeds; the objective is a
+    # metric of those videos (latent flicker: computed with no external weights), val_loss rides along.
+    out, prompts = tmp_path / "sweep", tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moves left\na blue square moves up\n")
+    sweep = load_config(
+        SweepConfig,
+        CONFIGS / "demo_train.yaml",
+        [
+            f"data={demo_latents[0]}",
+            f"output.dir={out}",
+            "budget.optim.max_steps=2",
+            "budget.run.val_every=2",
+            "metric=latent_flicker",
+            "mode=min",
+            "scheduler.kind=fifo",
+            f"evaluation.prompts={prompts}",
+            "evaluation.overrides.sampler.steps=2",
+            "evaluation.overrides.output.mp4=false",
+            # A small task: the session's Ray is shared with earlier tests whose Train runs leave placement
+            # groups holding half a CPU each (seen here), and the task waits for what it asks.
+            "evaluation.cpus=0.25",
+        ],
+    )
+    summary = run_sweep(sweep)
+
+    rows = _rows(out)
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"TERMINATED"}
+    assert all(r["latent_flicker"] and r["val_loss"] and r["num_videos"] == "2" for r in rows)
+    for r in rows:  # every trial's videos and scores are kept in its run
+        report = json.loads((out / "train-runs" / r["trial_id"] / "samples" / "report.json").read_text())
+        assert report["metrics"]["latent_flicker"] == pytest.approx(float(r["latent_flicker"]))
+        assert [v["seed"] for v in report["videos"]] == [0, 1]  # the same seeds in every trial
+    assert summary["best"]["latent_flicker"] == min(float(r["latent_flicker"]) for r in rows)
+    assert load_config(TrainConfig, out / "best.yaml").noise.alpha == summary["best"]["params"]["noise.alpha"]

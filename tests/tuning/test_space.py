@@ -79,6 +79,8 @@ def test_trial_config_is_the_config_path():
     "overrides, words",
     [
         (["metric=clipsim"], "metric='clipsim'"),
+        (["metric=motion_accuracy"], "need evaluation.prompts"),
+        (["metric=motion_accuracy", "evaluation.prompts=p.txt"], "scheduler.kind=fifo"),  # demo: asha
         (["kind=sampling", "metric=clipsim", "scheduler.kind=asha"], "asha"),
         (["search.num_samples=0"], "search.num_samples"),
         (["resources.cpu=0"], "resources.cpu=0"),

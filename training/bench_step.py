@@ -264,7 +264,11 @@ def _child(args: argparse.Namespace, mode: str, unet: str) -> dict:
     lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
     if p.returncode or not lines:
         errors = [x for x in (p.stderr or p.stdout).strip().splitlines() if "Error" in x or "error" in x]
-        why = f"killed by signal {-p.returncode} (out of memory?)" if p.returncode < 0 else f"exit {p.returncode}"
+        why = (
+            f"killed by signal {-p.returncode} (out of memory?)"
+            if p.returncode < 0
+            else f"exit {p.returncode}"
+        )
         return {"unet": unet, "mode": mode, "error": f"{why}: {(errors[-1:] or ['no error line'])[0][:120]}"}
     return json.loads(lines[-1])
 

@@ -322,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     a.passthrough += [f"--peak-tflops={a.peak_tflops}"] if a.peak_tflops else []
     started = time.perf_counter()
     modes = (a.modes or ",".join(m for m in MODES if a.device == "cuda" or m != "compile")).split(",")
+    unknown = [m for m in modes if m not in MODES] + [u for u in unets if u not in UNET_LAYOUTS]
+    if unknown:
+        p.error(f"unknown mode or UNet {unknown[0]!r}: modes {list(MODES)}, UNets {list(UNET_LAYOUTS)}")
     rows = [_child(a, mode, unet) for unet in unets for mode in modes]
     print(
         f"\nT2V-Ray step benchmark on {a.device} ({torch.get_num_threads()} threads): batch {a.batch} x "

@@ -69,3 +69,10 @@ def test_the_cli_prints_a_row_per_configuration_from_fresh_processes(tmp_path, c
 def test_vae_encode_throughput_through_the_pipelines_encoder():
     row = bench_step.vae_encode(torch.device("cpu"), "mini", frames=2, size=32, batch=2)
     assert row["clips_per_s"] > 0 and row["gflop_per_clip"] > 0 and row["mfu"] is None
+
+
+def test_an_unknown_mode_or_unet_is_refused_naming_it(capsys):
+    for bad in (["--modes", "no ckpt,bogus"], ["--unets", "sd14"]):
+        with pytest.raises(SystemExit):
+            bench_step.main(["--device", "cpu", *bad])
+        assert "unknown mode or UNet" in capsys.readouterr().err

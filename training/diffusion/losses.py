@@ -63,15 +63,14 @@ def attention_frame_distances(
     the graph keeps q and k, never the (B, F, heads, HW, HW) maps: same value and gradient, peak memory
     one chunk's maps. Each frame's softmax is its own, so windows of frames overlap by one frame.
     """
-    b, f, heads, n, _ = query.shape
+    f, heads = query.shape[1:3]
     hc = heads_per_chunk or heads
     fc = frames_per_chunk or f - 1
 
     def chunk_sum(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         scores = (q @ k.transpose(-1, -2)) * scale  # (B, f', h', HW, HW)
         probs = scores.float().softmax(dim=-1) if upcast_softmax else scores.softmax(dim=-1)
-        diff = (probs[:, 1:] - probs[:, :-1]).float().abs()  # (B, f'-1, h', HW, HW)
-        return diff.sum(dim=(0, 2, 3, 4))  # (f'-1,): summed over batch, heads, queries and keys
+        return frame_distances(probs) * q.shape[2]  # (f'-1,): summed over this chunk's heads
 
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
     per_frame = []
@@ -82,7 +81,7 @@ def attention_frame_distances(
             q, k = query[:, j0 : j1 + 1, h0 : h0 + hc], key[:, j0 : j1 + 1, h0 : h0 + hc]
             window = window + (checkpoint(chunk_sum, q, k, use_reentrant=False) if grad else chunk_sum(q, k))
         per_frame.append(window)
-    return torch.cat(per_frame) / (b * heads * n)
+    return torch.cat(per_frame) / heads
 
 
 def trs_loss(distances: list[torch.Tensor], reduction: str = "sum") -> torch.Tensor:

@@ -60,30 +60,24 @@ class RunState:
         self.cond: torch.Tensor | None = None  # (B F, C_cond, H, W): cascade conditioning for conv_in
         self.level_emb: torch.Tensor | None = None  # (B F, D_temb): conditioning augmentation level
 
-    FIELDS = (
-        "num_frames", "video_frames", "temporal", "checkpointing", "store", "capture_maps", "capture_hspace",
-        "capture_qk", "cond", "level_emb",
-    )  # fmt: skip
+    SETTINGS = ("checkpointing", "in_checkpoint")
+    """Fields that are settings of the model, not state of one forward: never replayed."""
 
     def snapshot(self) -> dict:
-        """The fields as they are now, inside a forward (a block's recompute replays them)."""
-        return {k: getattr(self, k) for k in self.FIELDS}
+        """The per-forward fields as they are now, inside a forward (a block's recompute replays them)."""
+        return {k: v for k, v in vars(self).items() if k not in self.SETTINGS}
 
     @contextlib.contextmanager
     def replay(self, snapshot: dict) -> Iterator[None]:
         """Run with `snapshot`'s fields (what a checkpointed block saw in its forward), then back to idle. What
         the hooks capture meanwhile goes to a throwaway store: the forward already recorded it."""
-        for k, v in snapshot.items():
-            setattr(self, k, v)
+        vars(self).update(snapshot)
         if self.store is not None:
             self.store = Captured()
         try:
             yield
         finally:
-            idle = RunState()
-            for k in self.FIELDS:
-                if k != "checkpointing":  # a setting, not per-forward state
-                    setattr(self, k, getattr(idle, k))
+            vars(self).update(RunState().snapshot())
 
 
 def checkpoint_replaying(state: RunState):

@@ -203,9 +203,10 @@ class VideoPipeline:
         schedules) go in separate batches."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
+        progress = self._schedule()[2]
         groups: dict[tuple, list[int]] = {}
         for k, seed in enumerate(seeds):
-            groups.setdefault(tuple(self.video_steps(seed, self._progress_of_schedule())), []).append(k)
+            groups.setdefault(tuple(self.video_steps(seed, progress)), []).append(k)
         results: list[SampleResult | None] = [None] * len(prompts)
         size = self.cfg.sampler.batch_size
         for members in groups.values():
@@ -217,16 +218,21 @@ class VideoPipeline:
                     results[k] = r
         return results
 
-    def _progress_of_schedule(self) -> list[float]:
+    def _schedule(self):
+        """(discrete schedule or None, EDM sigmas or None, each reverse step's progress) of `sampler`."""
         s = self.cfg.sampler
         if s.kind in ("ddim", "ddpm"):
+            if self.train_cfg.diffusion.objective != "ddpm":
+                raise ValueError(
+                    f"sampler.kind={s.kind} needs a DDPM-trained checkpoint; use euler/heun for EDM"
+                )
             make = ddim_scheduler if s.kind == "ddim" else ddpm_scheduler
-            return self.progress(
-                discrete_schedule(
-                    make(self.train_cfg.diffusion, s.timestep_spacing, s.steps_offset), s.steps
-                ).timesteps
+            schedule = discrete_schedule(
+                make(self.train_cfg.diffusion, s.timestep_spacing, s.steps_offset), s.steps
             )
-        return self.progress(self._sigmas()[:-1])
+            return schedule, None, self.progress(schedule.timesteps)
+        sigmas = self._sigmas()
+        return None, sigmas, self.progress(sigmas[:-1])
 
     def _sample(
         self, prompts: list[str], seeds: list[int], condition: StageCondition | None
@@ -240,18 +246,7 @@ class VideoPipeline:
             self.device
         )  # (N, C, F, h, w)
         discrete = s.kind in ("ddim", "ddpm")
-        if discrete:
-            if self.train_cfg.diffusion.objective != "ddpm":
-                raise ValueError(
-                    f"sampler.kind={s.kind} needs a DDPM-trained checkpoint; use euler/heun for EDM"
-                )
-            make = ddim_scheduler if s.kind == "ddim" else ddpm_scheduler
-            schedule = discrete_schedule(
-                make(self.train_cfg.diffusion, s.timestep_spacing, s.steps_offset), s.steps
-            )
-        else:
-            sigmas = self._sigmas()
-        progress = self.progress(schedule.timesteps if discrete else sigmas[:-1])
+        schedule, sigmas, progress = self._schedule()
         steps = self.video_steps(seeds[0], progress)
         if any(self.video_steps(seed, progress) != steps for seed in seeds[1:]):
             raise ValueError(

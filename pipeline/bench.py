@@ -14,6 +14,8 @@ to end: the plain loop from starting its process (imports, model loads), the pip
 (Ray starting, Ray Data starting the actor pools, the models loading in them, on the same cores). And
 once running: the plain loop with its models loaded against the pipeline's steady state, its output rate
 between the moments a quarter and three quarters of the clips were out (past start-up, before the tail).
+The encode actors write their part files (`pipeline.parts`) as in a real run; the shards are not committed.
+The driver's own CPU per clip, with SD-sized rows: `python -m pipeline.bench_driver`.
 """
 
 from __future__ import annotations
@@ -163,17 +165,19 @@ def busy_and_steal(before: list[int], after: list[int], clips: int = 0) -> str:
     return out
 
 
-def ray_pipeline(cfg, shards, fs) -> tuple[int, float, list[tuple[float, int]]]:
+def ray_pipeline(cfg, shards, fs, parts_dir: Path) -> tuple[int, float, list[tuple[float, int]]]:
     """(clips, wall seconds from starting the dataset incl. actor start-up and model loading, the output
-    timeline as (seconds, clips so far))."""
-    from pipeline import stream
+    timeline as (seconds, clips so far)). The encode actors write their part files under `parts_dir`
+    (removed after); the shards are not committed."""
     from pipeline.run import build_dataset, init_ray
 
     init_ray(cfg)
+    cfg.output = str(parts_dir.resolve())  # the actors' working directory may not be ours
     clips, timeline, t0 = 0, [], time.perf_counter()
     for batch in build_dataset(cfg, shards, fs).iter_batches(batch_format="pyarrow", batch_size=None):
-        clips += sum(stream.alive(r) for r in batch.select(["row_kind", "reason"]).to_pylist())
+        clips += sum(n or 0 for n in batch.column("accepted").to_pylist())  # manifest rows
         timeline.append((time.perf_counter() - t0, clips))
+    shutil.rmtree(parts_dir, ignore_errors=True)
     return clips, time.perf_counter() - t0, timeline
 
 
@@ -258,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     t_init = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     t_init = time.perf_counter() - t_init
-    n_ray, t_ray, timeline = ray_pipeline(cfg_ray, shards, fs)
+    n_ray, t_ray, timeline = ray_pipeline(cfg_ray, shards, fs, work / "parts")
     c3 = cpu_times()
     ray.shutdown()
 

@@ -5,9 +5,10 @@
         --input 's3://bucket/webvid/*.tar' --output s3://bucket/curated clip.min_score=0.25
 
 Read (tasks) -> metadata filter (fused) -> decode (actors, crash-isolated decoder) -> motion filter ->
-CLIP + aesthetic (actors) -> VAE encode (actors) -> the driver writes one clips and one rejected Parquet
-per shard as each shard completes. Streams: nothing is materialised. Re-running with the same config skips
-complete shards and redoes partial ones.
+CLIP + aesthetic (actors) -> VAE encode (actors) -> part files written by the encode actors. The driver
+receives only small manifests (`pipeline.parts`) and, as each shard's parts are all there, starts a task that
+commits its clips and rejected Parquet files. Streams: nothing is materialised. Re-running with the same
+config skips complete shards and redoes partial ones.
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ def build_dataset(cfg: PipelineConfig, shards, fs):
     from pipeline.decode import DecodeStage
     from pipeline.encode import VaeEncoder
     from pipeline.filters import ClipScorer, MetadataFilter, MotionFilter
+    from pipeline.parts import PartWriter
     from pipeline.read import ShardDatasource
 
     # max_retries / max_restarts go through `**ray_remote_args`, deprecated for Ray 2.64 but the only way
@@ -184,16 +186,17 @@ def build_dataset(cfg: PipelineConfig, shards, fs):
             **{**actor, "fn_constructor_args": (cfg_tree,)},
         )
 
-    # The motion filter runs in the decode actors and (by default) scoring in the encode actors: chained
-    # stages skip a trip through the object store, and their models load once per actor.
+    # The motion filter runs in the decode actors, (by default) scoring in the encode actors, and the encode
+    # actors write what they encoded: chained stages skip a trip through the object store, their models load
+    # once per actor, and no latent travels to the driver.
     ds = actor_pool(ds, stream.chain(DecodeStage, MotionFilter), cfg.decode, d)
     if cfg.score.own_actors:
         ds = actor_pool(ds, ClipScorer, cfg.score, d)
-        ds = actor_pool(ds, VaeEncoder, cfg.encode, d)
+        ds = actor_pool(ds, stream.chain(VaeEncoder, PartWriter), cfg.encode, d)
     else:  # scoring runs in the encode actors, on their device and threads
         e = cfg.encode
         shared = {**d, "score": {**d["score"], "num_gpus": e.num_gpus, "torch_threads": e.torch_threads}}
-        ds = actor_pool(ds, stream.chain(ClipScorer, VaeEncoder), cfg.encode, shared)
+        ds = actor_pool(ds, stream.chain(ClipScorer, VaeEncoder, PartWriter), cfg.encode, shared)
     return ds
 
 
@@ -218,8 +221,9 @@ def run(cfg: PipelineConfig) -> dict:
 def _curate(cfg: PipelineConfig, given: PipelineConfig, fs, shards, store, t_start: float) -> dict:
     """`run` once the output is locked: skip complete shards, stream the rest, write the summary."""
     from pipeline.encode import model_info
+    from pipeline.parts import Committer, ShardTracker, commit_as_complete, delete_parts
     from pipeline.summary import summarize
-    from pipeline.write import ShardProgress, ShardWriter
+    from pipeline.write import ShardWriter
 
     info = model_info(cfg.encode)
     meta = file_metadata(given, info)
@@ -240,18 +244,22 @@ def _curate(cfg: PipelineConfig, given: PipelineConfig, fs, shards, store, t_sta
     for s in stale:
         for kind in ("clips", "rejected"):
             store.fs.delete_file(store.path(kind, s))
-    removed = store.remove_partials()
+    # Leftovers of a killed run: temp files, rejected files without their clips file, and part files.
+    removed = len(store.remove_partials()) + delete_parts(store)
     if removed:
-        log.info("removed %d partial files from an interrupted run", len(removed))
+        log.info("removed %d partial files from an interrupted run", removed)
     todo = [s for s in shards if s.stem not in done]
     log.info("%d shards: %d complete, %d to do", len(shards), len(shards) - len(todo), len(todo))
 
     by_stem = {s.stem: s for s in todo}
-    stage_t: dict[str, list[float]] = {}
+    tracker = ShardTracker()
     written: list[str] = []
     if todo:
         init_ray(cfg)
         check_fits(cfg)
+        check_shared_output(store)
+        if "://" not in cfg.output:  # the workers write parts here: resolved as the driver sees it
+            cfg.output = store.root
         writer = ShardWriter(
             store,
             info_views,
@@ -262,30 +270,39 @@ def _curate(cfg: PipelineConfig, given: PipelineConfig, fs, shards, store, t_sta
             cfg.write.row_group_size,
             cfg.write.compression,
         )
-        progress: dict[str, ShardProgress] = {}
+        committer = Committer(writer, cfg.read.num_cpus, cfg.ray.max_retries)
         heartbeat = Heartbeat(len(todo))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
             ds = build_dataset(cfg, todo, fs)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in batch.to_pylist():
-                for k, v in row.items():
-                    if k.startswith("t_") and v:
-                        acc = stage_t.setdefault(k[2:], [0, 0.0])
-                        acc[0], acc[1] = acc[0] + 1, acc[1] + v
-                p = progress.setdefault(row["shard"], ShardProgress())
-                p.add(row)
-                if p.complete:
-                    clips, rejected = writer.write(row["shard"], progress.pop(row["shard"]))
-                    written.append(row["shard"])
-                    heartbeat.shard_written(row["shard"], clips, rejected)
-            heartbeat.tick(progress)
-        if progress:
-            raise RuntimeError(f"shards ended incomplete (a pipeline bug): {sorted(progress)}")
+        # The driver sees manifests only (a part of a shard, or its end); the commits write the shards.
+        batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
+        for finished in commit_as_complete(batches, tracker, committer):
+            for stem, clips, rejected in finished:
+                written.append(stem)
+                heartbeat.shard_written(stem, clips, rejected)
+            heartbeat.tick(tracker.open)
+        if tracker.open:
+            raise RuntimeError(f"shards ended incomplete (a pipeline bug): {sorted(tracker.open)}")
+        delete_parts(store)  # what is left: parts of batches retried after their actor died, never named
         missing = set(by_stem) - set(written)
         if missing:
             raise RuntimeError(f"shards produced no rows (a pipeline bug): {sorted(missing)}")
-    return summarize(store, given, [s.stem for s in shards], written, stage_t, time.perf_counter() - t_start)
+    wall_s = time.perf_counter() - t_start
+    return summarize(store, given, [s.stem for s in shards], written, tracker.stage_t, wall_s)
+
+
+def check_shared_output(store) -> None:
+    """Every node's workers write part files under the output: on a cluster a local path must be shared."""
+    import pyarrow.fs as pafs
+
+    if isinstance(store.fs, pafs.LocalFileSystem) and not _local_cluster():
+        log.warning(
+            "--output %s is a local path and Ray has nodes on other hosts: their encode actors write part files "
+            "under it, so it must be a filesystem every node mounts (NFS, a mounted bucket); otherwise use a URI "
+            "(s3://, gs://)",
+            store.root,
+        )
 
 
 class Heartbeat:
@@ -311,7 +328,7 @@ class Heartbeat:
         )
 
     def tick(self, open_shards: dict) -> None:
-        """`open_shards`: stem -> `pipeline.write.ShardProgress` of the shards not yet complete."""
+        """`open_shards`: stem -> `pipeline.parts.ShardParts` of the shards not yet complete."""
         now = time.perf_counter()
         if now - self.last < self.every_s:
             return

@@ -1,9 +1,10 @@
 """The row format that flows between the pipeline's Ray Data stages (internal, not the output contract).
 
 One row per sample (after decode: per clip). A row whose `reason` is non-empty is rejected: later stages
-pass it through untouched (its heavy columns emptied) so that the driver sees every sample exactly once
-and can write it to the rejected table. Each read task ends its shard with one `end` row carrying the
-shard's sample count, which is how the driver knows a shard is complete and can be written.
+pass it through untouched (its heavy columns emptied) so that every sample reaches the part files
+(`pipeline.parts`) exactly once and can be written to the rejected table. Each read task ends its shard with
+one `end` row carrying the shard's sample count, which is how the driver knows from the parts' manifests that
+a shard is complete and can be committed.
 
 Stages take and return `pyarrow.Table` batches; `to_table` builds them with fixed column types so that
 blocks from different tasks always share one schema.

@@ -1,10 +1,10 @@
-"""Write stage (driver side): one clips file and one rejected file per input shard, atomically.
+"""Writing a shard: one clips file and one rejected file per input shard, atomically.
 
-A shard's rows are collected until its `end` row and every clip of every sample has arrived; then its
-files are written to a temp name and renamed: `rejected/<stem>.parquet` first, `clips/<stem>.parquet`
-last. A shard is complete when both exist, so a run killed at any point leaves either a complete shard
-(skipped on re-run) or a partial one (redone; its leftovers are removed first). Rows are sorted by
-(key, clip_index) so a re-run writes the same files.
+`ShardWriter` turns a complete shard's rows into its two tables and writes them to temp names, then renames:
+`rejected/<stem>.parquet` first, `clips/<stem>.parquet` last. A shard is complete when both exist, so a run
+killed at any point leaves either a complete shard (skipped on re-run) or a partial one (redone; its leftovers
+are removed first). Rows are sorted by (key, clip_index) so a re-run writes the same files. It runs in the
+commit tasks of `pipeline.parts`, never on the driver.
 
 One run writes an output at a time: `OutputLock` holds `OUTPUT/pipeline.lock` (owner host, pid, heartbeat) for
 the whole run, and every writer's temp names are its own, so a second run can neither rename another's half
@@ -35,33 +35,6 @@ from pipeline.configlib import ConfigError
 log = logging.getLogger(__name__)
 
 CLIPS_DIR, REJECTED_DIR = "clips", "rejected"
-
-
-class ShardProgress:
-    """Rows of one shard seen so far, and whether all of them have arrived."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict] = []
-        self.expected: int | None = None  # samples in the shard, known from its `end` row
-        self.end_message = ""
-        self.shard_uri = ""
-        self._clips_seen: Counter[int] = Counter()
-        self.samples_done = 0
-
-    def add(self, row: dict) -> None:
-        self.shard_uri = row["shard_uri"]
-        if row["row_kind"] == stream.END:
-            self.expected, self.end_message = row["shard_samples"], row["message"] or ""
-            return
-        self.rows.append(row)
-        idx = row["sample_index"]
-        self._clips_seen[idx] += 1
-        if self._clips_seen[idx] == (row.get("clips_in_sample") or 1):
-            self.samples_done += 1
-
-    @property
-    def complete(self) -> bool:
-        return self.expected is not None and self.samples_done == self.expected
 
 
 class OutputStore:
@@ -284,10 +257,11 @@ class ShardWriter:
     def _clip_frames(self, row: dict) -> int:
         return len(row[f"frame_indices__{self.primary}"] or b"") // 4
 
-    def write(self, stem: str, progress: ShardProgress) -> tuple[int, int]:
-        """Write one shard; returns (clips, rejected)."""
+    def write(self, stem: str, rows: list[dict], shard_uri: str, shard_samples: int) -> tuple[int, int]:
+        """Write one shard from all its rows (stream rows, any order) and its sample count; returns (clips,
+        rejected)."""
         rows = sorted(
-            progress.rows,
+            rows,
             key=lambda r: (
                 r["key"],
                 -1 if r.get("clip_index") is None else r["clip_index"],
@@ -309,9 +283,7 @@ class ShardWriter:
         else:
             frames = None
         rejected = [r for r in rows if r["reason"]]
-        meta = dict(
-            self.metadata, **{S.META_SHARD: progress.shard_uri, S.META_SHARD_SAMPLES: progress.expected}
-        )
+        meta = dict(self.metadata, **{S.META_SHARD: shard_uri, S.META_SHARD_SAMPLES: shard_samples})
         self.store.write_atomic(
             self.rejected_table(rejected), REJECTED_DIR, stem, self.row_group_size, self.compression
         )

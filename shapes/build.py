@@ -2,15 +2,19 @@
 
     python -m shapes.build --out runs/shapes                 # the full build (README: minutes per stage)
     python -m shapes.build --out runs/shapes-small --preset small   # a reduced world: the same stages, smaller
+    python -m shapes.build --out runs/shapes-down4 --vae-down 4     # a VAE with 4x downsampling (16x16 latents)
 
 Stages, each a directory under OUT (a re-run skips finished stages; `--redo STAGE` empties it and the
 stages after it, and runs them again):
 1. shards/     WebVid-format shards of the world (`fixtures.synth`): videos/ (bad crawl samples, mis-captioned
-               and degraded videos mixed in) and stills/ (single frames, motionless captions), both of the
+               and degraded videos mixed in) and stills/ (single frames captioned with size, colour, shape and
+               position: "a small red circle at the left on a grey background"), both of the
                training combinations only; eval_prompts.txt: prompts of the held-out combinations;
 2. clip/       the world's open_clip model + LAION-layout aesthetic head + thresholds (`shapes.clip`);
 3. evaluator/  the world's I3D (`shapes.evaluator`);
-4. base/       the text-to-image base in SD 1.5's layout: trained VAE, the CLIP's text tower (`shapes.base`);
+4. base/       the text-to-image base in SD 1.5's layout: trained VAE (`--vae-down` 8 or 4), the CLIP's text
+               tower, the scheduler of shapes_base.yaml's schedule (`shapes.base`); the stages after it read the
+               latent size from its VAE (`model.latent_size` of the training runs);
 5. latents/stills   the stills through `pipeline.run` (filters off: stills are clean by construction);
 6. base_train/ its UNet trained through `training.run` (shapes_base.yaml), installed into base/unet, then
                checked: held-out captions drawn by `StableDiffusionPipeline`, read back by `shapes.pixels`;
@@ -36,7 +40,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 STAGES = ("shards", "clip", "evaluator", "base", "stills", "base_train", "latents", "video", "eval")
@@ -57,6 +61,10 @@ class Preset:
     evaluator_clips: int = 5000
     evaluator_steps: int = 600
     vae_steps: int = 1500
+    vae_down: int = 8  # the VAE's downsampling (`shapes.base.VAE_BLOCKS`): 8 (4x8x8 latents) or 4 (4x16x16)
+    vae_object_weight: float = (
+        4.0  # the object's pixels count 1 + this in the VAE's loss (docs/shapes/pilots.md P2)
+    )
     base_steps: int = 1500
     base_check: int = 128  # held-out captions the base draws for its check
     video_steps: int = 1000
@@ -99,7 +107,7 @@ PRESETS = {
         clip_steps=100,
         evaluator_clips=2000,
         evaluator_steps=300,
-        vae_steps=400,
+        vae_steps=700,  # 400 read back the right colour from 21% of reconstructions (README)
         base_steps=400,
         video_steps=200,
         eval_prompts=8,
@@ -175,7 +183,10 @@ def _curate(shards: Path, latents: Path, overrides: list[str], env: dict) -> dic
 
 
 def _train(config: str, data: Path, run_dir: Path, base: Path, steps: int, env: dict) -> dict:
-    """`training.run` of `config` on the base `base`; returns its final metrics (result.json)."""
+    """`training.run` of `config` on the base `base`, sized for its VAE's latents; returns its final metrics
+    (result.json)."""
+    from shapes.base import latent_size
+
     _run(
         ["python", "-m", "training.run", "--config", f"training/configs/{config}"]
         + [
@@ -184,6 +195,7 @@ def _train(config: str, data: Path, run_dir: Path, base: Path, steps: int, env: 
             "--output",
             str(run_dir),
             f"model.pretrained={base}",
+            f"model.latent_size={latent_size(base)}",
             f"optim.max_steps={steps}",
         ],
         env,
@@ -242,7 +254,7 @@ def stage_base(out: Path, p: Preset, env: dict) -> dict:
     from pipeline.models import load_clip
     from shapes import base
 
-    vae, record = base.train_vae(p.vae_steps, lr=1e-3)
+    vae, record = base.train_vae(p.vae_steps, lr=1e-3, down=p.vae_down, object_weight=p.vae_object_weight)
     model, _, _ = load_clip(f"local-dir:{out / 'clip' / 'clip'}", "")
     card = {"vae": record, "text_encoder": f"open_clip text tower of {out / 'clip' / 'clip'}"}
     base.write_base(out / "base", vae, base.text_encoder_from_open_clip(model), record=card)
@@ -353,16 +365,25 @@ def build(
     redo: tuple[str, ...] = (),
     until: str | None = None,
     skip: tuple[str, ...] = (),
+    vae_down: int | None = None,
 ) -> dict:
     """Run the stages not yet recorded in OUT/build.json (and `redo`), up to `until`, but `skip`; returns the
-    record."""
+    record. `vae_down`: the base VAE's downsampling (None: what OUT was built with, else the preset's); another
+    than OUT's base was built with needs `redo` from the base on."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    p = PRESETS[preset]
     record_file = out / "build.json"
     record = json.loads(record_file.read_text()) if record_file.exists() else {}
     if record.get("preset", preset) != preset:
         raise SystemExit(f"{out} was built with --preset {record['preset']}, not {preset}: use another --out")
+    built_down = record.get("settings", {}).get("vae_down", PRESETS[preset].vae_down)
+    p = replace(PRESETS[preset], vae_down=built_down if vae_down is None else vae_down)
+    redone = min((STAGES.index(r) for r in redo), default=len(STAGES))
+    if "base" in record.get("stages", {}) and built_down != p.vae_down and redone > STAGES.index("base"):
+        raise SystemExit(
+            f"{out}'s base has a VAE with --vae-down {built_down}, not {p.vae_down}: add --redo base "
+            "(or an earlier stage) or use another --out"
+        )
     record |= dict(preset=preset, settings=asdict(p))
     record.setdefault("stages", {})
     if redo:  # a redone stage and every stage after it (they read its output) start from nothing
@@ -391,6 +412,8 @@ def build(
 def main(argv: list[str] | None = None) -> dict:
     import logging
 
+    from shapes.base import VAE_BLOCKS
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     ap = argparse.ArgumentParser(prog="python -m shapes.build", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/shapes", help="the world's directory (resumed when present)")
@@ -404,8 +427,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--until", choices=STAGES, help="stop after this stage")
     ap.add_argument("--skip", nargs="*", default=[], choices=STAGES, help="leave these stages out")
+    ap.add_argument(
+        "--vae-down",
+        type=int,
+        choices=sorted(VAE_BLOCKS),
+        help="the base VAE's downsampling (default: what OUT was built with, else 8); 4: 16x16 latents for 64 px",
+    )
     a = ap.parse_args(argv)
-    record = build(a.out, a.preset, tuple(a.redo), a.until, tuple(a.skip))
+    record = build(a.out, a.preset, tuple(a.redo), a.until, tuple(a.skip), a.vae_down)
     print(json.dumps({s: r["seconds"] for s, r in record["stages"].items()}, indent=1))
     if "eval" in record["stages"]:
         print(json.dumps(record["stages"]["eval"]["result"], indent=1))

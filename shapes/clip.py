@@ -10,8 +10,10 @@ writes under OUT
   they come from, held-out accuracy, retrieval and training seconds.
 
 CLIP: contrastive (symmetric InfoNCE, learnable logit scale clamped at 100 as open_clip's) on clips of scenes
-outside `shapes.world.held_out`, with hard negatives and a quality probe (`train_clip`; the clips are
-`shapes.filter_data`'s). A clip's embedding is the pipeline's: the normalised mean of the normalised embeddings
+outside `shapes.world.held_out` with their video captions and stills with their still captions ("a small red circle
+at the left on a grey background"), with hard negatives and a quality probe (`train_clip`; the clips and stills are
+`shapes.filter_data`'s). Its text tower becomes the base's text encoder, which so learns the stills' size and
+position words. A clip's embedding is the pipeline's: the normalised mean of the normalised embeddings
 of `CLIP_FRAMES` frames, so a motion's kind shows (where the shape is, how big) but not its direction: a mean has
 no frame order, and "moves up" passes through the frames "moves down" does.
 
@@ -38,7 +40,17 @@ import torch.nn.functional as F
 
 from pipeline.models import AestheticMLP, clip_image_embeds, clip_text_embeds
 from shapes.degrade import DEGRADATIONS, other_scene, random_degrade
-from shapes.filter_data import CLIP_FRAMES, SIZE, aesthetic_clips, clip_frames, draw, make_batch, twin
+from shapes.filter_data import (
+    CLIP_FRAMES,
+    SIZE,
+    aesthetic_clips,
+    clip_frames,
+    draw,
+    make_batch,
+    other_moment,
+    twin,
+)
+from shapes.world import sample_still, still_caption
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +292,21 @@ def clip_scores(model, preprocess, tokenizer, n: int, seed: int) -> dict[str, np
 
 
 @torch.no_grad()
+def still_scores(model, preprocess, tokenizer, n: int, seed: int) -> dict[str, float]:
+    """On `n` stills of `held_out_still` combinations (never trained on as stills): how often a still's caption
+    scores above the caption of the same scene at another moment (another position, size: `other_moment`)."""
+    rng = np.random.default_rng([seed, 4])
+    drawn = [sample_still(rng, SIZE, SIZE, "val") for _ in range(n)]
+    img = clip_image_embeds(model, preprocess, np.stack([frame for _, _, frame in drawn]))  # (n, D)
+    true = [still_caption(scene, s) for scene, s, _ in drawn]
+    other = [still_caption(scene, other_moment(scene, s, rng)) for scene, s, _ in drawn]
+    differs = np.array([a != b for a, b in zip(true, other)])
+    score = lambda captions: (img * clip_text_embeds(model, tokenizer, captions)).sum(-1).numpy()  # noqa: E731
+    above = (score(true) > score(other))[differs]
+    return dict(true_above_placement_twin=round(float(above.mean()), 4), n=int(differs.sum()))
+
+
+@torch.no_grad()
 def aesthetic_scores(model, preprocess, head, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(clip scores (n,): the mean head score over each clip's frames as the pipeline takes it, degraded, kinds)."""
     frames, bad, kinds = aesthetic_clips(np.random.default_rng([seed, 3]), n, "val")
@@ -309,6 +336,7 @@ def calibrate(model, preprocess, tokenizer, head, n: int = 400, seed: int = 0) -
             true_above_twin=round(float((test["true"] > test["twin"]).mean()), 4),
             retrieval_top1=round(float(test["retrieved"].mean()), 4),
             scores={k: summary(test[k]) for k in ("true", "miscaptioned", "twin", "degraded")},
+            stills=still_scores(model, preprocess, tokenizer, n, seed + 1),
         ),
         aesthetic=dict(
             heldout_accuracy=round(

@@ -3,7 +3,9 @@
 Scenes come from outside ('train') or inside ('val') `shapes.world.held_out`'s combinations; a clip is
 `CLIP_FRAMES` frames spread over a window of the scene, as the pipeline picks the frames it embeds. A CLIP batch
 pairs every scene with a twin differing in one attribute (the hard negatives), degrades some clips
-(`shapes.degrade`) and adds a few stills captioned without motion.
+(`shapes.degrade`) and adds a few stills captioned with what the frame shows (`still_caption`: size, colour,
+shape, position), in pairs of one scene at two moments that the captions tell apart. The CLIP's text tower is the
+base's text encoder, so both kinds of caption, the videos' and the stills', are trained here.
 """
 
 from __future__ import annotations
@@ -13,7 +15,19 @@ import dataclasses
 import numpy as np
 
 from shapes.degrade import DEGRADATIONS, jpeg, random_degrade
-from shapes.world import ATTRIBUTES, COLOURS, MOTIONS, Scene, frame_at, held_out, sample_scene, still_caption
+from shapes.world import (
+    ATTRIBUTES,
+    COLOURS,
+    MOTIONS,
+    Scene,
+    frame_at,
+    geometry,
+    held_out,
+    held_out_still,
+    sample_scene,
+    shown_colour,
+    still_caption,
+)
 
 SIZE = 64
 """Frame side: the demo view's (`pipeline/configs/demo.yaml`), so CLIP's resize and crop change nothing."""
@@ -60,6 +74,32 @@ def clip_frames(scene: Scene, rng: np.random.Generator, k: int = CLIP_FRAMES) ->
     return np.stack([frame_at(scene, float(s), SIZE, SIZE) for s in np.linspace(s0, s1, k)])
 
 
+def other_moment(scene: Scene, s: float, rng: np.random.Generator, tries: int = 20, allowed=None) -> float:
+    """A progress of `scene` whose still caption differs from the one at `s` (another position, size or shown
+    colour) and that `allowed` accepts; `s` itself when `tries` draws found none."""
+    said = still_caption(scene, s)
+    for _ in range(tries):
+        t = float(rng.random())
+        if still_caption(scene, t) != said and (allowed is None or allowed(t)):
+            return t
+    return s
+
+
+def still_pair(rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+    """Two stills (2, SIZE, SIZE, 3) of one training scene at two moments and their still captions, which differ
+    (`other_moment`: a hard negative for the placement words). Neither still shows a `held_out_still` combination
+    (the colour as shown), so the base's check draws captions its text encoder never trained on."""
+
+    def seen(scene: Scene, s: float) -> bool:
+        return not held_out_still(dataclasses.replace(scene, colour=shown_colour(geometry(scene, s))))
+
+    while not seen(scene := draw(rng, "train"), s0 := float(rng.random())):
+        pass
+    s1 = other_moment(scene, s0, rng, allowed=lambda t: seen(scene, t))
+    frames = np.stack([frame_at(scene, s, SIZE, SIZE) for s in (s0, s1)])
+    return frames, [still_caption(scene, s0), still_caption(scene, s1)]
+
+
 def spoil(frames: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
     """(`frames` degraded with probability DEGRADED_SHARE, else maybe codec-compressed; whether degraded)."""
     if rng.random() < DEGRADED_SHARE:
@@ -73,8 +113,8 @@ def make_batch(
     rng: np.random.Generator, scenes: int, stills: int
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
     """(frames (scenes * CLIP_FRAMES + stills, SIZE, SIZE, 3), captions (scenes + stills), degraded (scenes +
-    stills,) bool): half the scenes are twins of the other half; the stills are single frames captioned without
-    motion; some of either are degraded (`spoil`)."""
+    stills,) bool): half the scenes are twins of the other half; the stills are single frames in `still_pair`s,
+    captioned with what they show; some of either are degraded (`spoil`)."""
     batch = []
     for _ in range(scenes // 2):
         scene = draw(rng, "train")
@@ -83,10 +123,11 @@ def make_batch(
         batch += [scene, other]
     spoilt = [spoil(clip_frames(s, rng), rng) for s in batch]
     captions = [s.caption for s in batch]
-    for _ in range(stills):
-        scene = draw(rng, "train")
-        spoilt.append(spoil(frame_at(scene, float(rng.random()), SIZE, SIZE)[None], rng))
-        captions.append(still_caption(scene))
+    while len(captions) < len(batch) + stills:
+        frames, said = still_pair(rng)
+        for frame, caption in list(zip(frames, said))[: len(batch) + stills - len(captions)]:
+            spoilt.append(spoil(frame[None], rng))
+            captions.append(caption)
     return np.concatenate([f for f, _ in spoilt]), captions, np.array([d for _, d in spoilt])
 
 

@@ -1,7 +1,8 @@
 """The shapes world: 3 shapes x 8 colours x 6 backgrounds (flat or shaded), each scene one of 7 motions.
 
 What a scene is (`Scene`), how one is drawn at random (`sample_scene`), how it is rendered (`render`), what it
-is captioned ("a red circle moves from left to right on a dark blue background") and its labels (`labels`: the
+is captioned ("a red circle moves from left to right on a dark blue background"; a single frame: "a small red
+circle at the left on a dark blue background", `still_caption`) and its labels (`labels`: the
 class indices a domain evaluator predicts). `fixtures.synth` writes these scenes as WebVid-format shards.
 """
 
@@ -79,46 +80,118 @@ def render(scene: Scene, num_frames: int, height: int, width: int) -> np.ndarray
     return np.stack([frame_at(scene, i / max(num_frames - 1, 1), height, width) for i in range(num_frames)])
 
 
-def frame_at(scene: Scene, s: float, height: int, width: int) -> np.ndarray:
-    """The frame of `scene` at progress `s` through the clip (0: first frame, 1: last) as uint8 `(H, W, 3)`."""
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+BASE_RADIUS = 0.22
+"""An object's radius as a fraction of the frame's shorter side; "grows" / "shrinks" scale it from 0.4x to 1.4x."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where `frame_at` draws a scene's object, in fractions of the frame: what a still's caption says."""
+
+    x: float
+    """Centre, as a fraction of the width (0: left edge)."""
+    y: float
+    """Centre, as a fraction of the height (0: top edge)."""
+    radius: float
+    """Half the object's extent (a circle's radius, half a square's side), as a fraction of the shorter side."""
+    rgb: tuple[float, float, float]
+    """The object's colour, a blend of the start and end colours while it changes colour."""
+
+
+def geometry(scene: Scene, s: float) -> Geometry:
+    """Where, how big and what colour the object of `scene` is at progress `s` (0: first frame, 1: last)."""
+    x, y, scale = 0.5, 0.5, 1.0
+    c0, c1 = np.array(COLOURS[scene.colour], np.float32), np.array(COLOURS[scene.end_colour], np.float32)
+    colour = c0
+    if scene.motion == "moves from left to right":
+        x = 0.2 + 0.6 * s
+    elif scene.motion == "moves from right to left":
+        x = 0.8 - 0.6 * s
+    elif scene.motion == "moves up":
+        y = 0.8 - 0.6 * s
+    elif scene.motion == "moves down":
+        y = 0.2 + 0.6 * s
+    elif scene.motion == "grows":
+        scale = 0.4 + 1.0 * s
+    elif scene.motion == "shrinks":
+        scale = 1.4 - 1.0 * s
+    elif scene.motion == "changes colour":
+        colour = (1 - s) * c0 + s * c1
+    return Geometry(x, y, BASE_RADIUS * scale, tuple(float(v) for v in colour))
+
+
+def background(scene: Scene, height: int, width: int) -> np.ndarray:
+    """The scene's background alone, float32 `(H, W, 3)` in 0..255: flat, or shaded vertically."""
+    yy = np.mgrid[0:height, 0:width][0].astype(np.float32)
     bg = np.array(BACKGROUNDS[scene.background], np.float32)
     if scene.gradient:  # a vertical shading so the background is not flat
         shade = 0.75 + 0.5 * (yy / max(height - 1, 1))[..., None]
-        background = np.clip(bg * shade, 0, 255)
-    else:
-        background = np.broadcast_to(bg, (height, width, 3)).copy()
-    c0, c1 = np.array(COLOURS[scene.colour], np.float32), np.array(COLOURS[scene.end_colour], np.float32)
-    base = 0.22 * min(height, width)
-    cx, cy, radius, colour = 0.5 * width, 0.5 * height, base, c0
-    if scene.motion == "moves from left to right":
-        cx = (0.2 + 0.6 * s) * width
-    elif scene.motion == "moves from right to left":
-        cx = (0.8 - 0.6 * s) * width
-    elif scene.motion == "moves up":
-        cy = (0.8 - 0.6 * s) * height
-    elif scene.motion == "moves down":
-        cy = (0.2 + 0.6 * s) * height
-    elif scene.motion == "grows":
-        radius = base * (0.4 + 1.0 * s)
-    elif scene.motion == "shrinks":
-        radius = base * (1.4 - 1.0 * s)
-    elif scene.motion == "changes colour":
-        colour = (1 - s) * c0 + s * c1
+        return np.clip(bg * shade, 0, 255)
+    return np.broadcast_to(bg, (height, width, 3)).copy()
+
+
+def frame_at(scene: Scene, s: float, height: int, width: int) -> np.ndarray:
+    """The frame of `scene` at progress `s` through the clip (0: first frame, 1: last) as uint8 `(H, W, 3)`."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    g = geometry(scene, s)
+    cx, cy, radius = g.x * width, g.y * height, g.radius * min(height, width)
     if scene.shape == "circle":
         mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
     elif scene.shape == "square":
         mask = (np.abs(xx - cx) <= radius) & (np.abs(yy - cy) <= radius)
     else:  # triangle pointing up
         mask = (yy <= cy + radius) & (yy - (cy - radius) >= 2 * np.abs(xx - cx))
-    frame = background.copy()
-    frame[mask] = colour
+    frame = background(scene, height, width)
+    frame[mask] = np.array(g.rgb, np.float32)
     return frame.astype(np.uint8)
 
 
-def still_caption(scene: Scene) -> str:
-    """What one frame of `scene` shows, with no motion: "a red circle on a dark blue background"."""
-    return f"a {scene.colour} {scene.shape} on a {scene.background} background"
+# --- what a still shows, in words ------------------------------------------------------------------------------
+
+HORIZONTAL = ("left", "centre", "right")
+VERTICAL = ("top", "middle", "bottom")
+SIZES = ("small", "medium", "large")
+POSITION_EDGES = (0.4, 0.6)
+"""Bin edges of the centre's position along either axis, as a fraction of the frame: the thirds of the path an
+object moving left / right / up / down travels (0.2 to 0.8), so each word holds a third of such a clip's frames.
+Below the first edge: left / top; above the second: right / bottom."""
+SIZE_EDGES = (BASE_RADIUS * (0.4 + 1 / 3), BASE_RADIUS * (0.4 + 2 / 3))
+"""Bin edges of `Geometry.radius`: the thirds of the radii "grows" / "shrinks" pass through (0.4x to 1.4x
+`BASE_RADIUS`), so an object that neither grows nor shrinks (1x) is "medium"."""
+
+
+def _bin(value: float, edges: tuple[float, float], words: tuple[str, str, str]) -> str:
+    return words[0] if value < edges[0] else words[2] if value > edges[1] else words[1]
+
+
+def placement_words(g: Geometry) -> tuple[str, str]:
+    """(size word, position phrase) of geometry `g`: "small" / "medium" / "large", and "at the left", "at the
+    top", "in the centre", "at the top left" (the world moves objects along one axis, so a corner is never drawn)."""
+    size = _bin(g.radius, SIZE_EDGES, SIZES)
+    across, down = _bin(g.x, POSITION_EDGES, HORIZONTAL), _bin(g.y, POSITION_EDGES, VERTICAL)
+    if across == "centre" and down == "middle":
+        return size, "in the centre"
+    if down == "middle":
+        return size, f"at the {across}"
+    if across == "centre":
+        return size, f"at the {down}"
+    return size, f"at the {down} {across}"
+
+
+def shown_colour(g: Geometry) -> str:
+    """The named object colour nearest (RGB distance) to the colour `g` draws, as `shapes.pixels.read_frame`
+    names an object's pixels: the scene's colour, or for a colour change the blend's nearest name (the start
+    colour early on, the end colour late, and between them whichever palette colour the blend is closest to)."""
+    rgb = np.array(g.rgb, np.float32)
+    return min(COLOURS, key=lambda c: float(np.linalg.norm(rgb - np.array(COLOURS[c], np.float32))))
+
+
+def still_caption(scene: Scene, s: float) -> str:
+    """What the frame of `scene` at progress `s` shows, with no motion: its size, colour, shape and position
+    ("a small red circle at the left on a dark blue background"), from the geometry `frame_at` draws."""
+    g = geometry(scene, s)
+    size, where = placement_words(g)
+    return f"a {size} {shown_colour(g)} {scene.shape} {where} on a {scene.background} background"
 
 
 def held_out(scene: Scene) -> bool:
@@ -136,10 +209,11 @@ def held_out_still(scene: Scene) -> bool:
 
 def sample_still(
     rng: np.random.Generator, height: int, width: int, split: str = "any"
-) -> tuple[Scene, np.ndarray]:
-    """A still of the world for training an image model: a scene that does not change colour, drawn at a random
-    point of its motion, so the objects stand at the positions and sizes the videos pass through. `split`
-    'train' / 'val' keeps only combinations outside / inside `held_out_still`."""
+) -> tuple[Scene, float, np.ndarray]:
+    """A still of the world for training an image model: (scene, progress s, frame). The scene does not change
+    colour (the stills keep the palette's colours) and is drawn at a random point s of its motion, so the
+    objects stand at the positions and sizes the videos pass through; `still_caption(scene, s)` says what it
+    shows. `split` 'train' / 'val' keeps only combinations outside / inside `held_out_still`."""
     if split not in ("any", "train", "val"):
         raise ValueError(f"split must be 'any', 'train' or 'val', not {split!r}")
     scene = sample_scene(rng)
@@ -154,7 +228,8 @@ def sample_still(
             scene.end_colour,
             scene.gradient,
         )
-    return scene, frame_at(scene, float(rng.random()), height, width)
+    s = float(rng.random())
+    return scene, s, frame_at(scene, s, height, width)
 
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {

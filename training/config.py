@@ -62,6 +62,12 @@ class ModelConfig:
     """Base-UNet parameters that train too, as fnmatch patterns over `unet.named_parameters()` names, e.g.
     ['*attentions*'] (the spatial transformers) or ['*'] (the whole UNet, PYoCo's joint fine-tuning). Empty: the
     base stays frozen (HARIVO). They train at `optim.spatial_lr` and are exported with the temporal layers."""
+    text_conditioning: Literal["none", "cross_attention", "film"] = "none"
+    """A text path into the temporal layers, beside HARIVO's (SPEC 10): 'none' (HARIVO / AnimateDiff: the motion
+    modules attend to other frames only), 'cross_attention' (Video LDM / SVD: after each temporal transformer, the
+    frame sequence at every position cross-attends to the caption's tokens, with a frame-position embedding and a
+    zero-initialised output) or 'film' (the pooled caption through a zero-initialised linear map, added to the
+    module's input as a shift and scale). Zero-initialised: at init the video model is the base frame by frame."""
     from_scratch: bool = False
     """Initialise the UNet randomly from `pretrained`'s UNet config instead of its weights: an image model trained
     from nothing (needs trainable_spatial=['*']; see data.image_only)."""
@@ -169,6 +175,7 @@ class DiffusionConfig:
         "beta_start": above(0),
         "beta_end": between(0, 1),
         "noise_offset": at_least(0),
+        "snr_gamma": above(0),
     }
 
     objective: Literal["ddpm", "edm"] = "ddpm"
@@ -183,8 +190,19 @@ class DiffusionConfig:
     """Last beta of the schedule (HARIVO App. D)."""
     beta_schedule: Literal["linear", "scaled_linear"] = "linear"
     """diffusers beta_schedule: HARIVO/AnimateDiff train with 'linear'; SD 1.5 itself used 'scaled_linear'."""
+    zero_terminal_snr: bool = False
+    """'ddpm' only: rescale the betas so the last step keeps no signal, abar_T = 0 (Lin et al. 2024, Algorithm 1;
+    diffusers `rescale_betas_zero_snr`). Needs prediction_type=v_prediction (epsilon is undefined at SNR 0);
+    sample with sampler.timestep_spacing=trailing so the first step is t = T - 1. SD's scaled_linear otherwise
+    keeps sqrt(abar_T) = 0.068 of the signal, a mean-brightness leak a model learns to rely on."""
+    loss_weighting: Literal["default", "min_snr"] = "default"
+    """Per-sample weight of L_simple over noise levels: 'default' (the parameterisation's own MSE: epsilon or v
+    under 'ddpm', lambda(sigma) under 'edm') or 'min_snr' (Hang et al. 2023: in x0 units min(SNR, snr_gamma), i.e.
+    epsilon MSE x min(SNR, gamma) / SNR, v MSE x min(SNR, gamma) / (SNR + 1))."""
+    snr_gamma: float = 5.0
+    """gamma of loss_weighting=min_snr (Hang et al.: 5)."""
     noise_offset: float = 0.0
-    """'ddpm' only: add `noise_offset` x a per-sample, per-channel N(0, 1) constant (shared over frames and
+    """Add `noise_offset` x a per-sample, per-channel N(0, 1) constant (shared over frames and
     pixels) to the training noise (offset noise, as diffusers' training scripts' `--noise_offset`). A schedule
     whose last step keeps signal (SD's: sqrt(abar_T) = 0.068) leaks each image's mean colour into x_T, so a model
     learns to read it there and at sampling takes a random colour from the noise (Lin et al. 2023, sec. 2); on
@@ -290,6 +308,16 @@ class TrainConfig:
         if not 0 < d.beta_start < d.beta_end < 1:
             raise ValueError(
                 f"need 0 < diffusion.beta_start={d.beta_start} < diffusion.beta_end={d.beta_end} < 1"
+            )
+        if d.zero_terminal_snr and (d.objective != "ddpm" or d.prediction_type != "v_prediction"):
+            raise ValueError(
+                "diffusion.zero_terminal_snr=true needs diffusion.objective=ddpm and prediction_type=v_prediction "
+                f"(epsilon is undefined at SNR 0), got {d.objective} / {d.prediction_type}"
+            )
+        if self.run.grad_norm_every > 0 and self.deepspeed.zero_stage == 3:
+            raise ValueError(
+                f"run.grad_norm_every={self.run.grad_norm_every} needs deepspeed.zero_stage <= 2 (ZeRO-3 partitions the "
+                "parameters the per-term gradients are taken of)"
             )
         o = self.optim
         if o.min_lr > o.lr:

@@ -19,8 +19,9 @@ fps, needing `eval.domain_min_videos` videos (or `eval.allow_few_videos`). `repo
 checksum and per-label confusion counts (training/evaluation/domain.py).
 
 `--baseline frames` scores the frozen image model sampled frame by frame instead of the video model: the same
-prompts, seeds and sampler, every frame an independent image sample (JVID with P_V = 0 at every step, i.i.d.
-noise, no MG or smoothing: `training.sampling.config.frame_baseline`); `report.baseline` says which was scored.
+prompts, seeds, sampler, CFG and MG, every frame an image sample (JVID with P_V = 0 at every step, i.i.d. noise,
+no smoothing: `training.sampling.config.frame_baseline`); `report.baseline` says which was scored and
+`report.sampling` the sampler, CFG and MG (with MG's alpha as it acted at the latent size).
 
     python -m training.evaluate --checkpoint RUN --prompts PROMPTS --output runs/eval/frames --baseline frames \\
         eval.domain_evaluator=runs/shapes/evaluator eval.reference=SHARDS
@@ -95,6 +96,23 @@ def _domain_metrics(domain: dict) -> dict:
     if domain["fvd"] is not None:
         out.update(domain_fvd=domain["fvd"]["fvd"], domain_fid=domain["fid"]["fid"])
     return out
+
+
+def sampling_record(cfg: SampleConfig, latent_shape) -> dict:
+    """The sampler, CFG and MG the videos were drawn with (the same for a model and its frame baseline), with MG's
+    alpha as it acted at this latent size (`mg_effective_scale`)."""
+    from training.diffusion.guidance import mg_effective_scale
+
+    g, s = cfg.guidance, cfg.sampler
+    _, c, _, h, w = latent_shape
+    return {
+        "sampler": s.kind,
+        "steps": s.steps,
+        "cfg": {"early": g.cfg_early, "late": g.cfg_late, "switch": g.cfg_switch},
+        "mg_alpha": g.mg_alpha,
+        "mg_reference_elements": g.mg_reference_elements,
+        "mg_alpha_effective": mg_effective_scale(g.mg_alpha, c * h * w, g.mg_reference_elements),
+    }
 
 
 def evaluate(
@@ -174,6 +192,7 @@ def evaluate(
         "fps": cfg.output.fps,
         "metrics": metrics,
         "baseline": baseline,
+        "sampling": sampling_record(cfg, latents.shape),
         "fvd": fvd_result,
         "domain": domain,
         "clip": clip_record,

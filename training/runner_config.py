@@ -127,6 +127,7 @@ class RunConfig:
         "keep_last": at_least(1),
         "max_failures": at_least(-1),
         "log_every": at_least(1),
+        "grad_norm_every": at_least(0),
         "val_every": at_least(0),
         "fail_at_step": at_least(1),
     }
@@ -155,6 +156,10 @@ class RunConfig:
     """Worker crashes tolerated (-1: no limit); each restarts the workers from the last checkpoint."""
     log_every: int = 10
     """Steps between metric reports (ray.train.report + TensorBoard) and progress lines."""
+    grad_norm_every: int = 0
+    """Steps between measurements of each loss term's gradient norm on the trainable parameters (weighted as in
+    L_all; rank 0's micro-batch; one extra backward per term on that step), printed on the progress line and
+    written to TensorBoard as grad_<term>, so a term that dominates the update shows. 0: off. ZeRO stage <= 2."""
     val_every: int = 100
     """Steps between validation-loss evaluations (0: only at the end)."""
     fail_at_step: int | None = None

@@ -264,6 +264,9 @@ def test_kill_then_resume_matches_a_clean_run(run_pipeline, tiny_zoo, tmp_path):
     partial = next(s for s in ["00000", "00001", "00002", "00003"] if s not in done)
     (out / "rejected" / f"{partial}.parquet").write_bytes(b"half written")
     (out / "clips" / f"{partial}.parquet.tmp").write_bytes(b"half written")
+    # And part files of the killed run's encode actors (one half written): never read, removed.
+    (out / "parts" / partial).mkdir(parents=True, exist_ok=True)
+    (out / "parts" / partial / "deadhost.1.abc.0.parquet").write_bytes(b"half written")
     kept = {s: (out / "clips" / f"{s}.parquet").stat().st_mtime_ns for s in done}
 
     # 2. Re-run: complete shards are skipped (files untouched), the rest written once.
@@ -272,6 +275,7 @@ def test_kill_then_resume_matches_a_clean_run(run_pipeline, tiny_zoo, tmp_path):
     assert {s: (out / "clips" / f"{s}.parquet").stat().st_mtime_ns for s in done} == kept
     assert stems(out) == stems(out, "rejected") == ["00000", "00001", "00002", "00003"]
     assert not list(out.rglob("*.tmp"))
+    assert not [p for p in (out / "parts").rglob("*") if p.is_file()]
 
     # 3. A clean run with the same config writes the same rows.
     clean = tmp_path / "clean"

@@ -1,5 +1,5 @@
 """`make shapes`' bookkeeping: stages run in order, a finished stage is skipped, a failed one resumes; the
-evaluation prompts are held-out combinations."""
+evaluation prompts are held-out combinations; the training runs are sized from the base's VAE (8x or 4x)."""
 
 import itertools
 import json
@@ -58,3 +58,33 @@ def test_stages_resume_after_a_failure_and_skip_what_is_done(tmp_path, monkeypat
     assert list(record["stages"]) == list(B.STAGES[: B.STAGES.index("base") + 1])  # what follows it is undone
     with pytest.raises(SystemExit, match="preset small"):
         B.build(tmp_path, "full")  # one directory, one preset
+
+
+def test_training_runs_take_the_latent_size_from_the_bases_vae(tmp_path, monkeypatch):
+    base, run_dir = tmp_path / "base", tmp_path / "run"
+    (base / "vae").mkdir(parents=True)
+    (base / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [16, 32, 64]}))  # 4x
+    run_dir.mkdir()
+    (run_dir / "result.json").write_text(json.dumps({"metrics": {"loss": 0.1}}))
+    calls: list[list[str]] = []
+    monkeypatch.setattr(B, "_run", lambda args, env: calls.append(args))
+    B._train("shapes_video.yaml", tmp_path / "data", run_dir, base, 5, {})
+    assert "model.latent_size=16" in calls[0]  # 64 px through a 4x VAE, whatever the YAML says
+
+
+def test_the_vae_downsampling_is_kept_per_world(tmp_path, monkeypatch):
+    seen: list[int] = []
+
+    def base_stage(out, p, env):
+        seen.append(p.vae_down)
+        return {}
+
+    monkeypatch.setattr(B, "RUNNERS", {s: (lambda out, p, env: {}) for s in B.STAGES} | {"base": base_stage})
+    record = B.build(tmp_path, "small", until="base", vae_down=4)
+    assert seen == [4] and record["settings"]["vae_down"] == 4
+    B.build(tmp_path, "small", until="stills")  # resumed without the flag: the world's own 4
+    assert json.loads((tmp_path / "build.json").read_text())["settings"]["vae_down"] == 4
+    with pytest.raises(SystemExit, match="--vae-down 4, not 8"):
+        B.build(tmp_path, "small", vae_down=8)  # its base and what follows were made with a 4x VAE
+    B.build(tmp_path, "small", redo=("base",), until="base", vae_down=8)
+    assert seen == [4, 8]

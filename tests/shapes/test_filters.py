@@ -18,9 +18,9 @@ from pipeline.filters import declared, sniff
 from pipeline.models import AestheticMLP, clip_image_embeds, clip_text_embeds, load_aesthetic_head, load_clip
 from shapes import clip as C
 from shapes.degrade import DEGRADATIONS, blur, degrade, jpeg, letterbox, noise, other_scene
-from shapes.filter_data import REVERSED, draw, twin
+from shapes.filter_data import CLIP_FRAMES, REVERSED, draw, make_batch, twin
 from shapes.filter_report import filter_report
-from shapes.world import render, sample_scene
+from shapes.world import MOTIONS, SHAPES, SIZES, Scene, held_out_still, render, sample_scene
 
 
 def _members(path) -> dict[str, bytes]:
@@ -116,6 +116,26 @@ def test_twins_differ_in_one_attribute_and_never_by_a_reversed_motion():
         changed = [f for f in fields if getattr(scene, f) != getattr(other, f)]
         assert len(changed) == 1 and other.colour != other.end_colour
         assert other.motion != REVERSED.get(scene.motion)
+
+
+def test_clip_batches_pair_video_captions_and_still_captions():
+    """The CLIP's text tower becomes the base's text encoder: it trains on the stills' words (size, position) too,
+    in pairs of one scene that differ in them, and never on a held-out still combination."""
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        frames, captions, degraded = make_batch(rng, scenes=8, stills=6)
+        assert frames.shape == (8 * CLIP_FRAMES + 6, 64, 64, 3) and len(captions) == len(degraded) == 14
+        videos, stills = captions[:8], captions[8:]
+        assert all(any(f" {m}" in c for m in MOTIONS) for c in videos)
+        for caption in stills:  # "a small red circle at the left on a grey background"
+            words = caption.split()
+            assert not any(f" {m}" in caption for m in MOTIONS)
+            assert words[1] in SIZES and words[3] in SHAPES and words[4] in ("at", "in"), caption
+            background = caption.split(" on a ")[1].removesuffix(" background")
+            assert not held_out_still(Scene(words[3], words[2], background, "grows", words[2], False)), (
+                caption
+            )
+        assert all(stills[i] != stills[i + 1] for i in range(0, 6, 2))  # each pair is told apart by its words
 
 
 def test_training_text_prefix_is_the_full_text_encoding():
@@ -215,10 +235,11 @@ def test_filter_report_counts_precision_and_recall(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A briefly trained CLIP and head, calibrated and saved (the CLI trains 300 steps)."""
+    """A briefly trained CLIP and head, calibrated and saved (the CLI trains 300 steps; 50 were too few once a
+    third of each batch became stills with their own captions)."""
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("shapes-clip")
-    card = C.build(out, steps=50, aesthetic_clips=600, aesthetic_steps=600, heldout=120)
+    card = C.build(out, steps=100, aesthetic_clips=600, aesthetic_steps=600, heldout=120)
     return out, card
 
 

@@ -12,7 +12,7 @@ from shapes.world import BACKGROUNDS, Scene, frame_at, sample_still
 def test_reads_the_worlds_stills_and_their_jpegs():
     rng = np.random.default_rng(1)
     for i in range(300):
-        scene, frame = sample_still(rng, 64, 64)
+        scene, _, frame = sample_still(rng, 64, 64)
         if i % 2:  # as image shards store them
             buf = io.BytesIO()
             Image.fromarray(frame).save(buf, format="JPEG", quality=90)

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.configlib import load_config
 from shapes.evaluator import ShapesEvaluator, save, train
-from shapes.world import ATTRIBUTES, COLOURS, MOTIONS, Scene, labels, render, sample_scene, still_caption
+from shapes.world import ATTRIBUTES, COLOURS, MOTIONS, Scene, labels, render, sample_scene
 from training import evaluate
 from training.diffusion.jvid import p_video
 from training.evaluation import domain, metrics
@@ -68,7 +68,8 @@ def test_every_caption_of_the_world_parses_to_its_scenes_labels():
         want = labels(scene)  # 'colour' is the first frame's: a colour change's first colour
         assert domain.parse_prompt(scene.caption, VOCAB, grammar) == want, scene.caption
         assert domain.parse_prompt(" " + scene.caption.capitalize() + ".", VOCAB, grammar) == want
-        assert domain.parse_prompt(still_caption(scene), VOCAB, grammar) == {**want, "motion": None}
+        motionless = f"a {scene.colour} {scene.shape} on a {scene.background} background"
+        assert domain.parse_prompt(motionless, VOCAB, grammar) == {**want, "motion": None}
         n += 1
     assert n == 3 * 8 * 6 * (6 + 7)
 
@@ -199,7 +200,8 @@ def test_the_frame_baseline_samples_the_image_model_alone():
     j = base.jvid
     assert j.enabled and j.image_model == "base" and j.smooth_threshold == 0 and (j.r, j.gamma) == (0, 1)
     assert all(p_video(i / 10, j.t_v, j.t_e, j.p_e, j.p_f) == 0 for i in range(11))  # never the video model
-    assert (base.noise.prior, base.guidance.mg_alpha) == ("iid", 0.0)  # nothing couples the frames
+    assert base.noise.prior == "iid"  # no correlated noise couples the frames
+    assert base.guidance == cfg.guidance  # the same CFG and MG as the video model: one judge for both
     assert (cfg.jvid.enabled, cfg.noise.prior, cfg.guidance.mg_alpha) == (False, "progressive", 40.0)
     base.validate()
 

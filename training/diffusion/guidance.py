@@ -36,13 +36,33 @@ def drop_captions(
     return torch.where(drop.to(text.device)[:, None, None], empty.to(text.device, text.dtype), text)
 
 
+MG_REFERENCE_ELEMENTS = 4 * 32 * 32
+"""C x H x W of the latent frame HARIVO's alpha = 40 was set for (256 px through SD's VAE)."""
+
+
+def mg_effective_scale(
+    scale: float, frame_elements: int, reference_elements: int = MG_REFERENCE_ELEMENTS
+) -> float:
+    """Algorithm 1's alpha re-referenced to a latent frame of `frame_elements` = C x H x W (SPEC 10).
+
+    The pull on D_j is alpha * 2 w exp(-||D_j||^2 / S) / S with S ~ ||D||^2 summed over the N elements of a frame,
+    so for the same per-element differences it falls as 1 / N: alpha_eff = alpha * N / N_ref pulls as hard at any
+    size as alpha does at N_ref. `reference_elements` 0: no re-reference (alpha as printed)."""
+    return scale if reference_elements <= 0 else scale * frame_elements / reference_elements
+
+
 def mg_guidance(
-    eps: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: float | torch.Tensor, scale: float
+    eps: torch.Tensor,
+    x_t: torch.Tensor,
+    alpha_bar_t: float | torch.Tensor,
+    scale: float,
+    reference_elements: int = 0,
 ) -> torch.Tensor:
     """Mitigating-gradient sampling, HARIVO Algorithm 1 lines 2-5, for one reverse step.
 
     `eps` is the (already classifier-free-guided) noise prediction for `x_t`, both `(B, C, F, H, W)`;
-    `alpha_bar_t` the cumulative alpha at this step; `scale` is Algorithm 1's alpha (HARIVO: 40).
+    `alpha_bar_t` the cumulative alpha at this step; `scale` is Algorithm 1's alpha (HARIVO: 40), stated for
+    latent frames of `reference_elements` = C x H x W (`mg_effective_scale`; 0: as printed, at any size).
     Returns the corrected eps. Frame 1 is unchanged; frame j > 1 is pulled towards frame j - 1 with
     weight `exp(-||D_j||^2 / S)`, so large jumps (outliers beyond the median difference) are pulled
     least and small flicker most.
@@ -68,4 +88,5 @@ def mg_guidance(
     weight = 2 * torch.exp(-norms.pow(2) / s[:, None]) / s[:, None] * w  # (B, F-1): line 4 scalar part
     grad = diff * weight[:, None, :, None, None]  # (B, C, F-1, H, W)
     grad = torch.cat([torch.zeros_like(grad[:, :, :1]), grad], dim=2)  # line 5: concat(0, G)
+    scale = mg_effective_scale(scale, eps.shape[1] * eps.shape[3] * eps.shape[4], reference_elements)
     return (eps.float() + scale * grad).to(eps.dtype)

@@ -23,9 +23,25 @@ from torch.utils.checkpoint import checkpoint
 from training.config import LossConfig
 
 
-def simple_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """L_simple = ||target - model_pred||^2 (eq. 1), target = noise (epsilon) or velocity (v-prediction)."""
-    return F.mse_loss(model_pred.float(), target.float())
+def simple_loss(denoised: torch.Tensor, x0: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """L_simple (eq. 1) in x0 units: mean over the batch of weight_b x mean ||D_b - x0_b||^2, with D the model's x0.
+
+    The weight says what is matched (SPEC 10): w = SNR is the epsilon MSE ||eps_hat - eps||^2 (D - x0 =
+    -(eps_hat - eps) / sqrt(SNR)), w = SNR + 1 the v MSE, lambda(sigma) EDM's loss (PYoCo eq. 1), min(SNR, gamma)
+    min-SNR-gamma; `weight` (B,)."""
+    per_sample = (denoised.float() - x0.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
+    return (weight.to(per_sample) * per_sample).mean()
+
+
+def prediction_weight(snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The x0-unit weight of a discrete UNet's own MSE: SNR for epsilon, SNR + 1 for v (Salimans & Ho 2022)."""
+    return snr if prediction_type == "epsilon" else snr + 1
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma (Hang et al. 2023) in x0 units, min(SNR, gamma): the epsilon MSE x min(SNR, gamma) / SNR and the
+    v MSE x min(SNR, gamma) / (SNR + 1) (diffusers' `train_text_to_image.py --snr_gamma`)."""
+    return snr.clamp(max=gamma)
 
 
 def reg_weight(timesteps: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
@@ -230,6 +246,21 @@ class LossTerms:
             "loss_trs": self.trs.detach(),
             "loss_dc": self.dc.detach(),
         }
+
+
+def term_grad_norms(terms: LossTerms, cfg: LossConfig, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
+    """{"grad_<term>": ||d(lambda_k L_k) / d theta||_2} over `params` (the trainable ones) for each term of eq. 5 that
+    is on: which term steers the update. One extra backward per term, through the graph `terms.total` keeps."""
+    weights = {"simple": 1.0, "reg": cfg.lambda_reg, "trs": cfg.lambda_trs, "dc": cfg.lambda_dc}
+    out = {}
+    for name, weight in weights.items():
+        term = getattr(terms, name)
+        if weight == 0 or not term.requires_grad:
+            continue
+        grads = torch.autograd.grad(weight * term, params, retain_graph=True, allow_unused=True)
+        squares = [g.float().pow(2).sum() for g in grads if g is not None]
+        out[f"grad_{name}"] = torch.stack(squares).sum().sqrt() if squares else term.new_zeros(())
+    return out
 
 
 def weighted_total(

@@ -1,16 +1,20 @@
-"""One training step's objective: noise -> timesteps/sigmas -> noisy latents -> model_pred -> L_all terms.
+"""One training step's objective: noise -> noise levels -> noisy latents -> D(x) -> L_all terms.
 
 `HarivoObjective(cfg)(model, latents, encoder_hidden_states)` returns every term of HARIVO eq. 5
 separately. Single-device and framework-free: the runner calls it inside its loop and backpropagates
 `terms.total` with whatever engine wraps the model.
 
-Two forward processes:
-- 'ddpm' (HARIVO): discrete t ~ U{0, T-1}, `noisy_latents = sqrt(abar_t) latents + sqrt(1-abar_t) noise`,
-  L_simple on epsilon or v.
+One forward process, k-diffusion style: a noise level per sample (`training_levels`), the noisy input
+(`add_noise`), the model's x0 D(x) from its raw output (`denoise`: the parameterisation), and L_simple as a
+weighted x0 error (`loss_weight`: the weighting), `losses.simple_loss`. Two kinds fill these in:
+- 'ddpm' (HARIVO): t ~ U{0, T-1}, `x_t = sqrt(abar_t) latents + sqrt(1 - abar_t) noise` (diffusers' schedule,
+  optionally zero terminal SNR); the UNet predicts epsilon or v (`samplers.prediction_to_x0`), weighted by SNR or
+  SNR + 1, which is the epsilon or v MSE.
 - 'edm' (PYoCo): sigma at t ~ U{0, T-1} of the base's levels (kind 'sd21') or ln sigma ~ N(P_mean, P_std^2)
-  (`edm.sigma_sampling`), `x = latents + sigma noise`, L_simple replaced by
-  lambda(sigma) ||D(x; sigma) - latents||^2 with the configured preconditioning. L_reg's lambda_t then
-  uses the DDPM timestep whose sigma is nearest (the SD 2.1-as-EDM correspondence, seed 000 eq. 12).
+  (`edm.sigma_sampling`), `x = latents + sigma noise`, D from the configured preconditioning (`edm.Denoiser`),
+  weighted by lambda(sigma). L_reg's lambda_t then uses the DDPM timestep whose sigma is nearest (the SD
+  2.1-as-EDM correspondence, seed 000 eq. 12).
+`diffusion.loss_weighting=min_snr` replaces either weight by min(SNR, gamma).
 
 Joint image-video training (PYoCo): `images` (B, C, N, H, W) with their captions are concatenated after the
 clip's F frames; they share the clip's noise level with i.i.d. noise, skip the temporal layers (see
@@ -31,9 +35,10 @@ from training.config import TrainConfig
 from training.diffusion.cascade import training_condition
 from training.diffusion.edm import (
     Denoiser,
+    append_dims,
     ddpm_sigmas,
-    edm_loss,
     effective_sigma_data,
+    loss_weight,
     sample_sigmas,
     sigma_to_timestep,
 )
@@ -42,13 +47,15 @@ from training.diffusion.losses import (
     NegativeQueue,
     attention_frame_distances,
     dc_loss_from_hspace,
+    min_snr_weight,
+    prediction_weight,
     reg_loss,
     simple_loss,
     trs_loss,
     weighted_total,
 )
 from training.diffusion.noise import video_noise
-from training.diffusion.samplers import ddpm_scheduler
+from training.diffusion.samplers import ddpm_scheduler, prediction_to_x0
 from training.model.unet import VideoUNet
 
 
@@ -86,6 +93,52 @@ class HarivoObjective(nn.Module):
             t = torch.randint(0, len(self.sigmas), (n,), generator=generator, device=device)
             return self.sigmas.to(t.device)[t]
         return sample_sigmas(n, e.p_mean, e.p_std, generator, device)
+
+    @property
+    def discrete(self) -> bool:
+        return self.cfg.diffusion.objective == "ddpm"
+
+    def training_levels(self, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
+        """(n,) noise levels: timesteps t ~ U{0, T-1} (int64, 'ddpm') or sigmas (`training_sigmas`, 'edm')."""
+        if self.discrete:
+            return torch.randint(
+                0, self.cfg.diffusion.num_train_timesteps, (n,), generator=generator, device=device
+            )
+        return self.training_sigmas(n, generator, device)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """The noisy input: sqrt(abar_t) x0 + sqrt(1 - abar_t) noise ('ddpm') or x0 + sigma noise ('edm')."""
+        if self.discrete:
+            return self.scheduler.add_noise(latents, noise, level)
+        return latents + noise * append_dims(level, latents.ndim)
+
+    def snr(self, level: torch.Tensor) -> torch.Tensor:
+        """(B,) signal-to-noise ratio abar_t / (1 - abar_t) = 1 / sigma^2 of each level (0 at zero terminal SNR)."""
+        if self.discrete:
+            a = self.scheduler.alphas_cumprod.to(level.device)[level]
+            return a / (1 - a)
+        return level.float().pow(-2)
+
+    def loss_weight(self, level: torch.Tensor) -> torch.Tensor:
+        """(B,) weight of L_simple in x0 units (`losses.simple_loss`): the parameterisation's own, or min-SNR-gamma."""
+        d, e = self.cfg.diffusion, self.cfg.edm
+        if d.loss_weighting == "min_snr":
+            return min_snr_weight(self.snr(level), d.snr_gamma)
+        if self.discrete:
+            return prediction_weight(self.snr(level), d.prediction_type)
+        return loss_weight(level.float(), effective_sigma_data(e.kind, e.sigma_data))
+
+    def denoise(
+        self, model: VideoUNet, x: torch.Tensor, level: torch.Tensor, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D(x), the model's raw output): x0 read from the UNet's epsilon or v ('ddpm'), or the EDM denoiser."""
+        if self.discrete:
+            model_pred = model(x, level, **kwargs)
+            a = append_dims(self.scheduler.alphas_cumprod.to(x.device)[level], x.ndim)
+            return prediction_to_x0(
+                model_pred.float(), x.float(), a, self.cfg.diffusion.prediction_type
+            ), model_pred
+        return self.denoiser(model)(x, level, return_model_pred=True, **kwargs)
 
     def forward(
         self,
@@ -143,52 +196,22 @@ class HarivoObjective(nn.Module):
             noise = torch.cat([noise, image_noise.to(latents.device, latents.dtype)], dim=2)
             return torch.cat([latents, images.to(latents.dtype)], dim=2), noise  # (B, C, F + N, H, W)
 
-        if cfg.diffusion.objective == "ddpm":
-            # Timesteps uniform over the T training steps; the forward process in closed form.
-            timesteps = torch.randint(
-                0, cfg.diffusion.num_train_timesteps, (b,), generator=generator, device=gen_device
+        level = self.training_levels(b, generator, gen_device).to(latents.device)  # (B,) t or sigma
+        latents, noise = with_images(latents, noise)
+        if cfg.diffusion.noise_offset > 0:  # drawn last: with 0 the random stream is unchanged
+            offset = torch.randn((b, noise.shape[1], 1, 1, 1), generator=generator, device=gen_device)
+            noise = noise + cfg.diffusion.noise_offset * offset.to(noise.device, noise.dtype)
+        noisy_latents = self.add_noise(latents, noise, level)  # (B, C, F [+ N], H, W)
+
+        def predict(x: torch.Tensor, image: bool, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.denoise(
+                model, x, level, encoder_hidden_states=encoder_hidden_states, image_mode=image, **kwargs
             )
-            timesteps = timesteps.to(latents.device)
-            latents, noise = with_images(latents, noise)
-            if cfg.diffusion.noise_offset > 0:  # drawn last: with 0 the random stream is unchanged
-                offset = torch.randn((b, noise.shape[1], 1, 1, 1), generator=generator, device=gen_device)
-                noise = noise + cfg.diffusion.noise_offset * offset.to(noise.device, noise.dtype)
-            noisy_latents = self.scheduler.add_noise(latents, noise, timesteps)  # (B, C, F [+ N], H, W)
-            if cfg.diffusion.prediction_type == "epsilon":
-                target = noise
-            else:  # v = sqrt(abar_t) noise - sqrt(1 - abar_t) latents
-                target = self.scheduler.get_velocity(latents, noise, timesteps)
 
-            def predict(x: torch.Tensor, image: bool, kwargs: dict) -> torch.Tensor:
-                return model(x, timesteps, encoder_hidden_states, image_mode=image, **kwargs)
-
-            with model.capture(False, need_dc, need_trs) as captured:  # outputs unchanged
-                model_pred = predict(noisy_latents, image_mode, joint_kwargs)
-            simple = simple_loss(model_pred, target)
-            reg_timesteps = timesteps
-        else:
-            # EDM: sigmas (uniform over the base's discrete levels, or log-normal), variance-exploding noisy
-            # input; the Denoiser owns the preconditioning.
-            sigma = self.training_sigmas(b, generator, gen_device).to(latents.device)
-            latents, noise = with_images(latents, noise)
-            denoiser = self.denoiser(model)
-            noisy_latents = latents + noise * sigma.reshape(b, 1, 1, 1, 1)  # (B, C, F [+ N], H, W)
-
-            def predict(x: torch.Tensor, image: bool, kwargs: dict) -> torch.Tensor:
-                return denoiser(
-                    x,
-                    sigma,
-                    return_model_pred=True,
-                    encoder_hidden_states=encoder_hidden_states,
-                    image_mode=image,
-                    **kwargs,
-                )
-
-            with model.capture(False, need_dc, need_trs) as captured:
-                denoised, model_pred = predict(noisy_latents, image_mode, joint_kwargs)
-            sigma_data = effective_sigma_data(cfg.edm.kind, cfg.edm.sigma_data)
-            simple = edm_loss(denoised.float(), latents.float(), sigma, sigma_data).mean()
-            reg_timesteps = sigma_to_timestep(sigma, self.sigmas)
+        with model.capture(False, need_dc, need_trs) as captured:  # outputs unchanged
+            denoised, model_pred = predict(noisy_latents, image_mode, joint_kwargs)
+        simple = simple_loss(denoised, latents, self.loss_weight(level))
+        reg_timesteps = level if self.discrete else sigma_to_timestep(level, self.sigmas)
 
         # L_reg: the same weights with temporal layers off (mapping network kept), on the clip only; no
         # L_simple on that path.
@@ -196,8 +219,7 @@ class HarivoObjective(nn.Module):
         if need_reg:
 
             def image_path(x: torch.Tensor) -> torch.Tensor:
-                pred = predict(x, True, stage_kwargs)
-                return pred[1] if isinstance(pred, tuple) else pred
+                return predict(x, True, stage_kwargs)[1]
 
             clip = noisy_latents[:, :, :f]
             if cfg.loss.reg_recompute and torch.is_grad_enabled():  # keep its input, not its activations

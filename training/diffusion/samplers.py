@@ -71,11 +71,13 @@ def base_scheduler_config(pretrained: str, revision: str | None = None) -> dict 
 
 def schedule_mismatch(cfg: DiffusionConfig, scheduler_config: dict) -> dict[str, tuple]:
     """{field: (configured, the other model's)} for every schedule field that differs (empty: the same levels)."""
-    return {
-        k: (getattr(cfg, k), scheduler_config.get(k))
-        for k in SCHEDULE_FIELDS
-        if scheduler_config.get(k) != getattr(cfg, k)
+    ours = {k: getattr(cfg, k) for k in SCHEDULE_FIELDS}
+    ours["rescale_betas_zero_snr"] = cfg.zero_terminal_snr
+    theirs = {
+        **scheduler_config,
+        "rescale_betas_zero_snr": scheduler_config.get("rescale_betas_zero_snr", False),
     }
+    return {k: (v, theirs.get(k)) for k, v in ours.items() if theirs.get(k) != v}
 
 
 def ddim_scheduler(cfg: DiffusionConfig, spacing: str = "leading", steps_offset: int = 1) -> DDIMScheduler:
@@ -100,7 +102,28 @@ def discrete_schedule(scheduler: DDIMScheduler | DDPMScheduler, steps: int) -> D
         prev = torch.cat([ts[1:], ts.new_tensor([-1])])  # DDPMScheduler.previous_timestep
         final = torch.tensor(1.0)
     a_prev = torch.stack([ab[p] if p >= 0 else final for p in prev.tolist()])
-    return DiscreteSchedule(ts, ab[ts], a_prev, scheduler.config.num_train_timesteps)
+    # Zero terminal SNR (abar_T = 0): the first trailing step gets 2^-24, as diffusers' Euler scheduler does, so
+    # eps and x0 stay finite; a v-prediction model's x0 there is -v to within 2^-12.
+    return DiscreteSchedule(
+        ts, ab[ts].clamp_min(ZERO_SNR_ALPHA_BAR), a_prev, scheduler.config.num_train_timesteps
+    )
+
+
+ZERO_SNR_ALPHA_BAR = 2.0**-24
+"""abar that stands for 0 at the last timestep of a zero-terminal-SNR schedule when sampling."""
+
+
+def prediction_to_x0(
+    pred: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """x0 from a discrete UNet's output at x_t = sqrt(abar) x0 + sqrt(1 - abar) eps: epsilon (DDPM eq. 15, undefined
+    at abar = 0) or v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022: x0 = sqrt(abar) x_t - sqrt(1 - abar) v,
+    defined at every abar). `a_t` broadcasts against `x`."""
+    if prediction_type == "epsilon":
+        return predicted_x0(x, pred, a_t)
+    if prediction_type == "v_prediction":
+        return a_t**0.5 * x - (1 - a_t) ** 0.5 * pred
+    raise ValueError(f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}")
 
 
 def predicted_x0(x: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:

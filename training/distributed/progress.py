@@ -54,6 +54,7 @@ class StepLogger:
 
     def _reset(self) -> None:
         self.terms: dict[str, torch.Tensor] = {}
+        self.grad_norms: dict[str, torch.Tensor] = {}
         self.batches = self.samples = 0
         self.data_s = self.step_s = 0.0
 
@@ -66,10 +67,15 @@ class StepLogger:
         self.data_s += data_s
         self.step_s += step_s
 
+    def add_grad_norms(self, norms: dict[str, torch.Tensor]) -> None:
+        """Per-term gradient norms of a measured micro-batch (`losses.term_grad_norms`); the latest is reported."""
+        self.grad_norms.update(norms)
+
     def metrics(self, step: int, epoch: int, lr: float, device: torch.device) -> dict[str, float]:
         """Means since the last report (then reset), throughput, and where the run is."""
         n = max(self.batches, 1)
         out = {k: float(v) / n for k, v in self.terms.items()}
+        out.update({k: float(v) for k, v in self.grad_norms.items()})
         wall = self.data_s + self.step_s
         out["samples_per_s"] = self.samples / wall if wall else 0.0
         out["step_time_s"] = wall / n * self.cfg.optim.grad_accum
@@ -87,6 +93,8 @@ class StepLogger:
         val = f" val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
         # Each term's own magnitude (unweighted), so a loss that dominates L_all is visible at a glance.
         terms = " ".join(f"{k[5:]} {metrics[k]:.3g}" for k in TERMS if k in metrics)
+        norms = " ".join(f"{k[5:]} {v:.3g}" for k, v in metrics.items() if k.startswith("grad_"))
+        terms += f"; |grad| {norms}" if norms else ""
         say(
             f"step {step}/{total} loss {metrics.get('loss', math.nan):.4f} ({terms}){val} "
             f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s "

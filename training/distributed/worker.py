@@ -23,6 +23,7 @@ from pipeline.configlib import from_dict, to_dict
 from pipeline.models import TextEncoder, torch_dtype
 from training.config import TrainConfig
 from training.diffusion.guidance import drop_captions
+from training.diffusion.losses import term_grad_norms
 from training.diffusion.objective import HarivoObjective
 from training.distributed import engine as ds
 from training.distributed.checkpoint import TrainerState, restore, save_checkpoint
@@ -123,12 +124,18 @@ def train_fn_per_worker(config: dict) -> None:
             terms = objective(
                 engine.module, b.latents, b.text, generator, b.image_mode, b.cond, b.images, b.image_text
             )
+            grad_norms = {}
+            if measure_grad_norms(cfg, state, micro):  # before backward: autograd.grad keeps the graph
+                grad_norms = term_grad_norms(
+                    terms, cfg.loss, [p for p in engine.module.parameters() if p.requires_grad]
+                )
             engine.backward(terms.total)
             engine.step()  # DeepSpeed only updates at the accumulation boundary
             state.batches_in_epoch += 1
             detached = terms.detached()
             t_end = clock(device)  # the step's kernels done: compute time, not launch time
             logger.add(detached, b.latents.shape[0] * world, t_step - t_data, t_end - t_step)
+            logger.add_grad_norms(grad_norms)
             guard.add(detached)
             t_data = time.perf_counter()
             if state.batches_in_epoch % micro:
@@ -163,6 +170,13 @@ def train_fn_per_worker(config: dict) -> None:
         )
         say(f"exported trained weights to {w.export_dir}")
     logger.close()
+
+
+def measure_grad_norms(cfg: TrainConfig, state, micro: int) -> bool:
+    """Whether this micro-batch (the first of an optimiser step that is a multiple of run.grad_norm_every) measures
+    the per-term gradient norms."""
+    every, step = cfg.run.grad_norm_every, state.step + 1  # the optimiser step this micro-batch belongs to
+    return every > 0 and step % every == 0 and state.batches_in_epoch % micro == 0
 
 
 class NonFiniteLossError(RuntimeError):

@@ -10,13 +10,21 @@ An export directory (`RUN_DIR/export/`):
     scheduler/                         DDIM on the training noise schedule (diffusers DDIMScheduler): what an
                                        AnimateDiffPipeline needs besides the adapter to sample the model as trained
     harivo/                            the mapping network and frame tokens as a diffusers model (`HarivoModules`)
+    temporal_text/                     only with model.text_conditioning: the temporal layers' text path as a
+                                       diffusers model (`training.model.text.TemporalTextModules`)
     model_index.json                   the directory as a diffusers pipeline folder: `T2VRayPipeline`
                                        (`training/sampling/diffusers_pipeline.py`) loads it in one call
 
-scheduler/, harivo/ and model_index.json are written for DDPM-trained video models (diffusion.objective=ddpm,
-no cascade stage), the ones diffusers' discrete schedulers sample. `export_weights` writes one (the training
-runner calls it once at the end); `resolve_checkpoint` and `read_train_config` find and read one (sampling,
-evaluation, tuning). A frozen base is never stored: the pipeline folder names its VAE, text encoder, tokenizer
+motion_adapter/ is a plain diffusers MotionAdapter, and with model.text_conditioning=none (HARIVO) it is the
+whole of the temporal layers. With 'cross_attention' or 'film' it is not: AnimateDiff's motion modules take no
+text, so the text layers that run beside them are in temporal_text/ (and trainable.safetensors) alone, and an
+AnimateDiffPipeline given motion_adapter/ samples another model (the text path dropped); `T2VRayPipeline` and
+`training.sample` load both.
+
+scheduler/, harivo/, temporal_text/ and model_index.json are written for DDPM-trained video models
+(diffusion.objective=ddpm, no cascade stage), the ones diffusers' discrete schedulers sample. `export_weights`
+writes one (the training runner calls it once at the end); `resolve_checkpoint` and `read_train_config` find
+and read one (sampling, evaluation, tuning). A frozen base is never stored: the pipeline folder names its VAE, text encoder, tokenizer
 (and UNet, unless unet/ is there) as null, and `T2VRayPipeline` loads them from `model.pretrained`.
 """
 
@@ -41,6 +49,8 @@ from torch import nn
 from pipeline.configlib import from_dict, to_dict, to_json, to_yaml
 from training.config import DiffusionConfig, TrainConfig
 from training.model.harivo import FrameTokenGenerator, MappingNetwork
+from training.model.text import PREFIX as TEMPORAL_TEXT_PREFIX
+from training.model.text import TemporalTextModules
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +60,7 @@ MOTION_ADAPTER_DIR = "motion_adapter"
 UNET_DIR = "unet"
 SCHEDULER_DIR = "scheduler"
 HARIVO_DIR = "harivo"
+TEMPORAL_TEXT_DIR = "temporal_text"
 PIPELINE_INDEX = "model_index.json"
 PIPELINE_CLASS = "T2VRayPipeline"
 """The diffusers pipeline class `model_index.json` names (`training/sampling/diffusers_pipeline.py`)."""
@@ -96,7 +107,18 @@ def export_weights(
             trained_unet(cfg, unet_state).save_pretrained(out / UNET_DIR)
         if adapter_state and cfg.diffusion.objective == "ddpm" and cfg.cascade.stage == "none":
             harivo_state = {k: v for k, v in state_dict.items() if k.startswith(HARIVO_PREFIXES)}
-            write_pipeline_folder(out, cfg, harivo_state, trained_unet=bool(unet_state))
+            text_state = {k: v for k, v in state_dict.items() if k.startswith(TEMPORAL_TEXT_PREFIX)}
+            write_pipeline_folder(
+                out, cfg, harivo_state, trained_unet=bool(unet_state), text_state=text_state
+            )
+            if text_state:
+                log.info(
+                    "export %s: the temporal text layers (model.text_conditioning=%s) are in %s/, beside "
+                    "motion_adapter/: an AnimateDiffPipeline given motion_adapter/ alone drops them",
+                    destination,
+                    cfg.model.text_conditioning,
+                    TEMPORAL_TEXT_DIR,
+                )
         else:
             log.info(
                 "export %s: no diffusers scheduler/ or pipeline (diffusion.objective=%s, cascade.stage=%s: "
@@ -120,10 +142,17 @@ def schedule_kwargs(d: DiffusionConfig, spacing: str = "leading", steps_offset: 
         beta_end=d.beta_end,
         beta_schedule=d.beta_schedule,
         prediction_type=d.prediction_type,
+        rescale_betas_zero_snr=d.zero_terminal_snr,
         clip_sample=False,  # latents are not bounded to [-1, 1]
         timestep_spacing=spacing,
         steps_offset=steps_offset,
     )
+
+
+def default_spacing(d: DiffusionConfig) -> tuple[str, int]:
+    """(timestep_spacing, steps_offset) a written scheduler file samples with: SD 1.5's ('leading', 1), or for a
+    zero-terminal-SNR schedule ('trailing', 0), whose first step is t = T - 1 (Lin et al. 2024, sec. 3.3)."""
+    return ("trailing", 0) if d.zero_terminal_snr else ("leading", 1)
 
 
 def training_scheduler(d: DiffusionConfig, spacing: str = "leading", steps_offset: int = 1) -> DDIMScheduler:
@@ -190,19 +219,28 @@ class HarivoModules(ModelMixin, ConfigMixin):
 
 
 def write_pipeline_folder(
-    out: Path, cfg: TrainConfig, harivo_state: dict[str, torch.Tensor], trained_unet: bool
+    out: Path,
+    cfg: TrainConfig,
+    harivo_state: dict[str, torch.Tensor],
+    trained_unet: bool,
+    text_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """scheduler/, harivo/ (if the model has those modules) and model_index.json into the export `out`, which
-    already holds motion_adapter/ (and unet/ when `trained_unet`)."""
-    training_scheduler(cfg.diffusion).save_pretrained(out / SCHEDULER_DIR)
+    """scheduler/, harivo/ and temporal_text/ (if the model has those modules) and model_index.json into the
+    export `out`, which already holds motion_adapter/ (and unet/ when `trained_unet`)."""
+    training_scheduler(cfg.diffusion, *default_spacing(cfg.diffusion)).save_pretrained(out / SCHEDULER_DIR)
     if harivo_state:
         HarivoModules.from_state_dict(cfg, harivo_state).save_pretrained(out / HARIVO_DIR)
+    if text_state:
+        TemporalTextModules.from_state_dict(cfg.model, text_state).save_pretrained(out / TEMPORAL_TEXT_DIR)
     index = {
         "_class_name": PIPELINE_CLASS,
         "_diffusers_version": diffusers.__version__,
         **{name: [None, None] for name in BASE_COMPONENTS},  # the frozen base: loaded from model.pretrained
         "motion_adapter": ["diffusers", "MotionAdapter"],
         "harivo": [HarivoModules.__module__, HarivoModules.__name__] if harivo_state else [None, None],
+        "temporal_text": (
+            [TemporalTextModules.__module__, TemporalTextModules.__name__] if text_state else [None, None]
+        ),
         "scheduler": ["diffusers", "DDIMScheduler"],
         "train_config": to_dict(cfg),
     }

@@ -59,6 +59,7 @@ class RunState:
         self.capture_qk = False
         self.cond: torch.Tensor | None = None  # (B F, C_cond, H, W): cascade conditioning for conv_in
         self.level_emb: torch.Tensor | None = None  # (B F, D_temb): conditioning augmentation level
+        self.text: torch.Tensor | None = None  # (B, M, D): the clip's caption, for the temporal text layers
 
     SETTINGS = ("checkpointing", "in_checkpoint")
     """Fields that are settings of the model, not state of one forward: never replayed."""
@@ -133,10 +134,23 @@ class LevelHook:
 
 
 class TemporalHook:
-    """Forward hook running one motion module on a spatial layer's output, `(B F, C, H, W)` in and out."""
+    """Forward hook running one motion module on a spatial layer's output, `(B F, C, H, W)` in and out, and its
+    text layer if the model has them (`text.py`: FiLM before the module, cross-attention after it)."""
 
-    def __init__(self, motion_module: AnimateDiffTransformer3D, state: RunState):
-        self.motion_module, self.state = motion_module, state
+    def __init__(
+        self, motion_module: AnimateDiffTransformer3D, state: RunState, text_layer: nn.Module | None = None
+    ):
+        self.motion_module, self.state, self.text_layer = motion_module, state, text_layer
+
+    def temporal(self, clip: torch.Tensor, text: torch.Tensor | None, num_frames: int) -> torch.Tensor:
+        """The temporal layers on the clip's frames (B F, C, H, W) with their captions (B, M, D)."""
+        layer = self.text_layer
+        if layer is not None and layer.before_motion_module:
+            clip = layer(clip, text, num_frames)
+        clip = self.motion_module(clip, num_frames=num_frames)
+        if layer is not None and not layer.before_motion_module:
+            clip = layer(clip, text, num_frames)
+        return clip
 
     def __call__(self, module: nn.Module, args: tuple, output):
         s = self.state
@@ -147,9 +161,10 @@ class TemporalHook:
         hidden_states = output[0] if isinstance(output, tuple) else output  # (B (F + N), C, H, W)
         clip, images = split_images(hidden_states, s.num_frames, s.video_frames)  # (B F, ...), (B, N, ...)
         if s.checkpointing and not s.in_checkpoint and torch.is_grad_enabled():
-            clip = checkpoint(self.motion_module, clip, num_frames=s.video_frames, use_reentrant=False)
+            # state is idle when the backward recomputes: pass what the layers read
+            clip = checkpoint(self.temporal, clip, s.text, s.video_frames, use_reentrant=False)
         else:
-            clip = self.motion_module(clip, num_frames=s.video_frames)
+            clip = self.temporal(clip, s.text, s.video_frames)
         hidden_states = join_images(clip, images, s.video_frames)  # (B (F + N), C, H, W)
         return (hidden_states, *output[1:]) if isinstance(output, tuple) else hidden_states
 

@@ -10,8 +10,10 @@ blocks and after the mid-block attention. So `model.motion_adapter.save_pretrain
 The base UNet keeps its own module tree and state dict; the temporal layers run from forward hooks on
 its blocks (`hooks.py`) that are inert outside `VideoUNet.forward`, so the same `unet` object still works as a
 plain image model. `proj_out` of every motion module is zero-initialised: at init the video model is
-the image model applied frame by frame. The base stays frozen unless `model.trainable_spatial` names
-some of its parameters (joint image-video training, or an image model trained from scratch).
+the image model applied frame by frame. `model.text_conditioning` adds a text layer beside every motion
+module (`text.py`, zero-initialised too), run by the same hook. The base stays frozen unless
+`model.trainable_spatial` names some of its parameters (joint image-video training, or an image model
+trained from scratch).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from training.model.hooks import (
     TemporalHook,
     checkpoint_replaying,
 )
+from training.model.text import TemporalTextModules
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +100,13 @@ def _hosts(block: nn.Module) -> nn.ModuleList:
 class VideoUNet(nn.Module):
     """Frozen image UNet + temporal layers + HARIVO components; `(B, C, F, H, W)` in and out.
 
-    Trainable: `motion_adapter`, `mapping_network`, `frame_tokens`, `contrastive_head` (those enabled),
-    for a PYoCo cascade stage (`training/diffusion/cascade.py`) `cond_conv_in` (zero-initialised extra input
-    channels for the concatenated conditioning) and `level_embedding` (SR's augmentation level), and the base
-    UNet's parameters named by `model.trainable_spatial` (`spatial_names`; joint image-video training).
-    `forward(..., image_mode=True)` runs the same weights without temporal layers and frame tokens
-    (HARIVO's `pass_motion_module`; the mapping network stays, as in its pseudo-code).
+    Trainable: `motion_adapter`, `temporal_text` (model.text_conditioning), `mapping_network`,
+    `frame_tokens`, `contrastive_head` (those enabled), for a PYoCo cascade stage
+    (`training/diffusion/cascade.py`) `cond_conv_in` (zero-initialised extra input channels for the
+    concatenated conditioning) and `level_embedding` (SR's augmentation level), and the base UNet's
+    parameters named by `model.trainable_spatial` (`spatial_names`; joint image-video training).
+    `forward(..., image_mode=True)` runs the same weights without temporal layers (text layers included) and
+    frame tokens (HARIVO's `pass_motion_module`; the mapping network stays, as in its pseudo-code).
     `forward(..., image_text=...)` takes N images concatenated after the clip's F frames (PYoCo's joint
     training): they skip the temporal layers, mapping network and frame tokens, each with its own caption.
     """
@@ -114,7 +118,9 @@ class VideoUNet(nn.Module):
         harivo: HarivoConfig | None = None,
         motion_adapter: MotionAdapter | None = None,
         cascade: CascadeConfig | None = None,
+        temporal_text: TemporalTextModules | None = None,
     ):
+        """`motion_adapter` / `temporal_text`: loaded layers to run (shared, not copied), not new zero-init ones."""
         super().__init__()
         self.cfg = cfg = cfg or ModelConfig()
         harivo = harivo or HarivoConfig()
@@ -168,6 +174,7 @@ class VideoUNet(nn.Module):
             if self.stage == "sr" or (self.stage == "interp" and cascade_cfg.interp_aug_sigma_max > 0)
             else None
         )
+        self.temporal_text = self._temporal_text(temporal_text)
         self._state = RunState()
         self._attach_hooks()
         self.enable_gradient_checkpointing(cfg.gradient_checkpointing, cfg.checkpoint_unet)
@@ -197,23 +204,49 @@ class VideoUNet(nn.Module):
         adapter = MotionAdapter.from_pretrained(cfg.motion_adapter) if cfg.motion_adapter else None
         return cls(unet, cfg, harivo, adapter, cascade)
 
-    def _attach_hooks(self) -> None:
-        unet, adapter, state = self.unet, self.motion_adapter, self._state
-        pairs: list[tuple[nn.ModuleList, nn.ModuleList, str]] = []
+    def temporal_pairs(self) -> list[tuple[nn.Module, AnimateDiffTransformer3D]]:
+        """(base layer, the motion module run after it) in forward order: down blocks, mid block, up blocks."""
+        unet, adapter = self.unet, self.motion_adapter
+        blocks: list[tuple[nn.ModuleList, nn.ModuleList, str]] = []
         for i, block in enumerate(unet.down_blocks):
-            pairs.append((_hosts(block), adapter.down_blocks[i].motion_modules, f"down_blocks.{i}"))
+            blocks.append((_hosts(block), adapter.down_blocks[i].motion_modules, f"down_blocks.{i}"))
         if adapter.mid_block is not None:
-            pairs.append((unet.mid_block.attentions, adapter.mid_block.motion_modules, "mid_block"))
+            blocks.append((unet.mid_block.attentions, adapter.mid_block.motion_modules, "mid_block"))
         for i, block in enumerate(unet.up_blocks):
-            pairs.append((_hosts(block), adapter.up_blocks[i].motion_modules, f"up_blocks.{i}"))
-        for hosts, motion_modules, name in pairs:
+            blocks.append((_hosts(block), adapter.up_blocks[i].motion_modules, f"up_blocks.{i}"))
+        pairs = []
+        for hosts, motion_modules, name in blocks:
             if len(hosts) != len(motion_modules):
                 raise ValueError(
                     f"motion adapter does not match the UNet at {name}: "
                     f"{len(motion_modules)} motion modules for {len(hosts)} layers"
                 )
-            for host, motion_module in zip(hosts, motion_modules):
-                host.register_forward_hook(TemporalHook(motion_module, state))
+            pairs.extend(zip(hosts, motion_modules))
+        return pairs
+
+    def _temporal_text(self, loaded: TemporalTextModules | None) -> TemporalTextModules | None:
+        """The text layers of model.text_conditioning, one per motion module (`loaded`, or new zero-init ones)."""
+        kind = self.cfg.text_conditioning
+        channels = [m.in_channels for _, m in self.temporal_pairs()]
+        if loaded is None:
+            if kind == "none":
+                return None
+            d = self.unet.config.cross_attention_dim
+            return TemporalTextModules(kind, tuple(channels), d, self.cfg.temporal_heads, self.cfg.max_frames)
+        got = (loaded.config.kind, list(loaded.config.channels))
+        if kind == "none" or got != (kind, channels):
+            raise ValueError(
+                f"temporal text layers {got} (kind, widths) do not fit model.text_conditioning={kind} "
+                f"on motion modules of widths {channels}"
+            )
+        return loaded
+
+    def _attach_hooks(self) -> None:
+        unet, state = self.unet, self._state
+        text_layers = self.temporal_text.layers if self.temporal_text is not None else None
+        for i, (host, motion_module) in enumerate(self.temporal_pairs()):
+            text_layer = text_layers[i] if text_layers is not None else None
+            host.register_forward_hook(TemporalHook(motion_module, state, text_layer))
         for name, module in self.decoder_self_attentions():
             if module.group_norm is not None or module.spatial_norm is not None or module.norm_q is not None:
                 raise NotImplementedError(f"attention-map capture does not support the norms of {name}")
@@ -262,6 +295,7 @@ class VideoUNet(nn.Module):
         A cascade stage also takes its conditioning `cond` (B, C_cond, F, H, W), concatenated to the input
         by the extra conv_in channels, and (SR) `cond_level` (B,), the conditioning's augmentation sigma.
         `image_text` (B, N, M, D): the last N of the frames are images with these captions (joint training).
+        The temporal text layers (model.text_conditioning) get `text` itself, without HARIVO's frame tokens.
         """
         b, c, total, h, w = noisy_latents.shape  # (B, C, F + N, H, W)
         n = 0 if image_text is None else image_text.shape[1]
@@ -282,6 +316,8 @@ class VideoUNet(nn.Module):
         text, mask = self._frame_text(encoder_hidden_states, f, not image_mode, image_text)
         state = self._state
         state.num_frames, state.video_frames, state.temporal = total, f, not image_mode
+        if self.temporal_text is not None:
+            state.text = encoder_hidden_states  # (B, M, D): the clip's caption, without frame tokens
         if cond is not None:
             state.cond = fold_frames(cond)  # (B F, C_cond, H, W)
         if cond_level is not None:
@@ -293,7 +329,7 @@ class VideoUNet(nn.Module):
             ).sample  # (B (F + N), C, H, W)
         finally:
             state.num_frames, state.video_frames, state.temporal = None, None, False
-            state.cond = state.level_emb = None
+            state.cond = state.level_emb = state.text = None
         return unfold_frames(out, total)  # (B, C, F + N, H, W)
 
     def _check_condition(

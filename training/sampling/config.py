@@ -72,6 +72,7 @@ class GuidanceConfig:
         "cfg_late": at_least(0),
         "cfg_switch": between(0, 1),
         "mg_alpha": at_least(0),
+        "mg_reference_elements": at_least(0),
     }
 
     cfg_early: float = 12.5
@@ -84,6 +85,10 @@ class GuidanceConfig:
     """The unconditional prompt of CFG (SD: the empty string)."""
     mg_alpha: float = 40.0
     """MG sampling strength alpha of Algorithm 1 (HARIVO: 40, 40-50 good, harmless below 200); 0 disables."""
+    mg_reference_elements: int = 4 * 32 * 32
+    """C x H x W of the latent frame `mg_alpha` is stated for (HARIVO: 4 x 32 x 32, 256 px): alpha is scaled by
+    (the sampled frame's C x H x W) / this, so it pulls as hard at any latent size as HARIVO's at 256 px (SPEC 10;
+    the same as Algorithm 1 at 32 x 32; 8 x 8 x 4 latents: alpha 40 acts as 2.5). 0: Algorithm 1 as printed."""
 
 
 @dataclass
@@ -189,9 +194,9 @@ class OutputConfig:
     num_frames: int | None = None
     """Frames F (None: the checkpoint's model.num_frames; must match it when frame tokens are on)."""
     height: int | None = None
-    """Pixel height (None: 8 x the checkpoint's model.latent_size)."""
+    """Pixel height (None: the VAE's scale factor (SD: 8) x the checkpoint's model.latent_size)."""
     width: int | None = None
-    """Pixel width (None: 8 x the checkpoint's model.latent_size)."""
+    """Pixel width (None: the VAE's scale factor (SD: 8) x the checkpoint's model.latent_size)."""
     fps: float = 6.0
     """Frames per second of the written mp4/gif (HARIVO: 6)."""
     mp4: bool = True
@@ -349,13 +354,13 @@ class SampleConfig:
 
 def frame_baseline(cfg: SampleConfig) -> SampleConfig:
     """The frame-by-frame baseline (issue 18): every frame an independent sample of the frozen image model for the
-    same prompt, seed and sampler. JVID with P_V = 0 at every step (its image model, `jvid.image_model`: 'base',
-    the frozen base per frame, unless set otherwise), and nothing that couples frames: i.i.d. initial and step
-    noise (no PYoCo prior, JVID r = 0, gamma = 1), no latent smoothing, no MG."""
+    same prompt, seed, sampler, CFG and MG as the video model (issue 34: one judge for both). JVID with P_V = 0 at
+    every step (its image model, `jvid.image_model`: 'base', the frozen base per frame, unless set otherwise), i.i.d.
+    initial and step noise (no PYoCo prior, JVID r = 0, gamma = 1) and no latent smoothing. MG is kept: it is part
+    of the sampler both are judged with (its pull between frames is what it is for either model)."""
     out = copy.deepcopy(cfg)
     out.jvid = replace(
         cfg.jvid, enabled=True, t_v=0.0, t_e=0.0, p_e=0.0, p_f=0.0, r=0.0, gamma=1.0, smooth_threshold=0.0
     )
     out.noise = replace(cfg.noise, prior="iid", alpha=None)
-    out.guidance = replace(cfg.guidance, mg_alpha=0.0)
     return out

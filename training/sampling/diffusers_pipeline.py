@@ -6,7 +6,8 @@
 
 The export's `model_index.json` (written by `training/model/export.py`) names what the export holds:
 `motion_adapter/` (a diffusers `MotionAdapter`), `harivo/` (`HarivoModules`: mapping network and frame tokens),
-`scheduler/` (DDIM on the training noise schedule), `unet/` when the base's own layers trained, and the resolved
+`temporal_text/` (`TemporalTextModules`: the temporal layers' text path, model.text_conditioning), `scheduler/`
+(DDIM on the training noise schedule), `unet/` when the base's own layers trained, and the resolved
 TrainConfig. The frozen base's VAE, text encoder, tokenizer (and UNet) are not copied into the export: they are
 null there, and `from_pretrained` loads them from the base the model was trained on (`model.pretrained`).
 
@@ -35,6 +36,7 @@ from pipeline.models import TextEncoder
 from training.config import TrainConfig
 from training.diffusion.samplers import ddim_scheduler, ddpm_scheduler
 from training.model.export import BASE_COMPONENTS, HarivoModules
+from training.model.text import TemporalTextModules
 from training.model.unet import VideoUNet
 from training.sampling.config import BaseConfig, ControlNetConfig, SampleConfig
 from training.sampling.pipeline import VideoPipeline
@@ -47,11 +49,12 @@ SCHEDULER_FIELDS = ("sampler.kind", "sampler.timestep_spacing", "sampler.steps_o
 
 class T2VRayPipeline(DiffusionPipeline):
     """Text-to-video with a T2V-Ray video model: the frozen SD base, the temporal layers (`motion_adapter`),
-    HARIVO's modules (`harivo`, None when the model has neither) and the training schedule (`scheduler`).
+    HARIVO's modules (`harivo`, None when the model has neither), the temporal text layers (`temporal_text`, None
+    with model.text_conditioning=none) and the training schedule (`scheduler`).
     `train_config`: the model's resolved TrainConfig as a dict (the export's model_index.json records it)."""
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["harivo"]
+    _optional_components = ["harivo", "temporal_text"]
 
     def __init__(
         self,
@@ -62,6 +65,7 @@ class T2VRayPipeline(DiffusionPipeline):
         motion_adapter: MotionAdapter,
         scheduler: DDIMScheduler | DDPMScheduler,
         harivo: HarivoModules | None = None,
+        temporal_text: TemporalTextModules | None = None,
         train_config: dict | None = None,
     ):
         super().__init__()
@@ -77,11 +81,12 @@ class T2VRayPipeline(DiffusionPipeline):
             motion_adapter=motion_adapter,
             scheduler=scheduler,
             harivo=harivo,
+            temporal_text=temporal_text,
         )
         self.register_to_config(train_config=train_config)
         self.train_cfg = from_dict(TrainConfig, train_config)
         self.sampler_fields()  # fail at load time on a scheduler the project cannot sample with
-        self.video = video_model(unet, motion_adapter, harivo, self.train_cfg)
+        self.video = video_model(unet, motion_adapter, harivo, self.train_cfg, temporal_text)
 
     @classmethod
     def from_pretrained(
@@ -244,7 +249,11 @@ class T2VRayPipeline(DiffusionPipeline):
 
 
 def video_model(
-    unet: UNet2DConditionModel, motion_adapter: MotionAdapter, harivo: HarivoModules | None, cfg: TrainConfig
+    unet: UNet2DConditionModel,
+    motion_adapter: MotionAdapter,
+    harivo: HarivoModules | None,
+    cfg: TrainConfig,
+    temporal_text: TemporalTextModules | None = None,
 ) -> VideoUNet:
     """The `VideoUNet` running on the pipeline's own component modules (shared, not copied, so moving the
     pipeline moves it). Refuses components that do not match the recorded config."""
@@ -259,12 +268,18 @@ def video_model(
     want = {name: getattr(cfg.harivo, name) for name in has}
     if has != want:
         raise ValueError(f"harivo component has {has}, the model was trained with harivo.{want}")
+    if (temporal_text is None) != (cfg.model.text_conditioning == "none"):
+        raise ValueError(
+            f"temporal_text component is {'missing' if temporal_text is None else 'given'}, the model was "
+            f"trained with model.text_conditioning={cfg.model.text_conditioning}"
+        )
     # The unet component already holds any trained spatial weights; the contrastive head only trains.
     video = VideoUNet(
         unet,
         replace(cfg.model, trainable_spatial=[]),
         replace(cfg.harivo, mapping_network=False, frame_tokens=False, contrastive_head=False),
         motion_adapter,
+        temporal_text=temporal_text,
     )
     if harivo is not None:
         video.mapping_network, video.frame_tokens = harivo.mapping_network, harivo.frame_tokens

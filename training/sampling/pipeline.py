@@ -20,6 +20,7 @@ from training.diffusion.guidance import cfg_scale, mg_guidance
 from training.diffusion.jvid import choose_video_steps, entropy_reduced_noise, smooth_latents
 from training.diffusion.noise import video_noise
 from training.diffusion.samplers import (
+    ZERO_SNR_ALPHA_BAR,
     ddim_scheduler,
     ddpm_scheduler,
     discrete_schedule,
@@ -70,8 +71,15 @@ class VideoPipeline:
         self._condition: StageCondition | None = None  # set by `sample` for a cascade stage
         o, m = cfg.output, train_cfg.model
         self.num_frames = o.num_frames or m.num_frames
-        self.height = o.height or 8 * m.latent_size
-        self.width = o.width or 8 * m.latent_size
+        # pixels per latent position, as diffusers' pipelines take it from the VAE (SD: 8; the shapes world: 8 or 4)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.height = o.height or self.vae_scale_factor * m.latent_size
+        self.width = o.width or self.vae_scale_factor * m.latent_size
+        if self.height % self.vae_scale_factor or self.width % self.vae_scale_factor:
+            raise ValueError(
+                f"output.height x width = {self.height} x {self.width} must be multiples of the VAE's "
+                f"{self.vae_scale_factor}x downsampling"
+            )
         if video.frame_tokens is not None and self.num_frames != video.frame_tokens.num_frames:
             raise ValueError(
                 f"output.num_frames={self.num_frames}: this checkpoint's frame tokens need {m.num_frames} frames"
@@ -150,7 +158,10 @@ class VideoPipeline:
 
     def _mg(self, eps: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
         g = self.cfg.guidance
-        return mg_guidance(eps, x_t, a_t, g.mg_alpha) if g.mg_alpha > 0 else eps
+        # Algorithm 1 reads x0 from eps, undefined at zero terminal SNR's first step (abar = 0): no MG there.
+        if g.mg_alpha <= 0 or float(a_t) <= ZERO_SNR_ALPHA_BAR:
+            return eps
+        return mg_guidance(eps, x_t, a_t, g.mg_alpha, g.mg_reference_elements)
 
     # -- sampling --
 
@@ -240,7 +251,8 @@ class VideoPipeline:
         cfg, s = self.cfg, self.cfg.sampler
         n = len(prompts)
         text = self.encode_prompt([cfg.guidance.negative_prompt] * n + prompts)  # (2N, 77, D): [uncond, cond]
-        shape = (1, self.video.unet.config.in_channels, self.num_frames, self.height // 8, self.width // 8)
+        h, w = self.height // self.vae_scale_factor, self.width // self.vae_scale_factor  # latent size
+        shape = (1, self.video.unet.config.in_channels, self.num_frames, h, w)
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         x = torch.cat([video_noise(shape, self.noise_prior, self.noise_alpha, g) for g in generators]).to(
             self.device

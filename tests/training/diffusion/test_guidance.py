@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.diffusion.guidance import cfg_scale, mg_guidance
+from training.diffusion.guidance import MG_REFERENCE_ELEMENTS, cfg_scale, mg_effective_scale, mg_guidance
 
 
 def _mg_reference(eps: np.ndarray, x_t: np.ndarray, a: float, scale: float) -> np.ndarray:
@@ -57,6 +57,25 @@ def test_mg_pulls_frames_together_and_leaves_frozen_video_alone():
     assert torch.equal(mg_guidance(frozen_eps, frozen_x, a, 40.0), frozen_eps)
     with pytest.raises(ValueError, match="at least 3 frames"):
         mg_guidance(eps[:, :, :2], x_t[:, :, :2], a, 40.0)
+
+
+def test_mg_re_referenced_pulls_as_hard_at_8x8_as_at_32x32():
+    """Oracle: a 32x32 clip that is an 8x8 clip with every latent pixel repeated 4 x 4 (the same picture, 16x the
+    elements). As printed, Algorithm 1's correction per element is 16x stronger at 8x8; re-referenced to 4x32x32
+    (the default) it is the same at both sizes, and at 32x32 the same as printed."""
+    gen = torch.Generator().manual_seed(3)
+    eps = torch.randn(2, 4, 8, 8, 8, generator=gen)
+    x_t = torch.randn(2, 4, 8, 8, 8, generator=gen)
+    big = lambda t: t.repeat_interleave(4, dim=3).repeat_interleave(4, dim=4)  # noqa: E731
+    a, alpha = 0.4, 40.0
+    # The relative pull: the correction over the frame difference it pulls on, per element.
+    pull = lambda e, x, ref: (mg_guidance(e, x, a, alpha, ref) - e)[:, :, 1:]  # noqa: E731
+    small_printed, big_printed = pull(eps, x_t, 0), pull(big(eps), big(x_t), 0)
+    torch.testing.assert_close(big(small_printed), 16 * big_printed)  # as printed: 1 / N
+    small, large = pull(eps, x_t, MG_REFERENCE_ELEMENTS), pull(big(eps), big(x_t), MG_REFERENCE_ELEMENTS)
+    torch.testing.assert_close(big(small), large)  # re-referenced: the same pull at both sizes
+    torch.testing.assert_close(large, big_printed)  # and HARIVO's own at 4 x 32 x 32
+    assert mg_effective_scale(40.0, 4 * 8 * 8) == 2.5 and mg_effective_scale(40.0, 256, 0) == 40.0
 
 
 def test_drop_captions_replaces_whole_captions_at_the_rate_and_draws_nothing_at_zero():

@@ -66,9 +66,10 @@ def store(demo_latents):
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_local, tiny_zoo, store, tmp_path_factory):
-    """A ZeRO-2 run of STEPS steps from start to end: the reference for resume and fault tests."""
+    """A ZeRO-2 run of STEPS steps from start to end: the reference for resume and fault tests. It measures the
+    per-term gradient norms (extra backwards that must not change the update: ZeRO-3's run below does not)."""
     run_dir = tmp_path_factory.mktemp("runs") / "reference"
-    summary = _train(_cfg(tiny_zoo, store, run_dir))
+    summary = _train(_cfg(tiny_zoo, store, run_dir, "run.grad_norm_every=3"))
     return run_dir, summary
 
 
@@ -127,6 +128,7 @@ def test_zero2_trains_checkpoints_and_exports(uninterrupted, tiny_zoo, store):
     assert after < before, (before, after)
     assert (run_dir / "tensorboard").is_dir() and any((run_dir / "tensorboard").iterdir())
     assert json.loads((run_dir / "result.json").read_text())["metrics"]["step"] == STEPS
+    assert summary["metrics"]["grad_simple"] > 0 and summary["metrics"]["grad_trs"] > 0
 
 
 @pytest.mark.slow

@@ -19,12 +19,14 @@ from training.model.export import (
     MOTION_ADAPTER_DIR,
     PIPELINE_INDEX,
     SCHEDULER_DIR,
+    TEMPORAL_TEXT_DIR,
     TRAINABLE_FILE,
     HarivoModules,
     export_weights,
     read_train_config,
     resolve_checkpoint,
 )
+from training.model.text import TemporalTextModules
 
 TINY = {"harivo.mapping_heads": 2, "harivo.mapping_head_dim": 16}
 
@@ -130,10 +132,13 @@ def test_config_falls_back_to_config_yaml(trained, tmp_path):
         read_train_config(lone)
 
 
-def test_loaded_weights_are_the_exported_ones(trained, make_video_model, tmp_path):
-    model, cfg = trained
+@pytest.mark.parametrize("text_conditioning", ["none", "cross_attention", "film"])
+def test_loaded_weights_are_the_exported_ones(make_video_model, tmp_path, text_conditioning):
+    overrides = {**TINY, "model.text_conditioning": text_conditioning}
+    model, cfg = make_video_model(**overrides)
+    perturb_all(model, seed=1)
     export(model, cfg, tmp_path / "e")
-    fresh, _ = make_video_model(**TINY)
+    fresh, _ = make_video_model(**overrides)
     expected, before = model.trainable_state_dict(), fresh.trainable_state_dict()
     assert any(not torch.equal(before[k], expected[k]) for k in expected)
     fresh.load_trainable(resolve_checkpoint(tmp_path / "e"))
@@ -217,10 +222,36 @@ def test_pipeline_folder_records_the_config_and_holds_the_harivo_modules(trained
     assert index["_class_name"] == "T2VRayPipeline"
     assert from_dict(TrainConfig, index["train_config"]) == cfg
     assert index["harivo"] == ["training.model.export", "HarivoModules"]
+    assert index["temporal_text"] == [
+        None,
+        None,
+    ]  # model.text_conditioning=none: motion_adapter/ is all of it
     modules = HarivoModules.from_pretrained(tmp_path / "e" / HARIVO_DIR)
     expected = {k: v for k, v in model.trainable_state_dict().items() if k.startswith(HARIVO_PREFIXES)}
     got = modules.state_dict()
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("kind", ["cross_attention", "film"])
+def test_temporal_text_layers_export_beside_the_motion_adapter(make_video_model, tmp_path, kind):
+    """model.text_conditioning: the text layers have no place in a MotionAdapter; they go to temporal_text/, a
+    diffusers model the pipeline folder names, and motion_adapter/ stays a plain MotionAdapter."""
+    import json
+
+    from diffusers import MotionAdapter
+
+    model, cfg = make_video_model(**TINY, **{"model.text_conditioning": kind})
+    perturb_all(model, seed=1)
+    export(model, cfg, tmp_path / "e")
+    index = json.loads((tmp_path / "e" / PIPELINE_INDEX).read_text())
+    assert index["temporal_text"] == ["training.model.text", "TemporalTextModules"]
+    modules = TemporalTextModules.from_pretrained(tmp_path / "e" / TEMPORAL_TEXT_DIR)
+    assert modules.config.kind == kind
+    assert list(modules.config.channels) == list(model.temporal_text.config.channels)
+    got, want = modules.state_dict(), model.temporal_text.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    adapter = MotionAdapter.from_pretrained(tmp_path / "e" / MOTION_ADAPTER_DIR)
+    assert adapter.state_dict().keys() == model.motion_adapter.state_dict().keys()
 
 
 def test_models_without_the_extras_or_trained_as_edm_export_accordingly(make_video_model, tmp_path):

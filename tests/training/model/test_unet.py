@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from training.model.unet import VideoUNet
 
 TRAINABLE = ("motion_adapter.", "mapping_network.", "frame_tokens.", "contrastive_head.")
+TEXT_CONDITIONING = ("none", "cross_attention", "film")
 
 
 def inputs(b: int, f: int, seed: int = 0, text_dim: int = 32):
@@ -43,11 +45,14 @@ def test_only_temporal_and_harivo_parameters_train(make_video_model):
     assert not model.unet.training and model.motion_adapter.training
 
 
+@pytest.mark.parametrize("text_conditioning", TEXT_CONDITIONING)
 @pytest.mark.parametrize("flavor", ["sd", "sd21"])
 @torch.no_grad()
-def test_zero_init_video_model_equals_image_model_per_frame(make_video_model, flavor):
+def test_zero_init_video_model_equals_image_model_per_frame(make_video_model, flavor, text_conditioning):
     # Frame tokens off: they add K tokens to every frame's cross-attention, by design never neutral.
-    model, _ = make_video_model(flavor, **{"harivo.frame_tokens": False, "model.num_frames": 16})
+    overrides = {"harivo.frame_tokens": False, "model.num_frames": 16}
+    model, _ = make_video_model(flavor, **overrides, **{"model.text_conditioning": text_conditioning})
+    assert (model.temporal_text is None) == (text_conditioning == "none")
     latents, timesteps, text = inputs(2, 16, text_dim=model.unet.config.cross_attention_dim)
     expected = per_frame_2d(model.unet, latents, timesteps, text)
     plain = model(latents, timesteps, text)
@@ -118,6 +123,60 @@ def test_frame_tokens_condition_each_frame(make_video_model):
         model(torch.zeros(1, 4, 33, 8, 8), timesteps, text)
 
 
+# ---- the caption in the temporal layers (model.text_conditioning, SPEC 10) ----------------------------------
+
+
+@pytest.mark.parametrize("kind", ["cross_attention", "film"])
+def test_temporal_text_layers_train_and_read_the_caption(make_video_model, perturb_temporal, kind):
+    model, cfg = make_video_model(
+        **{"model.text_conditioning": kind, "harivo.mapping_network": False, "harivo.frame_tokens": False}
+    )
+    layers = model.temporal_text.layers
+    assert len(layers) == len(model.temporal_pairs())  # one per motion module
+    names = {f"temporal_text.{n}" for n, _ in model.temporal_text.named_parameters()}
+    assert names <= {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names <= model.trainable_state_dict().keys()
+    # At init the zero-initialised output projections get gradients (training can start) ...
+    latents, timesteps, text = inputs(1, 4)
+    model(latents, timesteps, text).pow(2).mean().backward()
+    out_proj = "attn.to_out.0.weight" if kind == "cross_attention" else "proj.weight"
+    assert all(layer.get_parameter(out_proj).grad.abs().sum() > 0 for layer in layers)
+    # ... and once they are non-zero, every text parameter does.
+    model.zero_grad()
+    perturb_temporal(model)
+    model(latents, timesteps, text).pow(2).mean().backward()
+    for name, p in model.temporal_text.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with torch.no_grad():
+        # The temporal output depends on the caption: one layer, the same features, two captions.
+        c = model.temporal_text.config.channels[0]
+        hidden = torch.randn(2, c, 8, 8).repeat_interleave(
+            4, dim=0
+        )  # (B F, C, H, W): 4 equal frames per clip
+        out_a = layers[0](hidden, inputs(2, 1, seed=1)[2], 4)  # captions (B, M, D)
+        out_b = layers[0](hidden, inputs(2, 1, seed=2)[2], 4)
+        assert (out_a - out_b).abs().max() > 1e-3
+        frames = out_a.reshape(2, 4, c, 8, 8)  # (B, F, C, H, W)
+        spread = (frames[:, 1:] - frames[:, :1]).abs().max()
+        # Cross-attention tells equal frames apart by their position embedding; FiLM is one affine map per clip.
+        assert spread > 1e-4 if kind == "cross_attention" else spread == 0
+        # The hooks run the text layers in video mode only.
+        video, image = model(latents, timesteps, text), model(latents, timesteps, text, image_mode=True)
+        for layer in layers:
+            for p in (layer.attn.to_out[0] if kind == "cross_attention" else layer.proj).parameters():
+                p.zero_()  # back to the identity
+        assert (model(latents, timesteps, text) - video).abs().max() > 1e-4
+        assert torch.equal(model(latents, timesteps, text, image_mode=True), image)
+    with pytest.raises(ValueError, match="do not fit model.text_conditioning=none"):
+        VideoUNet(
+            model.unet,
+            replace(cfg.model, text_conditioning="none"),
+            cfg.harivo,
+            model.motion_adapter,
+            temporal_text=model.temporal_text,
+        )
+
+
 def test_optimizer_step_changes_only_trainable_weights(make_video_model):
     model, _ = make_video_model(**{"model.num_frames": 4})
     base_before = {k: v.clone() for k, v in model.unet.state_dict().items()}
@@ -164,14 +223,21 @@ def test_trainable_weights_saved_apart_from_the_base(make_video_model, perturb_t
         assert torch.equal(reloaded.motion_adapter.state_dict()[k], v), k
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(make_video_model, perturb_temporal):
+@pytest.mark.parametrize("text_conditioning", TEXT_CONDITIONING)
+def test_gradient_checkpointing_gives_the_same_gradients(
+    make_video_model, perturb_temporal, text_conditioning
+):
     grads = []
     for checkpointing in (False, True):
-        model, _ = make_video_model(**{"model.gradient_checkpointing": checkpointing})
+        model, _ = make_video_model(
+            **{"model.gradient_checkpointing": checkpointing, "model.text_conditioning": text_conditioning}
+        )
         perturb_temporal(model)
         latents, timesteps, text = inputs(1, 4)
         model(latents, timesteps, text).pow(2).mean().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.motion_adapter.parameters()]))
+        temporal = [*model.motion_adapter.parameters()]
+        temporal += [*model.temporal_text.parameters()] if model.temporal_text is not None else []
+        grads.append(torch.cat([p.grad.flatten() for p in temporal]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
@@ -180,6 +246,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(make_video_model, pertu
     [
         {},  # HARIVO: temporal layers, mapping network, frame tokens; L_TRS / L_reg / L_DC capture
         {"model.trainable_spatial": ["*attentions*"], "data.images_per_clip": 2, "data.image_path": "images"},
+        {  # the same with the caption in the temporal layers (RunState.text replayed too)
+            "model.trainable_spatial": ["*attentions*"],
+            "data.images_per_clip": 2,
+            "data.image_path": "images",
+            "model.text_conditioning": "cross_attention",
+        },
     ],
 )
 def test_whole_unet_checkpointing_gives_the_same_loss_and_gradients(
@@ -216,10 +288,13 @@ def test_whole_unet_checkpointing_gives_the_same_loss_and_gradients(
     assert idle["num_frames"] is None and idle["store"] is None  # the replays left the state idle
 
 
+@pytest.mark.parametrize("text_conditioning", ["none", "cross_attention"])
 @torch.no_grad()
-def test_deepcopy_gives_an_independent_model(make_video_model, perturb_temporal):
+def test_deepcopy_gives_an_independent_model(make_video_model, perturb_temporal, text_conditioning):
     """EMA copies: the copy's hooks must run the copy's temporal layers, not the original's."""
-    model, _ = make_video_model(**{"harivo.frame_tokens": False})
+    model, _ = make_video_model(
+        **{"harivo.frame_tokens": False, "model.text_conditioning": text_conditioning}
+    )
     latents, timesteps, text = inputs(1, 4)
     before = model(latents, timesteps, text)
     twin = copy.deepcopy(model)
@@ -231,12 +306,17 @@ def test_deepcopy_gives_an_independent_model(make_video_model, perturb_temporal)
 # ---- joint image-video training: images after the clip, trainable spatial layers --------------------------
 
 
+@pytest.mark.parametrize("text_conditioning", TEXT_CONDITIONING)
 @torch.no_grad()
-def test_images_after_the_clip_are_the_base_on_their_own(make_video_model, perturb_temporal):
+def test_images_after_the_clip_are_the_base_on_their_own(
+    make_video_model, perturb_temporal, text_conditioning
+):
     """N images concatenated to a clip on the time axis: the clip's output is the model on the clip alone, each
-    image's the base UNet on that image with its own caption (no temporal layers, mapping network or frame
-    tokens; the frame tokens' K extra keys are masked out for images)."""
-    model, _ = make_video_model(**{"model.trainable_spatial": ["*attentions*"]})
+    image's the base UNet on that image with its own caption (no temporal layers, temporal text layers, mapping
+    network or frame tokens; the frame tokens' K extra keys are masked out for images)."""
+    model, _ = make_video_model(
+        **{"model.trainable_spatial": ["*attentions*"], "model.text_conditioning": text_conditioning}
+    )
     perturb_temporal(model)
     latents, timesteps, text = inputs(2, 4)
     images, _, _ = inputs(2, 3, seed=1)  # (B, C, N, H, W)

@@ -176,6 +176,29 @@ def test_components_the_export_holds_and_the_ones_it_leaves_to_the_base(tiny_zoo
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), name
 
 
+@pytest.mark.parametrize("kind", ["cross_attention", "film"])
+def test_temporal_text_layers_round_trip_through_both_loaders(tiny_zoo, tmp_path, kind):
+    """model.text_conditioning: `load_pipeline` (training.sample) rebuilds the text layers from the config and
+    trainable.safetensors, `T2VRayPipeline` takes them from temporal_text/; both sample the trained model."""
+    export, model = _export(
+        tiny_zoo.sd, tmp_path / "export", **EXTRAS_OFF, **{"model.text_conditioning": kind}
+    )
+    want, project = _project(export)
+    pipe = T2VRayPipeline.from_pretrained(export)
+    assert pipe.video.temporal_text is pipe.temporal_text  # the component itself runs, not a copy
+    trained = model.temporal_text.state_dict()
+    for loaded in (project.video.temporal_text, pipe.temporal_text):
+        got = loaded.state_dict()
+        assert loaded.config.kind == kind and got.keys() == trained.keys()
+        assert all(torch.equal(got[k], trained[k]) for k in trained)
+    got = pipe(
+        PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(SEED), output_type="latent"
+    ).frames
+    assert got.shape == want.shape and (got - want).abs().max() < TOL
+    with pytest.raises(ValueError, match="temporal_text component is missing"):
+        _with(pipe, temporal_text=None)
+
+
 def test_trained_spatial_layers_load_from_the_export(tiny_zoo, tmp_path):
     """model.trainable_spatial: the pipeline's UNet is the export's unet/, not the frozen base."""
     export, model = _export(tiny_zoo.sd, tmp_path / "export", **{"model.trainable_spatial": ["*attentions*"]})

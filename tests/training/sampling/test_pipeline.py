@@ -52,7 +52,8 @@ def _independent_loop(pipe, prompt, seed, model, mg_alpha, cfg_early, cfg_late):
         w = cfg_scale(1 - int(t) / 1000, cfg_early, cfg_late, 0.7)  # the switch is on t/T
         eps = uncond + w * (cond - uncond)
         if mg_alpha:
-            eps = mg_guidance(eps, x, sched.alphas_cumprod[int(t)], mg_alpha)
+            per_frame = x.shape[1] * x.shape[3] * x.shape[4]  # alpha is stated for 4 x 32 x 32 latent frames
+            eps = mg_guidance(eps, x, sched.alphas_cumprod[int(t)], mg_alpha * per_frame / 4096)
         x = sched.step(eps, t, x).prev_sample
     return x
 
@@ -244,3 +245,23 @@ def test_controlnet_conditions_only_listed_frames(tiny_zoo, tiny_checkpoint, tmp
         tiny_checkpoint, load_config(SampleConfig, None, {**FAST, **control, "controlnet.frames": None})
     )
     assert torch.isfinite(video.sample("a cat", seed=0).latents).all()
+
+
+def test_the_pixel_size_comes_from_the_vaes_downsampling():
+    """A VAE of three blocks (4x, the shapes world's `--vae-down 4`) makes 4x the latent size in pixels, SD's four
+    blocks 8x, as diffusers' pipelines read `vae_scale_factor`; a size the VAE cannot make is refused."""
+    from types import SimpleNamespace
+
+    from training.config import TrainConfig
+    from training.sampling.pipeline import VideoPipeline
+
+    train_cfg = load_config(TrainConfig, None, {"model.latent_size": 16, "model.num_frames": 4})
+    video = SimpleNamespace(frame_tokens=None)
+    for blocks, pixels in (((8, 8, 8, 8), 128), ((8, 8, 8), 64)):
+        vae = SimpleNamespace(config=SimpleNamespace(block_out_channels=blocks))
+        p = VideoPipeline(video, train_cfg, load_config(SampleConfig, None, FAST), vae, text=None)
+        assert (p.vae_scale_factor, p.height, p.width) == (pixels // 16, pixels, pixels)
+    odd = load_config(SampleConfig, None, {**FAST, "output.height": 72})
+    vae = SimpleNamespace(config=SimpleNamespace(block_out_channels=(8,) * 5))  # 16x
+    with pytest.raises(ValueError, match="multiples of the VAE's 16x"):
+        VideoPipeline(video, train_cfg, odd, vae, text=None)

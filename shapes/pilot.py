@@ -64,7 +64,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sample-steps", type=int, default=15)
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of shapes_base.yaml")
     a = p.parse_args(argv)
-    record = pilot(Path(a.world).resolve(), a.name, a.steps, a.overrides, a.check, a.sample_steps)
+    world = Path(a.world).resolve()
+    missing = [d for d in ("base", "latents/stills") if not (world / d).is_dir()]
+    if missing:
+        p.error(
+            f"{world} has no {' or '.join(missing)}: build it first (python -m shapes.build --out {a.world} "
+            "--until stills)"
+        )
+    record = pilot(world, a.name, a.steps, a.overrides, a.check, a.sample_steps)
     print(json.dumps({k: record[k] for k in ("name", "overrides", "steps", "check", "seconds")}))
     return record
 

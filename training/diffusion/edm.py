@@ -97,15 +97,6 @@ def loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
-def edm_loss(
-    denoised: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_data: float
-) -> torch.Tensor:
-    """Per-sample lambda(sigma) ||D(x; sigma) - x0||^2, mean over elements (PYoCo eq. 1); shape (B,).
-
-    `sigma_data` is the one the weight uses (`effective_sigma_data`)."""
-    return loss_weight(sigma, sigma_data) * (denoised - x0).pow(2).flatten(1).mean(dim=1)
-
-
 def sample_sigmas(
     n: int,
     p_mean: float = -1.2,
@@ -164,8 +155,3 @@ class Denoiser(nn.Module):
         model_pred = self.inner_model(x * append_dims(c_in, x.ndim), c_noise, **kwargs)
         denoised = x * append_dims(c_skip, x.ndim) + model_pred * append_dims(c_out, x.ndim)
         return (denoised, model_pred) if return_model_pred else denoised
-
-    def loss(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Per-sample lambda(sigma) ||D(x0 + sigma n; sigma) - x0||^2, mean over elements; shape (B,)."""
-        denoised = self(x0 + noise * append_dims(sigma, x0.ndim), sigma, **kwargs)
-        return edm_loss(denoised, x0, sigma, effective_sigma_data(self.kind, self.sigma_data))

@@ -66,7 +66,8 @@ class HarivoObjective(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.scheduler = ddpm_scheduler(cfg.diffusion)
-        self.register_buffer("sigmas", ddpm_sigmas(self.scheduler.alphas_cumprod), persistent=False)
+        self.register_buffer("alpha_bar", self.scheduler.alphas_cumprod.clone(), persistent=False)
+        self.register_buffer("sigmas", ddpm_sigmas(self.alpha_bar), persistent=False)
         self.queue = (
             NegativeQueue(cfg.loss.queue_size, hspace_channels)
             if hspace_channels is not None and cfg.loss.lambda_dc > 0
@@ -115,7 +116,7 @@ class HarivoObjective(nn.Module):
     def snr(self, level: torch.Tensor) -> torch.Tensor:
         """(B,) signal-to-noise ratio abar_t / (1 - abar_t) = 1 / sigma^2 of each level (0 at zero terminal SNR)."""
         if self.discrete:
-            a = self.scheduler.alphas_cumprod.to(level.device)[level]
+            a = self.alpha_bar[level]
             return a / (1 - a)
         return level.float().pow(-2)
 
@@ -134,7 +135,7 @@ class HarivoObjective(nn.Module):
         """(D(x), the model's raw output): x0 read from the UNet's epsilon or v ('ddpm'), or the EDM denoiser."""
         if self.discrete:
             model_pred = model(x, level, **kwargs)
-            a = append_dims(self.scheduler.alphas_cumprod.to(x.device)[level], x.ndim)
+            a = append_dims(self.alpha_bar[level], x.ndim)
             return prediction_to_x0(
                 model_pred.float(), x.float(), a, self.cfg.diffusion.prediction_type
             ), model_pred

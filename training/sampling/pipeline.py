@@ -158,10 +158,7 @@ class VideoPipeline:
 
     def _mg(self, eps: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
         g = self.cfg.guidance
-        # Algorithm 1 reads x0 from eps, undefined at zero terminal SNR's first step (abar = 0): no MG there.
-        if g.mg_alpha <= 0 or float(a_t) <= ZERO_SNR_ALPHA_BAR:
-            return eps
-        return mg_guidance(eps, x_t, a_t, g.mg_alpha, g.mg_reference_elements)
+        return mg_guidance(eps, x_t, a_t, g.mg_alpha, g.mg_reference_elements) if g.mg_alpha > 0 else eps
 
     # -- sampling --
 
@@ -281,7 +278,9 @@ class VideoPipeline:
                 a_t = schedule.alpha_bar[i].to(x_t.device)
                 pred = self._predict(self._model(i, steps), x_t, t.to(self.device), text, scale(i))
                 eps = v_to_eps(pred, x_t, a_t) if v_pred else pred
-                return self._mg(eps, x_t, a_t)
+                # Algorithm 1 reads x0 from eps, undefined at zero terminal SNR's first step (abar = 0): no MG there
+                # (the schedule's CPU value: no device sync).
+                return self._mg(eps, x_t, a_t) if schedule.alpha_bar[i] > ZERO_SNR_ALPHA_BAR else eps
 
             if s.kind == "ddim":
                 x = sample_ddim(eps_fn, x, schedule, step_noise, eta=s.eta)

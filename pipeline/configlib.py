@@ -9,19 +9,23 @@ The merge is OmegaConf's structured-config merge, so types are checked and `Lite
 only accept their listed values. Numeric fields are then checked against their ranges: each config
 dataclass lists one `Range` per int/float field in its `RANGES` class variable (a test holds every
 schema to that). Every failure is raised as `ConfigError` naming the key or field and where the bad
-value came from.
+value came from. Text files a user hands a CLI (presets, prompt lists) are read by `read_text` / `read_lines`,
+which name the file and line of bytes that are not UTF-8.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -112,6 +116,37 @@ class ConfigError(ValueError):
     """A config key that does not exist, or a value a field does not accept."""
 
 
+class TextFileError(ConfigError):
+    """A text file handed to a CLI (a preset, a prompt list) that cannot be read as what it should hold."""
+
+
+def read_text(path: str | Path) -> str:
+    """The UTF-8 text of a file a user handed a CLI (a leading BOM dropped). Bytes that are not UTF-8 raise
+    `TextFileError` naming the file and the line, not a bare UnicodeDecodeError."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise TextFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise TextFileError(
+            f"{path}, line {line}: not UTF-8 text ({exc.reason}: {data[exc.start : exc.end]!r}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def read_lines(path: str | Path, what: str = "lines") -> list[str]:
+    """The items of a user's one-per-line text file (prompts, captions): each line stripped, blank and
+    whitespace-only lines and `#` comments skipped; `TextFileError` when no `what` is left."""
+    items = [ln for ln in (line.strip() for line in read_text(path).splitlines()) if ln and ln[0] != "#"]
+    if not items:
+        raise TextFileError(f"{path}: no {what} in it (every line is blank or a # comment)")
+    return items
+
+
 def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
     full_key = getattr(exc, "full_key", None) or "?"
     first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -181,7 +216,14 @@ def _merge_preset(cfg: DictConfig, path: Path, chain: tuple[Path, ...]) -> DictC
         raise ConfigError(f"config file not found: {path}" + (f" (extended by {chain[-1]})" if chain else ""))
     if path.resolve() in chain:
         raise ConfigError(f"config file {path} extends itself: {' -> '.join(map(str, (*chain, path)))}")
-    preset = OmegaConf.load(path)
+    try:
+        preset = OmegaConf.load(io.StringIO(read_text(path)))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f", line {mark.line + 1}" if mark else ""
+        raise ConfigError(
+            f"config file {path}{where}: not valid YAML ({exc.problem or exc.context})"
+        ) from None
     if not isinstance(preset, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping, not {type(preset).__name__}")
     parents = preset.pop(EXTENDS, None)

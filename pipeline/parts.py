@@ -225,7 +225,9 @@ class Committer:
             try:
                 ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - logged; the run is failing already
-                log.warning("commit of shard %s failed too: %s", stem, exc)
+                # One line: a Ray task error's str is the task's whole traceback.
+                cause = getattr(exc, "cause", None) or exc
+                log.warning("commit of shard %s failed too: %s: %s", stem, type(cause).__name__, cause)
         self.pending.clear()
 
 

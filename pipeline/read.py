@@ -4,12 +4,16 @@ A small streaming tar parser instead of `ray.data.read_webdataset`, because a da
 its good samples plus a recorded rejection for the rest: `read_webdataset` fails the whole job on a
 non-UTF-8 caption and on a cut tar, and `max_errored_blocks` would drop the shard's good samples too.
 Each shard is one Ray Data read task; it ends with an `end` row holding the shard's sample count.
-Shards are `.tar`, or gzipped `.tar.gz` / `.tgz`.
+Shards are listed by name (`.tar`, `.tar.gz`, `.tgz`) but decompressed by their first bytes (`open_shard`):
+a crawler that gzips a shard without renaming it still writes `00002.tar`.
 """
 
 from __future__ import annotations
 
+import bz2
 import functools
+import lzma
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +32,17 @@ from pipeline.shards import list_shards as list_shards  # re-exported: the reade
 _BLOCK = 512
 _ZERO_BLOCK = b"\0" * _BLOCK
 _SKIP_CHUNK = 16 * 2**20  # bytes per read while streaming past an oversized member
+
+# A stream's compression, from its magic number (gzip: deflate only; bz2: a block or end-of-stream marker after
+# the level digit, so a plain tar whose first member is named "BZh..." stays a tar).
+COMPRESSION_MAGIC = {
+    "gzip": re.compile(rb"\x1f\x8b\x08"),
+    "zstd": re.compile(rb"\x28\xb5\x2f\xfd"),
+    "bz2": re.compile(rb"BZh[1-9](?:1AY&SY|\x17rE8P\x90)"),
+    "xz": re.compile(rb"\xfd7zXZ\x00"),
+}
+_SNIFF_BYTES = 10
+_STDLIB_READERS = {"bz2": bz2.BZ2File, "xz": lzma.LZMAFile}  # where pyarrow has no codec (xz: never)
 
 
 @dataclass(frozen=True)
@@ -282,18 +297,64 @@ class _ShardRows:
         return _timed_table([*self.rows, end], self.clock)
 
 
+def sniff_compression(head: bytes) -> str | None:
+    """The compression (`gzip`, `zstd`, `bz2`, `xz`) whose magic number starts `head`, a stream's first bytes;
+    None for an uncompressed stream."""
+    return next((name for name, magic in COMPRESSION_MAGIC.items() if magic.match(head)), None)
+
+
+def _pyarrow_reads(compression: str) -> bool:
+    try:
+        return pa.Codec.is_available(compression)
+    except ValueError:  # a name pyarrow has no codec for at all (xz)
+        return False
+
+
+class _Decompressed:
+    """A stdlib decompressor over a pyarrow stream, for the codecs this pyarrow lacks; closes both."""
+
+    def __init__(self, raw, reader):
+        self.raw, self.f = raw, reader(raw)
+
+    def read(self, n: int = -1) -> bytes:
+        return self.f.read(n)
+
+    def __enter__(self) -> _Decompressed:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.f.close()
+        finally:
+            self.raw.close()
+
+
 def open_shard(fs: pafs.FileSystem, shard: Shard):
-    """The shard's tar byte stream (gunzipped for `.tar.gz` / `.tgz`)."""
-    return fs.open_input_stream(shard.path, compression=shard.compression)
+    """(the shard's tar byte stream, its compression or None): decompressed by what its first bytes say, not
+    its name. An `OSError` names a compression that cannot be read here."""
+    with fs.open_input_stream(shard.path, compression=None) as f:
+        compression = sniff_compression(f.read(_SNIFF_BYTES))
+    raw = fs.open_input_stream(shard.path, compression=None)
+    if compression is None:
+        return raw, None
+    if _pyarrow_reads(compression):
+        return pa.CompressedInputStream(raw, compression), compression
+    if compression in _STDLIB_READERS:
+        return _Decompressed(raw, _STDLIB_READERS[compression]), compression
+    raw.close()
+    raise OSError(
+        f"{compression}-compressed shard: not supported (this pyarrow has no {compression} codec); "
+        "decompress it first"
+    )
 
 
 def _read_samples(shard: Shard, fs: pafs.FileSystem, cfg: ReadConfig, out: _ShardRows) -> Iterator[pa.Table]:
     try:
-        f = open_shard(fs, shard)
+        f, compression = open_shard(fs, shard)
     except OSError as exc:
         yield from out.fault(Reason.SHARD_UNREADABLE, str(exc))
         return
-    size = shard.size if shard.compression is None and shard.size else None
+    size = shard.size if compression is None and shard.size else None
     with f:
         try:
             for name, data in iter_tar(f, cfg.max_member_bytes, size):

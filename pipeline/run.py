@@ -203,7 +203,7 @@ def build_dataset(cfg: PipelineConfig, shards, fs):
 def run(cfg: PipelineConfig) -> dict:
     """Run the pipeline over `cfg.input` into `cfg.output`; returns the summary (also in summary.json)."""
     from pipeline.read import list_shards
-    from pipeline.write import OutputLock, OutputStore
+    from pipeline.write import OutOfSpace, OutputLock, OutputStore, out_of_space
 
     t_start = time.perf_counter()
     if not cfg.input or not cfg.output:
@@ -213,9 +213,26 @@ def run(cfg: PipelineConfig) -> dict:
     # given): inside a Ray job the resolved path is the job's temporary copy, different in every job.
     given = copy.deepcopy(cfg)
     prepare_models(cfg)
-    store = OutputStore(cfg.output)
-    with OutputLock(store, cfg.write.lock_stale_s):  # one run per output; held until the summary is written
-        return _curate(cfg, given, fs, shards, store, t_start)
+    store = None
+    try:
+        store = OutputStore(cfg.output)
+        # One run per output: the lock is held until the summary is written.
+        with OutputLock(store, cfg.write.lock_stale_s):
+            return _curate(cfg, given, fs, shards, store, t_start)
+    except Exception as exc:
+        if not out_of_space(exc):
+            raise
+        raise OutOfSpace(no_space_message(cfg.output, store, shards)) from exc
+
+
+def no_space_message(output: str, store, shards: list) -> str:
+    """One line for a run stopped by a full output disk. Nothing is lost: complete shards stay (a shard is
+    complete once both its files are renamed into place), the temp files left are removed by the next run."""
+    done = len(store.complete_stems() & {s.stem for s in shards}) if store is not None else 0
+    return (
+        f"--output {output} is out of space (no space left on device): {done} of {len(shards)} shards are "
+        "complete; free space, then run the same command to resume (complete shards are kept, the rest redone)"
+    )
 
 
 def _curate(cfg: PipelineConfig, given: PipelineConfig, fs, shards, store, t_start: float) -> dict:
@@ -357,6 +374,8 @@ def parse_args(argv: list[str] | None = None) -> PipelineConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.write import OutOfSpace
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = parse_args(argv)
@@ -364,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OutOfSpace as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(
         json.dumps(
             {

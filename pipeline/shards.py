@@ -22,7 +22,7 @@ from pipeline.raysession import where_resolved
 
 log = logging.getLogger(__name__)
 
-SHARD_EXTS = {".tar.gz": "gzip", ".tgz": "gzip", ".tar": None}  # shard extension -> stream compression
+SHARD_EXTS = (".tar.gz", ".tgz", ".tar")  # listed by name; decompressed by their bytes (`read.open_shard`)
 
 # Listing a remote input: a dead network or endpoint fails in seconds (the SDK defaults take minutes).
 S3_CONNECT_TIMEOUT_S = 5.0
@@ -40,8 +40,6 @@ class Shard:
     stem: str
     """Output file stem: `output_stem` of the path relative to the input root."""
     size: int
-    compression: str | None = None
-    """Stream compression of the tar (`gzip` for `.tar.gz` / `.tgz`)."""
 
 
 class InputUnavailable(FileNotFoundError):
@@ -198,10 +196,9 @@ def list_shards(spec: str) -> tuple[pafs.FileSystem, list[Shard]]:
             path=f.path,
             stem=output_stem(posixpath.relpath(f.path, root)),
             size=f.size or 0,
-            compression=SHARD_EXTS[ext],
         )
         for f in files
-        if (ext := shard_ext(f.path)) is not None
+        if shard_ext(f.path) is not None
     ]
     if len(files) > len(shards):
         log.info(

@@ -9,10 +9,15 @@ commit tasks of `pipeline.parts`, never on the driver.
 One run writes an output at a time: `OutputLock` holds `OUTPUT/pipeline.lock` (owner host, pid, heartbeat) for
 the whole run, and every writer's temp names are its own, so a second run can neither rename another's half
 written file nor delete it as a leftover.
+
+A full disk is the same as a kill: a temp file is left, and the next run removes it. `out_of_space` finds one in
+whatever Ray wrapped it in, so the CLIs (`pipeline.run`, and `training.run` for its checkpoints) can say so in one
+line (`OutOfSpace`) instead of a traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -22,6 +27,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +41,44 @@ from pipeline.configlib import ConfigError
 log = logging.getLogger(__name__)
 
 CLIPS_DIR, REJECTED_DIR = "clips", "rejected"
+
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# How a full disk reads where it arrives without its errno: Ray's re-raised worker errors, safetensors' Rust error.
+NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28")
+
+
+class OutOfSpace(RuntimeError):
+    """A write failed because its disk (or quota) is full; the message says what is kept and how to resume."""
+
+
+def find_error(exc: BaseException, match: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first error in `exc`'s chain that `match`es: causes and contexts, a Ray task error's `cause`, and a
+    Ray Train run's `worker_failures` and `controller_failure` (Ray re-raises a worker's error wrapped)."""
+    todo: list = [exc]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop(0)
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if match(e):
+            return e
+        failures = getattr(e, "worker_failures", None)
+        wrapped = [getattr(e, "cause", None), getattr(e, "controller_failure", None)]
+        todo += [e.__cause__, e.__context__, *wrapped]
+        todo += list(failures.values()) if isinstance(failures, dict) else []
+    return None
+
+
+def _no_space(e: BaseException) -> bool:
+    if isinstance(e, OutOfSpace) or (isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS):
+        return True
+    return any(text in str(e) for text in NO_SPACE_TEXT)
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether `exc` (or an error it wraps) is a full disk or an exceeded quota."""
+    return find_error(exc, _no_space) is not None
 
 
 class OutputStore:

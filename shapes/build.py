@@ -62,9 +62,7 @@ class Preset:
     evaluator_steps: int = 600
     vae_steps: int = 1500
     vae_down: int = 8  # the VAE's downsampling (`shapes.base.VAE_BLOCKS`): 8 (4x8x8 latents) or 4 (4x16x16)
-    vae_object_weight: float = (
-        4.0  # the object's pixels count 1 + this in the VAE's loss (docs/shapes/pilots.md P2)
-    )
+    vae_object_weight: float = 4.0  # the object's pixels count 1 + this in the VAE's loss (pilots.md P2)
     base_steps: int = 1500
     base_check: int = 128  # held-out captions the base draws for its check
     video_steps: int = 1000
@@ -307,14 +305,20 @@ def stage_video(out: Path, p: Preset, env: dict) -> dict:
     )
 
 
-def stage_eval(out: Path, p: Preset, env: dict) -> dict:
+def real_set(d: Path, n: int) -> Path:
+    """The evaluation's real set at `d`: >= 512 clean videos of the held-out combinations (written once)."""
     from fixtures.synth import write_shards
+
+    if not (d / "manifest.json").exists():
+        write_shards(d, 2, max(512, n) // 2, frames=24, fps=8, height=64, width=64, seed=2, split="val")
+    return d
+
+
+def stage_eval(out: Path, p: Preset, env: dict) -> dict:
     from shapes.strip import write_strip
 
     d, prompts = out / "eval", out / "shards" / "eval_prompts.txt"
-    n_real = max(512, p.eval_prompts * p.eval_videos_per_prompt)
-    if not (d / "real" / "manifest.json").exists():  # the real set: clean videos of the held-out combinations
-        write_shards(d / "real", 2, n_real // 2, frames=24, fps=8, height=64, width=64, seed=2, split="val")
+    real_set(d / "real", p.eval_prompts * p.eval_videos_per_prompt)
     rows = {}
     for name, extra in (("video", []), ("frames", ["--baseline", "frames"])):
         _run(

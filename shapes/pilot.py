@@ -9,6 +9,13 @@ check samples as the variant trains), trains the UNet through `training.run` (tr
 the overrides), installs it and runs the base's check (`check_base`). Writes WORLD/pilots/NAME/pilot.json:
 the overrides, steps, final training metrics, check summary and seconds. Append the result to
 docs/shapes/pilots.md.
+
+`--video BASE_PILOT` pilots the video model instead: training/configs/shapes_video.yaml + the overrides on the base
+that pilot trained, on WORLD/latents/videos (`shapes.build --until latents`), then `training.evaluate` with the
+world's evaluator on `--prompts` held-out prompts, beside the frame-by-frame baseline of the same base with the same
+sampler, CFG and MG (computed once per base pilot and prompt count):
+
+    python -m shapes.pilot --world runs/pilot --name xattn --video v_600 --steps 300 model.text_conditioning=cross_attention
 """
 
 from __future__ import annotations
@@ -23,13 +30,27 @@ from pathlib import Path
 
 from shapes.base import BASE_TRAIN_CONFIG, base_scheduler, check_base, install_unet, latent_size
 
+VIDEO_TRAIN_CONFIG = "training/configs/shapes_video.yaml"
+SAMPLE_CONFIG = "training/configs/sample_shapes.yaml"
 
-def pilot(world: Path, name: str, steps: int, overrides: list[str], check: int, sample_steps: int) -> dict:
+
+def pilot(
+    world: Path,
+    name: str,
+    steps: int,
+    overrides: list[str],
+    check: int,
+    sample_steps: int,
+    start: str | None = None,
+) -> dict:
+    """`start`: another pilot's name; its trained base is this one's starting point (a learning curve in legs)."""
     t0 = time.perf_counter()
     out = world / "pilots" / name
     base = out / "base"
+    if start:
+        overrides = ["model.from_scratch=false", *overrides]
     if not base.exists():
-        shutil.copytree(world / "base", base)
+        shutil.copytree(world / "pilots" / start / "base" if start else world / "base", base)
         shutil.rmtree(base / "scheduler")
         base_scheduler(BASE_TRAIN_CONFIG, overrides).save_pretrained(base / "scheduler")
     run_dir = out / "train"
@@ -42,12 +63,106 @@ def pilot(world: Path, name: str, steps: int, overrides: list[str], check: int, 
     t_train = time.perf_counter() - t0
     install_unet(base, run_dir / "export" / "unet")
     result = check_base(base, n=check, steps=sample_steps)
+    (out / "check.json").write_text(json.dumps(result, indent=1) + "\n")
     record = dict(
         name=name,
+        start=start,
         overrides=overrides,
         steps=steps,
         metrics=json.loads((run_dir / "result.json").read_text())["metrics"],
         check=result["summary"],
+        train_s=round(t_train, 1),
+        seconds=round(time.perf_counter() - t0, 1),
+    )
+    (out / "pilot.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _evaluate(
+    world: Path, checkpoint: Path, prompts: Path, out: Path, sample_steps: int, baseline: bool
+) -> dict:
+    """`training.evaluate` of `checkpoint` (or its frame baseline) on `prompts` with the world's evaluator."""
+    from shapes.build import real_set
+
+    args = ["--config", SAMPLE_CONFIG, "--checkpoint", str(checkpoint), "--prompts", str(prompts)]
+    args += ["--output", str(out), *(["--baseline", "frames"] if baseline else [])]
+    args += [
+        f"eval.domain_evaluator={world / 'evaluator'}",
+        f"eval.reference={real_set(world / 'eval' / 'real', 0)}",
+        f"eval.clip_model=local-dir:{world / 'clip' / 'clip'}",
+        "eval.allow_few_videos=true",
+        "output.videos_per_prompt=1",
+        f"sampler.steps={sample_steps}",
+    ]
+    if subprocess.call([sys.executable, "-m", "training.evaluate", *args]):
+        raise SystemExit(f"shapes.pilot: training.evaluate of {checkpoint} failed")
+    return json.loads((out / "report.json").read_text())["metrics"]
+
+
+METRICS = (
+    "motion_accuracy",
+    "colour_accuracy",
+    "shape_accuracy",
+    "background_accuracy",
+    "domain_fvd",
+    "domain_fid",
+)
+
+
+def video_pilot(
+    world: Path,
+    name: str,
+    base_pilot: str,
+    steps: int,
+    overrides: list[str],
+    n_prompts: int,
+    sample_steps: int,
+    start: str | None = None,
+) -> dict:
+    """Train the video model on `base_pilot`'s base and score it beside that base's frame baseline. `start`: an
+    earlier video pilot whose last checkpoint this one resumes (weights, optimiser, step), `steps` more steps."""
+    from shapes.build import eval_prompts
+
+    t0 = time.perf_counter()
+    out, base = world / "pilots" / name, world / "pilots" / base_pilot / "base"
+    if start:
+        before = json.loads((world / "pilots" / start / "pilot.json").read_text())
+        ckpt = sorted((world / "pilots" / start / "train").glob("checkpoint_*"))[-1]
+        overrides = [*before["overrides"], f"run.resume_from={ckpt}", *overrides]
+        steps += before["steps"]
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = out / "prompts.txt"
+    prompts.write_text("\n".join(eval_prompts(n_prompts)) + "\n")
+    run_dir = out / "train"
+    args = [
+        "--config",
+        VIDEO_TRAIN_CONFIG,
+        "--data",
+        str(world / "latents" / "videos"),
+        "--output",
+        str(run_dir),
+    ]
+    args += [f"model.pretrained={base}", f"model.latent_size={latent_size(base)}", f"optim.max_steps={steps}"]
+    if subprocess.call([sys.executable, "-m", "training.run", *args, *overrides]):
+        raise SystemExit("shapes.pilot: training.run failed")
+    t_train = time.perf_counter() - t0
+    video = _evaluate(world, run_dir, prompts, out / "eval", sample_steps, baseline=False)
+    frames_dir = world / "pilots" / base_pilot / f"frames_{n_prompts}_{sample_steps}"
+    if (frames_dir / "report.json").exists():
+        frames = json.loads((frames_dir / "report.json").read_text())["metrics"]
+    else:
+        frames = _evaluate(world, run_dir, prompts, frames_dir, sample_steps, baseline=True)
+    pick = lambda m: {k: round(m[k], 4) for k in METRICS if k in m}  # noqa: E731
+    record = dict(
+        name=name,
+        video_of=base_pilot,
+        start=start,
+        overrides=overrides,
+        steps=steps,
+        metrics=json.loads((run_dir / "result.json").read_text())["metrics"],
+        video=pick(video),
+        frame_baseline=pick(frames),
+        prompts=n_prompts,
         train_s=round(t_train, 1),
         seconds=round(time.perf_counter() - t0, 1),
     )
@@ -62,17 +177,45 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--check", type=int, default=64, help="held-out captions the check draws")
     p.add_argument("--sample-steps", type=int, default=15)
-    p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of shapes_base.yaml")
+    p.add_argument(
+        "--from",
+        dest="start",
+        help="continue this pilot (WORLD/pilots/NAME): its trained base, or its video run",
+    )
+    p.add_argument("--video", metavar="BASE_PILOT", help="pilot the video model on this base pilot's base")
+    p.add_argument("--prompts", type=int, default=32, help="held-out prompts a video pilot is scored on")
+    p.add_argument(
+        "overrides", nargs="*", help="KEY=VALUE overrides of shapes_base.yaml (shapes_video.yaml: --video)"
+    )
     a = p.parse_args(argv)
     world = Path(a.world).resolve()
+    if a.video:
+        missing = [
+            d for d in ("evaluator", "latents/videos", f"pilots/{a.video}/base") if not (world / d).is_dir()
+        ]
+        if missing:
+            p.error(
+                f"{world} has no {' or '.join(missing)}: python -m shapes.build --out {a.world} --until latents"
+            )
+        if a.start and not (world / "pilots" / a.start / "pilot.json").is_file():
+            p.error(f"{world}/pilots/{a.start} is not a finished pilot")
+        record = video_pilot(world, a.name, a.video, a.steps, a.overrides, a.prompts, a.sample_steps, a.start)
+        print(
+            json.dumps(
+                {k: record[k] for k in ("name", "video_of", "overrides", "steps", "video", "frame_baseline")}
+            )
+        )
+        return record
     missing = [d for d in ("base", "latents/stills") if not (world / d).is_dir()]
     if missing:
         p.error(
             f"{world} has no {' or '.join(missing)}: build it first (python -m shapes.build --out {a.world} "
             "--until stills)"
         )
-    record = pilot(world, a.name, a.steps, a.overrides, a.check, a.sample_steps)
-    print(json.dumps({k: record[k] for k in ("name", "overrides", "steps", "check", "seconds")}))
+    if a.start and not (world / "pilots" / a.start / "pilot.json").is_file():
+        p.error(f"{world}/pilots/{a.start} is not a finished pilot")
+    record = pilot(world, a.name, a.steps, a.overrides, a.check, a.sample_steps, a.start)
+    print(json.dumps({k: record[k] for k in ("name", "start", "overrides", "steps", "check", "seconds")}))
     return record
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.configlib import add_config_args, config_args, load_config, to_dict, to_json
+from pipeline.configlib import TextFileError, add_config_args, config_args, load_config, to_dict, to_json
 from training.evaluation.metrics import (
     clipsim,
     file_sha256,
@@ -218,8 +218,12 @@ def main(argv: list[str] | None = None) -> dict:
     add_config_args(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(SampleConfig, *config_args(a))
-    report = evaluate(a.checkpoint, read_prompts(a.prompts), a.output, cfg, baseline=a.baseline)
+    try:  # a user's text files: not UTF-8, or no prompt in the list (other config errors raise)
+        cfg = load_config(SampleConfig, *config_args(a))
+        prompts = read_prompts(a.prompts)
+    except TextFileError as exc:
+        p.exit(2, f"{p.prog}: error: {exc}\n")
+    report = evaluate(a.checkpoint, prompts, a.output, cfg, baseline=a.baseline)
     print(json.dumps({k: report[k] for k in ("num_videos", "frames", "height", "width", "fps", "metrics")}))
     return report
 

@@ -205,6 +205,27 @@ def train(cfg: TrainConfig, kind: str | None = None, callbacks: list | None = No
     return summary
 
 
+def no_space_message(exc: BaseException, cfg: TrainConfig) -> str:
+    """One line for a run stopped by a full disk: what could not be written, and the checkpoint the same command
+    resumes from (the latest Ray Train recorded: a checkpoint cut short by the full disk never is)."""
+    import ray.train
+
+    from pipeline.write import OutOfSpace, find_error
+
+    run_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+    found = find_error(exc, lambda e: isinstance(e, OutOfSpace))
+    what = (
+        str(found) if found is not None else f"out of space (no space left on device) writing under {run_dir}"
+    )
+    try:
+        latest = ray.train.Result.from_path(run_dir).checkpoint
+    except Exception:  # noqa: BLE001 - no checkpoint recorded yet (or none readable): said below
+        latest = None
+    if latest is None:
+        return f"{what}; no checkpoint was completed: free space, then run the same command to start again"
+    return f"{what}; the latest intact checkpoint is {latest.path}: free space, then run the same command to resume"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.split("\n\n")[0])
     add_config_args(p, default_preset=None)
@@ -224,12 +245,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.print_config:
         print(to_yaml(cfg))
         return
+    from pipeline.write import out_of_space
     from training.distributed.data import LatentStoreError
 
     try:
         summary = train(cfg)
     except (LatentStoreError, FileNotFoundError, ConfigError) as exc:
         sys.exit(f"training.run: {exc}")
+    except Exception as exc:
+        if not out_of_space(exc):
+            raise
+        sys.exit(f"training.run: {no_space_message(exc, cfg)}")
     print("\n=== training.run finished")
     print(f"  run dir:     {summary['run_dir']}")
     print(f"  checkpoint:  {summary['checkpoint']}")

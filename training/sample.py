@@ -23,7 +23,7 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline.configlib import add_config_args, config_args, from_dict, load_config
+from pipeline.configlib import TextFileError, add_config_args, config_args, from_dict, load_config
 from training.sampling.cascade import generate_cascade, load_cascade, parse_cascade
 from training.sampling.config import SampleConfig
 from training.sampling.loading import load_pipeline
@@ -61,10 +61,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return [replay(a.replay, a.output, a.checkpoint)]
     if bool(a.checkpoint) == bool(a.cascade):
         p.error("give exactly one of --checkpoint and --cascade (unless --replay)")
-    prompts = list(a.prompt) + (read_prompts(a.prompts) if a.prompts else [])
-    if not prompts:
-        p.error("give --prompt and/or --prompts")
-    cfg = load_config(SampleConfig, *config_args(a))
+    try:  # a user's text files: not UTF-8, or no prompt in the list (other config errors raise)
+        prompts = list(a.prompt) + (read_prompts(a.prompts) if a.prompts else [])
+        if not prompts:
+            p.error("give --prompt and/or --prompts")
+        cfg = load_config(SampleConfig, *config_args(a))
+    except TextFileError as exc:
+        p.exit(2, f"{p.prog}: error: {exc}\n")
     if a.cascade:
         records = generate_cascade(load_cascade(parse_cascade(a.cascade), cfg), prompts, a.output)
         print(f"wrote {len(records)} cascade videos to {a.output}")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
 
-from pipeline.configlib import ConfigError, flatten, load_config, to_yaml
+from pipeline.configlib import ConfigError, TextFileError, flatten, load_config, read_lines, to_yaml
 
 
 @dataclass
@@ -87,6 +88,31 @@ def test_validate_hook_and_malformed_inputs(tmp_path):
         load_config(DemoConfig, None, ["steps"])
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(DemoConfig, tmp_path / "missing.yaml")
+
+
+def test_a_users_text_file_names_the_file_and_line_of_bytes_that_are_not_utf8(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(b"a dog runs\n\n   \n# a note\na cat \xff jumps\nthe kite flies\n")
+    with pytest.raises(TextFileError, match=r"prompts.txt, line 5: not UTF-8 text .*xff"):
+        read_lines(path, "prompts")
+    # Blank and whitespace-only lines (tabs, a CRLF file's \r) and comments are skipped; a BOM is dropped.
+    path.write_bytes(codecs.BOM_UTF8 + b"  a dog runs\r\n\r\n \t \r\n# note\r\nthe kite flies\r\n")
+    assert read_lines(path, "prompts") == ["a dog runs", "the kite flies"]
+    path.write_text("\n   \n\t\n# only a comment\n")
+    with pytest.raises(TextFileError, match=r"prompts.txt: no prompts in it"):
+        read_lines(path, "prompts")
+    with pytest.raises(TextFileError, match=r"cannot read .*missing.txt"):
+        read_lines(tmp_path / "missing.txt")
+
+
+def test_a_preset_with_bad_bytes_or_bad_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_bytes(b"noise:\n  prior: mixed\nname: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"sweep.yaml, line 3: not UTF-8 text"):
+        load_config(DemoConfig, path)
+    path.write_text("noise:\n  prior: mixed\nname: : x\n")
+    with pytest.raises(ConfigError, match=r"config file .*sweep.yaml, line 3: not valid YAML"):
+        load_config(DemoConfig, path)
 
 
 def test_resolved_yaml_round_trips(preset, tmp_path):

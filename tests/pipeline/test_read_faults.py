@@ -1,12 +1,15 @@
 """Faults inside a shard are records, never exceptions: non-tars, garbage headers, huge claimed sizes, broken
-gzip, duplicate keys; output names that never collide; a remote input that fails fast (no Ray needed)."""
+gzip, compressed shards under a plain name, duplicate keys; output names that never collide; a remote input
+that fails fast (no Ray needed)."""
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
 import itertools
 import logging
+import lzma
 import os
 import socket
 import tarfile
@@ -14,10 +17,11 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from pipeline.config import ReadConfig
-from pipeline.read import list_shards, read_shard
+from pipeline.read import list_shards, read_shard, sniff_compression
 from pipeline.schema import Reason
 from pipeline.shards import SHARD_EXTS, Shard, _check_unique, output_stem
 
@@ -131,6 +135,66 @@ def test_a_corrupt_gzip_keeps_what_was_read_and_records_the_fault(tmp_path):
     fault = samples[-1]
     assert fault["reason"] == Reason.SHARD_UNREADABLE
     assert "s.tar.gz" in fault["message"] and "OSError" in fault["message"] and "OSError" in end["message"]
+
+
+def zstd_compress(data: bytes) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(sink, "zstd") as f:
+        f.write(data)
+    return sink.getvalue().to_pybytes()
+
+
+COMPRESS = {"gzip": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress, "zstd": zstd_compress}
+
+
+@pytest.mark.parametrize("kind", sorted(COMPRESS))
+def test_a_compressed_shard_is_read_by_its_bytes_whatever_its_name(tmp_path, kind):
+    # What a crawler that compresses without renaming writes: `00002.tar` holding a gzip (or zstd, ...) stream.
+    members = sample("a") + sample("b")[::2] + sample("c")  # b has no caption: a per-key rejection
+    plain = tar_bytes(members)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "00002.tar").write_bytes(plain)
+    (tmp_path / "00002.tar").write_bytes(COMPRESS[kind](plain))
+    (tmp_path / "plain_named.tar.gz").write_bytes(plain)  # and the other way round: a plain tar named .tar.gz
+    assert sniff_compression((tmp_path / "00002.tar").read_bytes()[:10]) == kind
+    expected, _ = read_all(tmp_path / "plain" / "00002.tar")
+    assert outcome(expected) == [("a", ""), ("b", Reason.MISSING_CAPTION), ("c", "")]
+    for name in ("00002.tar", "plain_named.tar.gz"):
+        samples, end = read_all(tmp_path / name)
+        assert outcome(samples) == outcome(expected) and end["message"] == "", name
+        assert [r["media_bytes"] for r in samples] == [r["media_bytes"] for r in expected]
+
+
+def test_a_plain_tar_whose_first_member_looks_like_a_magic_number_stays_a_tar(tmp_path):
+    (tmp_path / "s.tar").write_bytes(tar_bytes(sample("BZh9") + sample("x")))
+    assert sniff_compression((tmp_path / "s.tar").read_bytes()[:10]) is None
+    samples, _ = read_all(tmp_path / "s.tar")
+    assert outcome(samples) == [("BZh9", ""), ("x", "")]
+
+
+class _CodecsWithout:
+    """`pyarrow.Codec` of a build without some codecs."""
+
+    def __init__(self, *missing: str):
+        self.missing = missing
+
+    def is_available(self, name: str) -> bool:
+        return name not in self.missing
+
+
+def test_codecs_pyarrow_lacks_are_read_by_python_or_named_in_the_rejection(tmp_path, monkeypatch):
+    plain = tar_bytes(sample("a"))
+    (tmp_path / "b.tar").write_bytes(bz2.compress(plain))
+    (tmp_path / "z.tar").write_bytes(zstd_compress(plain))
+    monkeypatch.setattr(pa, "Codec", _CodecsWithout("bz2", "zstd"))
+    samples, _ = read_all(tmp_path / "b.tar")  # Python's bz2 module reads it instead
+    assert outcome(samples) == [("a", "")]
+    samples, end = read_all(tmp_path / "z.tar")  # no reader here: the shard's one record says why
+    assert outcome(samples) == [("", Reason.SHARD_UNREADABLE)]
+    assert (
+        "z.tar" in samples[0]["message"] and "zstd-compressed shard: not supported" in samples[0]["message"]
+    )
+    assert "decompress it first" in samples[0]["message"]
 
 
 def test_duplicate_keys_keep_the_first_copy(tmp_path):

@@ -1,7 +1,9 @@
-"""Write stage: one run per output (the lock) and temp names no other writer shares."""
+"""Write stage: one run per output (the lock), temp names no other writer shares, a full disk found in whatever
+Ray wraps it in."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -15,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.run import main
-from pipeline.write import OutputLock, OutputLocked, OutputStore
+from pipeline.write import OutOfSpace, OutputLock, OutputLocked, OutputStore, find_error, out_of_space
 from tests.pipeline.conftest import DEMO, zoo_overrides
 
 
@@ -127,3 +129,25 @@ def test_tensor_columns_are_written_without_a_dictionary(demo_latents):
     for name in tensors:
         assert not any("DICTIONARY" in e for e in encodings[name]), (name, encodings[name])
     assert any("DICTIONARY" in e for e in encodings["caption"])
+
+
+def test_a_full_disk_is_found_in_whatever_ray_wraps_it_in():
+    import ray.exceptions
+    import ray.train
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    task = ray.exceptions.RayTaskError("commit_shard", "Traceback ...\nOSError: [Errno 28] ...", full)
+    assert task.as_instanceof_cause().errno is None  # Ray's OSError twin drops the errno: its cause has it
+    assert out_of_space(full) and out_of_space(task) and out_of_space(task.as_instanceof_cause())
+    group = ray.train.WorkerGroupError(
+        "rank 1 failed", {0: RuntimeError("peer gone"), 1: OutOfSpace("step 6")}
+    )
+    assert out_of_space(group) and str(find_error(group, lambda e: isinstance(e, OutOfSpace))) == "step 6"
+    try:
+        raise RuntimeError("upload failed") from OSError(errno.EDQUOT, "Disk quota exceeded")
+    except RuntimeError as exc:
+        assert out_of_space(exc)
+    assert out_of_space(
+        RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    )
+    assert not out_of_space(OSError(errno.EACCES, "Permission denied")) and not out_of_space(ValueError("x"))

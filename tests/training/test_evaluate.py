@@ -25,6 +25,17 @@ def test_harivo_prompt_file_has_the_100_prompts():
     assert prompts[99] == "The cat is transforming into a human."
 
 
+def test_a_prompt_file_with_bad_bytes_exits_2_naming_the_file_and_line(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"a dog runs\n\xc3\x28 is not UTF-8\n")
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(
+            ["--checkpoint", str(tmp_path), "--prompts", str(prompts), "--output", str(tmp_path / "o")]
+        )
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "prompts.txt, line 2: not UTF-8 text" in err and "Traceback" not in err
+
+
 def test_tiny_i3d_has_the_stylegan_v_signature(tmp_path):
     detector = load_i3d(build_tiny_i3d(tmp_path / "i3d.pt"))
     x = torch.rand(3, 3, 4, 64, 64) * 2 - 1  # (B, 3, F, H, W) in [-1, 1]

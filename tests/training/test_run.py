@@ -101,3 +101,24 @@ def test_sd21_refuses_discrete_levels_other_than_the_bases(tiny_zoo):
     check_discrete_levels(load_config(TrainConfig, pyoco, [f"model.pretrained={tiny_zoo.sd}"]))  # matches
     for preset in ("pyoco_base.yaml", "pyoco_interp.yaml", "pyoco_sr.yaml", "pyoco_progressive.yaml"):
         assert load_config(TrainConfig, CONFIGS / preset).diffusion.beta_schedule == "scaled_linear", preset
+
+
+def test_a_full_disk_ends_training_run_with_one_line(tmp_path, monkeypatch):
+    """What `training.run` prints when a worker's checkpoint met a full disk (Ray Train re-raises the worker's
+    `OutOfSpace` inside its own error); the end to end run is in `distributed/test_worker.py`."""
+    import ray.train
+
+    from pipeline.write import OutOfSpace
+    from training import run as cli
+
+    cut = "out of space (no space left on device) writing the checkpoint of step 6 to R/checkpoint_00000006 (rank 1)"
+
+    def train(cfg):
+        raise ray.train.WorkerGroupError("rank 1 failed", {0: RuntimeError("peer gone"), 1: OutOfSpace(cut)})
+
+    monkeypatch.setattr(cli, "train", train)
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--output", str(tmp_path / "run")])
+    assert exit.value.code == (
+        f"training.run: {cut}; no checkpoint was completed: free space, then run the same command to start again"
+    )

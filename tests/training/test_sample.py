@@ -71,6 +71,24 @@ def test_cli_writes_videos_and_regenerates_exactly_from_the_json(tiny_checkpoint
     assert again["seed"] == 1 and torch.equal(got, want)
 
 
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"a dog runs\n\na cat \xff\xfe jumps\n", "prompts.txt, line 3: not UTF-8 text"),
+        (b"\n   \n\t\n", "prompts.txt: no prompts in it"),
+    ],
+)
+def test_a_prompt_file_with_bad_bytes_or_no_prompt_exits_2_naming_it(data, message, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(data)
+    args = ["--checkpoint", str(tmp_path), "--prompts", str(prompts), "--output", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit:
+        sample.main(args)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_cli_errors_name_the_problem(tiny_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="sampler.stepz"):
         sample.main(

@@ -30,6 +30,22 @@ def _rows(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def test_a_sweep_preset_or_prompt_list_with_bad_bytes_is_refused_naming_the_file_and_line(tmp_path):
+    from tuning.run import main
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_bytes((CONFIGS / "demo_sampling.yaml").read_bytes() + b"# r\xe9sum\xe9\n")
+    lines = len(sweep.read_bytes().splitlines())
+    with pytest.raises(SystemExit, match=rf"tuning.run: .*sweep.yaml, line {lines}: not UTF-8 text"):
+        main(["--config", str(sweep), "--check"])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"a red circle moves left\n\n  \nthe \xff square\n")
+    sweep.write_bytes((CONFIGS / "demo_sampling.yaml").read_bytes())
+    args = ["--config", str(sweep), f"sampling.prompts={prompts}", "--checkpoint", str(tmp_path), "--check"]
+    with pytest.raises(SystemExit, match=r"tuning.run: .*prompts.txt, line 4: not UTF-8 text"):
+        main(args)
+
+
 @pytest.mark.slow
 def test_sampling_sweep_writes_a_best_preset_that_samples(ray_local, zoo_env, tiny_checkpoint, tmp_path):
     out = tmp_path / "sweep"

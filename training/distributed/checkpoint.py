@@ -14,6 +14,11 @@ files are read with weights_only=True and an allow-list (`engine.read_shard_file
 A run's latest checkpoint that cannot be read is skipped for the newest intact one of the run (the ranks
 agree on which); an explicit `run.resume_from` that cannot be read is an error naming the file.
 
+A checkpoint is the run's latest only once Ray Train has every rank's files in storage (it then records it in
+the run's `checkpoint_manager_snapshot.json`, which a re-run resumes from). A save that runs out of space leaves
+a partial `checkpoint_<step>/` that is never recorded, so never resumed from (the step's next save writes over
+it), and stops the run with `OutOfSpace`, which `training.run` reports in one line.
+
 `save_checkpoint` / `restore` are what the loop calls; exports (the trained weights on their own, for
 sampling) are written by `training/model/export.py`.
 """
@@ -36,6 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.configlib import to_yaml
+from pipeline.write import OutOfSpace, out_of_space
 from training.config import TrainConfig
 from training.distributed import engine as ds
 from training.distributed.engine import CheckpointError
@@ -255,15 +261,35 @@ def save_checkpoint(
     """Report `metrics` with a checkpoint of step `state.step`.
 
     Every rank writes its own DeepSpeed shard into its own temp dir; Ray Train merges them into one
-    checkpoint directory in storage (ray #33369: rank-0-only saving loses the other shards)."""
+    checkpoint directory in storage (ray #33369: rank-0-only saving loses the other shards). A full disk, here
+    or in storage, raises `OutOfSpace` naming the step and where."""
     directory = Path(tempfile.mkdtemp(prefix="t2v-ckpt-"))
+    name, local = dir_name(state.step), True
     try:
         ds.save_shard(engine, directory)
         write_rank_files(directory, rank, state, generator, objective, cfg)
+        local = False  # the files are whole; Ray Train copies them into the run's storage
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-            checkpoint_dir_name=dir_name(state.step),
+            checkpoint_dir_name=name,
         )
+    except Exception as exc:
+        # torch.save on a full disk says only "unexpected pos": then the temp dir's free space tells.
+        if not (out_of_space(exc) or (local and _disk_full(directory))):
+            raise
+        run_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+        where = f"this worker's temp dir {directory}" if local else f"{run_dir}/{name}"
+        raise OutOfSpace(
+            f"out of space (no space left on device) writing the checkpoint of step {state.step} to {where} "
+            f"(rank {rank})"
+        ) from exc
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _disk_full(path: Path, margin: int = 2**20) -> bool:
+    try:
+        return shutil.disk_usage(path).free < margin
+    except OSError:
+        return False

@@ -20,6 +20,8 @@ import json
 import re
 from pathlib import Path
 
+from pipeline.configlib import read_text
+
 UCF101_CLASSES = (
     "ApplyEyeMakeup ApplyLipstick Archery BabyCrawling BalanceBeam BandMarching BaseballPitch Basketball "
     "BasketballDunk BenchPress Biking Billiards BlowDryHair BlowingCandles BodyWeightSquats Bowling "
@@ -59,11 +61,11 @@ def ucf101_videos(root: str | Path, split: str = "test", fold: int = 1) -> list[
         raise FileNotFoundError(
             f"{root} is not a UCF-101 copy: expected UCF-101/<Class>/*.avi and ucfTrainTestlist/ beside it"
         )
-    classes = [line.split()[1] for line in (lists / "classInd.txt").read_text().split("\n") if line.strip()]
+    classes = [line.split()[1] for line in read_text(lists / "classInd.txt").split("\n") if line.strip()]
     if [c.lower() for c in classes] != [c.lower() for c in UCF101_CLASSES]:
         raise ValueError(f"{lists}/classInd.txt does not list UCF-101's 101 classes in the released order")
     out = []
-    for line in (lists / f"{split}list{fold:02d}.txt").read_text().split("\n"):
+    for line in read_text(lists / f"{split}list{fold:02d}.txt").split("\n"):
         if not line.strip():
             continue
         rel = line.split()[0]  # "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi" (+ " 1" in trainlists)
@@ -80,7 +82,7 @@ def ucf101_videos(root: str | Path, split: str = "test", fold: int = 1) -> list[
 
 def msrvtt_captions(annotation: str | Path, split: str | None = "test") -> list[tuple[str, str]]:
     """(video_id, caption) of every sentence of the videos of `split` (None: all) in an MSR-VTT annotation file."""
-    data = json.loads(Path(annotation).read_text())
+    data = json.loads(read_text(annotation))
     if "sentences" not in data or "videos" not in data:
         raise ValueError(f"{annotation}: not an MSR-VTT annotation file (no 'videos' / 'sentences')")
     keep = {v["video_id"] for v in data["videos"] if split is None or v.get("split") == split}
@@ -117,8 +119,12 @@ def main(argv: list[str] | None = None) -> None:
     if a.command == "ucf101-prompts":
         print("\n".join(ucf101_prompt(c) for c in UCF101_CLASSES))
         return
+    try:  # the user's annotation file: bad bytes, not JSON, not MSR-VTT's layout
+        captions = msrvtt_captions(a.annotation, a.split)
+    except ValueError as exc:
+        p.exit(2, f"{p.prog}: error: {exc}\n")
     seen: set[str] = set()
-    for video_id, caption in msrvtt_captions(a.annotation, a.split):
+    for video_id, caption in captions:
         if a.all_captions or video_id not in seen:
             seen.add(video_id)
             print(caption)

@@ -86,7 +86,8 @@ def _shard_videos(spec: str) -> Iterator[tuple[str, bytes]]:
 
     fs, shards = list_shards(spec)
     for shard in shards:
-        with open_shard(fs, shard) as f:  # gunzipped for .tar.gz / .tgz
+        f, _ = open_shard(fs, shard)  # decompressed by its first bytes, whatever its name
+        with f:
             for name, data in iter_tar(f):
                 key, ext = split_key(name)
                 if f".{ext.lower()}" in VIDEO_EXTS and not isinstance(data, Skipped):  # Skipped: over 1 GiB

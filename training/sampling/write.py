@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pipeline.configlib import to_dict, to_json
+from pipeline.configlib import read_lines, to_dict, to_json
 from training.sampling.config import SampleConfig
 from training.sampling.pipeline import VideoPipeline
 from training.sampling.video_io import write_gif, write_mp4
@@ -29,12 +29,9 @@ def _slug(text: str, limit: int = 40) -> str:
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per non-empty line; lines starting with '#' are comments."""
-    lines = [ln.strip() for ln in Path(path).read_text().splitlines()]
-    prompts = [ln for ln in lines if ln and not ln.startswith("#")]
-    if not prompts:
-        raise ValueError(f"no prompts in {path}")
-    return prompts
+    """One prompt per non-blank line; lines starting with '#' are comments. `TextFileError` (a `ConfigError`)
+    names the file and line of bytes that are not UTF-8, or says the file holds no prompt."""
+    return read_lines(path, "prompts")
 
 
 Job = tuple[str, int]

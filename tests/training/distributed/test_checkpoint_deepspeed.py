@@ -2,12 +2,15 @@
 DeepSpeed engines on CPU in one gloo process (world size 1) around a tiny two-layer model.
 
 Resuming must never unpickle arbitrary objects (a planted pickle ran in every worker), must name the file
-it cannot read, and must fall back from an unreadable latest checkpoint to the newest intact one."""
+it cannot read, and must fall back from an unreadable latest checkpoint to the newest intact one. Saving onto a
+full disk says so (`OutOfSpace`), and the checkpoint it cut short is never resumed from."""
 
 from __future__ import annotations
 
+import errno
 import shutil
 import socket
+from pathlib import Path
 
 import pytest
 import ray.train
@@ -16,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.configlib import load_config
+from pipeline.write import OutOfSpace
 from training.config import TrainConfig
 from training.diffusion.objective import HarivoObjective
 from training.distributed import checkpoint as ckpt
@@ -252,3 +256,73 @@ def test_an_unreadable_explicit_checkpoint_fails_naming_the_file(run_dir):
     with pytest.raises(ds.CheckpointError, match=f"{spoiled} is unreadable"):
         ckpt.resume(engine, explicit, 0, torch.Generator(), HarivoObjective(cfg, HSPACE), fallback=False)
     assert all(torch.equal(weights(engine, model)[k], v) for k, v in before.items())  # nothing loaded
+
+
+def test_a_full_disk_while_saving_is_out_of_space_and_the_cut_checkpoint_is_never_resumed(
+    run_dir, monkeypatch
+):
+    monkeypatch.setattr(ckpt, "_skipped_names", set())
+    run, at = run_dir
+    cfg = config(2)
+    cfg.run.storage_path, cfg.run.name = str(run.parent), run.name
+    engine, _ = engine_for(cfg, seed=0)
+    temp_dirs = []
+
+    def report(metrics, checkpoint, checkpoint_dir_name):
+        """Ray Train copying this rank's files into the run's storage, until the disk is full: half of them whole,
+        the next cut short (Ray records a checkpoint as the run's latest only once every rank's files are in)."""
+        source = Path(checkpoint.path)
+        temp_dirs.append(source)
+        files = sorted(p for p in source.rglob("*") if p.is_file())
+        for k, path in enumerate(files[: len(files) // 2 + 1]):
+            target = run / checkpoint_dir_name / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            data = path.read_bytes()
+            target.write_bytes(data if k < len(files) // 2 else data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ray.train, "report", report)
+    objective = HarivoObjective(cfg, HSPACE)
+    with pytest.raises(OutOfSpace, match=rf"checkpoint of step 9 to {run}/checkpoint_00000009 \(rank 0\)$"):
+        ckpt.save_checkpoint(engine, TrainerState(step=9), torch.Generator(), objective, cfg, 0, {})
+    assert not temp_dirs[0].exists() and any((run / "checkpoint_00000009").rglob("*.pt"))
+
+    # Resuming the run (Ray's latest is still step 6) never looks at the cut step-9 directory, even when step 6
+    # turns out unreadable: the fallback goes to older checkpoints only.
+    fresh, fresh_model = engine_for(cfg, seed=9)
+    latest = ray.train.Checkpoint(str(run / "checkpoint_00000006"))
+    used, state = ckpt.resume(
+        fresh, latest, 0, torch.Generator(), HarivoObjective(cfg, HSPACE), fallback=True
+    )
+    assert used.path == latest.path and state == TrainerState(step=6)
+    assert all(torch.equal(weights(fresh, fresh_model)[k], v) for k, v in at[6].items())
+    spoil_shard(run / "checkpoint_00000006", None)
+    used, state = ckpt.resume(
+        fresh, latest, 0, torch.Generator(), HarivoObjective(cfg, HSPACE), fallback=True
+    )
+    assert used.path == str(run / "checkpoint_00000003") and state == TrainerState(step=3)
+
+
+def test_a_full_local_temp_dir_is_out_of_space_too_and_other_errors_pass_through(run_dir, monkeypatch):
+    from safetensors import SafetensorError
+
+    run, _ = run_dir
+    cfg = config(2)
+    cfg.run.storage_path, cfg.run.name = str(run.parent), run.name
+    engine, _ = engine_for(cfg, seed=0)
+
+    def write_rank_files_on_a_full_disk(directory, *args):
+        (directory / "rank0.safetensors").write_bytes(b"cut")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "write_rank_files", write_rank_files_on_a_full_disk)
+    objective = HarivoObjective(cfg, HSPACE)
+    with pytest.raises(OutOfSpace, match=r"checkpoint of step 9 to this worker's temp dir .*t2v-ckpt-"):
+        ckpt.save_checkpoint(engine, TrainerState(step=9), torch.Generator(), objective, cfg, 0, {})
+
+    def write_rank_files_failing(directory, *args):
+        raise RuntimeError("a bug, not a full disk")
+
+    monkeypatch.setattr(ckpt, "write_rank_files", write_rank_files_failing)
+    with pytest.raises(RuntimeError, match="a bug, not a full disk"):
+        ckpt.save_checkpoint(engine, TrainerState(step=9), torch.Generator(), objective, cfg, 0, {})

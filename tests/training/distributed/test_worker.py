@@ -6,6 +6,7 @@ pipeline's Parquet streamed through Ray Data, checkpoints persisted by Ray Train
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -325,3 +326,74 @@ def test_a_truncated_shard_on_one_rank_resumes_both_from_the_previous_checkpoint
         "checkpoint_00000009",
     ]
     assert (run_dir / "checkpoint_00000006_1" / "rank1.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_dir_that_fills_up_keeps_the_last_intact_checkpoint_and_the_same_command_resumes(
+    ray_local, tiny_zoo, store, tmp_path, uninterrupted, monkeypatch
+):
+    import ray.train
+
+    from training import run as cli
+    from training.distributed import worker
+
+    run_dir = tmp_path / "full"
+    train_fn = worker.train_fn_per_worker
+
+    def train_fn_on_a_filling_disk(config):
+        """The real loop, in each Ray Train worker, except that the run's disk fills while Ray Train copies rank
+        1's step-6 files into it (rank 0's go in whole): half of them whole, the next cut short."""
+        import pyarrow.fs
+
+        copy_files = pyarrow.fs.copy_files
+
+        def filling(source, destination, *args, **kwargs):
+            if (
+                not destination.endswith("checkpoint_00000006")
+                or ray.train.get_context().get_world_rank() != 1
+            ):
+                return copy_files(source, destination, *args, **kwargs)
+            files = sorted(p for p in Path(source).rglob("*") if p.is_file())
+            for k, path in enumerate(files[: len(files) // 2 + 1]):
+                target = Path(destination) / path.relative_to(source)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                data = path.read_bytes()
+                target.write_bytes(data if k < len(files) // 2 else data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        pyarrow.fs.copy_files = filling
+        train_fn(config)
+
+    monkeypatch.setattr(worker, "train_fn_per_worker", train_fn_on_a_filling_disk)  # what build_trainer runs
+    args = [
+        "--config",
+        str(DEMO),
+        "--data",
+        str(store),
+        "--output",
+        str(run_dir),
+        f"model.pretrained={tiny_zoo.sd}",
+        f"optim.max_steps={STEPS}",
+        "optim.warmup_steps=2",
+        "run.checkpoint_every=3",
+        "run.log_every=3",
+        "run.val_every=0",
+        "run.max_failures=0",
+    ]
+    with pytest.raises(SystemExit) as exit:
+        cli.main(args)
+    assert exit.value.code == (
+        f"training.run: out of space (no space left on device) writing the checkpoint of step 6 to "
+        f"{run_dir}/checkpoint_00000006 (rank 1); the latest intact checkpoint is {run_dir}/checkpoint_00000003: "
+        "free space, then run the same command to resume"
+    )
+    assert (run_dir / "checkpoint_00000006" / "rank0.safetensors").is_file()  # the cut checkpoint is there...
+    assert ray.train.Result.from_path(str(run_dir)).checkpoint.path == str(run_dir / "checkpoint_00000003")
+
+    monkeypatch.undo()  # space freed: ...but the same command resumes from step 3 and ends as an uninterrupted run
+    shutil.rmtree(
+        run_dir / "export", ignore_errors=True
+    )  # rank 0 may have exported before the run was stopped
+    summary = _train(_cfg(tiny_zoo, store, run_dir))
+    assert summary["metrics"]["step"] == STEPS and Path(summary["checkpoint"]).name == "checkpoint_00000006"
+    _assert_same_weights(_weights(run_dir), _weights(uninterrupted[0]), atol=1e-5)

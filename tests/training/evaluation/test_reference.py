@@ -3,7 +3,11 @@ MSR-VTT copies read in their released layouts."""
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
+import lzma
+import tarfile
 
 import numpy as np
 import pytest
@@ -69,6 +73,23 @@ def test_shards_and_the_store_they_made_give_the_same_real_set(demo_shards, demo
     assert torch.equal(from_shards, from_store)
 
 
+def test_a_compressed_shard_named_tar_is_read_by_its_bytes(tmp_path):
+    # The reference reader shares the pipeline's `open_shard`: a gzip (or xz, ...) stream named `.tar` is read.
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for k in range(2):
+            data = _ramp(tmp_path / f"v{k}.mp4").read_bytes()
+            info = tarfile.TarInfo(f"{k:05d}.mp4")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "00000.tar").write_bytes(gzip.compress(buf.getvalue()))
+    (shards / "00001.tar").write_bytes(lzma.compress(buf.getvalue()))
+    videos, protocol = real_clips(str(shards), 10, 5, 16, 16, stride=1, seed=0)
+    assert protocol.kind == "shards" and protocol.num_videos == 4 and videos.shape == (4, 5, 3, 16, 16)
+
+
 def _ucf101_copy(root, tmp_path):
     lists = root / "ucfTrainTestlist"
     lists.mkdir(parents=True)
@@ -131,6 +152,17 @@ def test_msrvtt_reader(tmp_path):
     assert msrvtt_video_path(tmp_path, "video7010") == tmp_path / "TestVideo" / "video7010.mp4"
     with pytest.raises(FileNotFoundError):
         msrvtt_video_path(tmp_path, "video1")
+
+
+def test_a_caption_file_with_bad_bytes_is_refused_naming_the_file_and_line(tmp_path, capsys):
+    from training.evaluation.datasets import main
+
+    annotation = tmp_path / "test_videodatainfo.json"
+    annotation.write_bytes(b'{"videos": [],\n "sentences": [{"caption": "caf\xe9"}]}\n')
+    with pytest.raises(SystemExit) as exit:
+        main(["msrvtt-prompts", str(annotation)])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "test_videodatainfo.json, line 2: not UTF-8 text" in err
 
 
 def test_the_shipped_ucf101_prompt_file_is_the_class_list():

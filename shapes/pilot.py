@@ -127,7 +127,7 @@ def video_pilot(
     out, base = world / "pilots" / name, world / "pilots" / base_pilot / "base"
     if start:
         before = json.loads((world / "pilots" / start / "pilot.json").read_text())
-        ckpt = sorted((world / "pilots" / start / "train").glob("checkpoint_*"))[-1]
+        ckpt = sorted((world / "pilots" / start / "train").glob("checkpoint_[0-9]*"))[-1]
         overrides = [*before["overrides"], f"run.resume_from={ckpt}", *overrides]
         steps += before["steps"]
     out.mkdir(parents=True, exist_ok=True)

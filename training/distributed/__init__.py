@@ -3,7 +3,7 @@
 
 `worker.py` the per-rank loop (`train_fn_per_worker`), `data.py` the Parquet latent store as Ray Datasets
 and batch collation, `engine.py` DeepSpeed (ZeRO, precision, shards), `checkpoint.py` checkpoints (save,
-restore), `progress.py` the step meter, progress line and TensorBoard.
+restore), `reshard.py` resuming one on another number of workers, `progress.py` the step meter, progress line and TensorBoard.
 
 May import every other room of `training/` and `pipeline`; nothing imports it but the drivers.
 """

@@ -5,8 +5,11 @@ appended when a resume skipped that name as unreadable, see `dir_name`):
 
     deepspeed/                         every rank's ZeRO shard (no frozen base: exclude_frozen_parameters)
     rank{r}.safetensors                rank r's noise generator state and L_DC negative queue
-    trainer_state.json                 step, epoch, batches done in the epoch, image stream position (rank 0)
+    trainer_state.json                 step, epoch, batches done in the epoch, image stream position, world
+                                       size (rank 0)
     config.yaml                        the fully resolved TrainConfig (rank 0)
+    full_state.safetensors             ZeRO 1-2: the trainable weights + AdamW moments whole, for resuming on
+                                       another number of workers (rank 0; `reshard.py`)
 
 Resuming unpickles no arbitrary object: rank files are safetensors, trainer state is JSON, DeepSpeed's
 files are read with weights_only=True and an allow-list (`engine.read_shard_file`); older pickled
@@ -37,6 +40,7 @@ from pathlib import Path
 import pyarrow.fs
 import ray.train
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -44,6 +48,7 @@ from pipeline.configlib import to_yaml
 from pipeline.write import OutOfSpace, out_of_space
 from training.config import TrainConfig
 from training.distributed import engine as ds
+from training.distributed import reshard
 from training.distributed.engine import CheckpointError
 from training.distributed.progress import say
 
@@ -71,6 +76,12 @@ class TrainerState:
     image_epoch: int = 0
     """Joint image-video training: passes over this rank's image shard, and batches drawn in the current one."""
     image_batches: int = 0
+    world_size: int = 0
+    """Workers of the run that wrote it; 0 (older checkpoints, which lack the field): this run's own."""
+
+
+OPTIONAL_FIELDS = {"world_size"}
+"""Fields an older trainer_state.json may lack."""
 
 
 def rank_file(directory: Path, rank: int) -> Path:
@@ -107,10 +118,11 @@ def read_trainer_state(path: Path) -> TrainerState:
         raise CheckpointError(f"{path} is unreadable: {e}") from e
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected an object with fields {names}, got {raw!r}")
-    unknown, missing = sorted(raw.keys() - set(names)), [n for n in names if n not in raw]
+    unknown = sorted(raw.keys() - set(names))
+    missing = [n for n in names if n not in raw and n not in OPTIONAL_FIELDS]
     if unknown or missing:
         raise CheckpointError(f"{path}: unknown fields {unknown}, missing fields {missing}")
-    for name in names:
+    for name in raw:
         value = raw[name]
         if type(value) is not int or value < 0:  # bool is an int to isinstance
             raise CheckpointError(f"{path}: field '{name}' must be a non-negative integer, got {value!r}")
@@ -146,31 +158,50 @@ def read_rank_tensors(directory: Path, rank: int) -> tuple[torch.Tensor, dict[st
 
 
 def read_rank_files(
-    directory: Path, rank: int, generator: torch.Generator, objective: torch.nn.Module
+    directory: Path,
+    rank: int,
+    generator: torch.Generator,
+    objective: torch.nn.Module,
+    source: int | None = None,
+    seed: int | None = None,
 ) -> TrainerState:
-    """Restore one rank's generator and objective state; returns the shared trainer state.
+    """Restore one rank's generator and objective state from rank `source`'s file (default `rank`'s); returns
+    the shared trainer state. `seed`: seed the generator with it instead (a rank the checkpoint lacks).
 
     Every file is read and checked before anything is set: an unreadable one leaves both untouched."""
+    source = rank if source is None else source
     state_file = directory / TRAINER_STATE
     if not state_file.is_file():
         raise FileNotFoundError(f"{directory} is not a T2V-Ray training checkpoint (no {TRAINER_STATE})")
     state = read_trainer_state(state_file)
-    generator_state, objective_state = read_rank_tensors(directory, rank)
+    generator_state, objective_state = read_rank_tensors(directory, source)
     try:
         objective.load_state_dict(objective_state)
-        generator.set_state(generator_state)
+        if seed is None:
+            generator.set_state(generator_state)
+        else:
+            generator.manual_seed(seed)
     except RuntimeError as e:  # another queue size, or a CUDA generator's state on CPU
-        raise CheckpointError(f"{rank_file(directory, rank)} does not fit this run: {e}") from e
+        raise CheckpointError(f"{rank_file(directory, source)} does not fit this run: {e}") from e
     return state
 
 
-def check_checkpoint(directory: Path, rank: int) -> None:
-    """Read (not apply) everything rank `rank` would resume from `directory`; raises what is wrong."""
+def check_checkpoint(directory: Path, rank: int, world: int = 1) -> None:
+    """Read (not apply) everything rank `rank` of `world` would resume from `directory`; raises what is wrong."""
     if not (directory / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"{directory} is not a T2V-Ray training checkpoint (no {TRAINER_STATE})")
-    read_trainer_state(directory / TRAINER_STATE)
-    read_rank_tensors(directory, rank)
-    ds.check_shard(directory, rank)
+    saved = saved_world(read_trainer_state(directory / TRAINER_STATE), world)
+    read_rank_tensors(directory, rank % saved)
+    ds.check_shard(directory, rank % saved)  # another world size: the shared model file (+ FULL_STATE)
+
+
+def saved_world(state: TrainerState, world: int) -> int:
+    """The world size that wrote `state` (a checkpoint that does not say: `world`, this run's)."""
+    return state.world_size or world
+
+
+def current_world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def older_checkpoints(latest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
@@ -194,17 +225,18 @@ def resume(
     generator: torch.Generator,
     objective,
     fallback: bool,
+    cfg: TrainConfig | None = None,
 ) -> tuple[ray.train.Checkpoint, TrainerState]:
     """Load `checkpoint` (or, with `fallback`, the newest intact one of its run): every rank reads its files
-    first and all agree before any reaches the engine, so all resume from the same step."""
+    first and all agree before any reaches the engine, so all resume from the same step. `cfg` is needed
+    when the checkpoint's world size is not this run's (`reshard.py`)."""
     tried = [checkpoint, *older_checkpoints(checkpoint)] if fallback else [checkpoint]
-    problems = []
+    problems, world = [], current_world()
     for candidate in tried:
         with candidate.as_directory() as directory:
-            problem = _problem(Path(directory), rank)
+            problem = _problem(Path(directory), rank, world)
             if ds.all_ranks_ok(engine, problem is None):
-                ds.load_shard(engine, directory)
-                return candidate, read_rank_files(Path(directory), rank, generator, objective)
+                return candidate, _load(engine, Path(directory), rank, world, generator, objective, cfg)
         problem = problem or CheckpointError(f"{candidate.path} is unreadable on another rank (see its log)")
         if not fallback:
             raise problem
@@ -215,13 +247,41 @@ def resume(
     raise CheckpointError("no intact checkpoint to resume from:\n  " + "\n  ".join(problems))
 
 
-def _problem(directory: Path, rank: int) -> Exception | None:
+def _problem(directory: Path, rank: int, world: int) -> Exception | None:
     """What keeps rank `rank` from resuming from `directory`, or None (only checkpoint errors count)."""
     try:
-        check_checkpoint(directory, rank)
+        check_checkpoint(directory, rank, world)
+        saved = saved_world(read_trainer_state(directory / TRAINER_STATE), world)
+        if saved != world and (directory / reshard.FULL_STATE).exists():
+            reshard.read_full_state(directory)
     except (CheckpointError, FileNotFoundError) as e:
         return e
     return None
+
+
+def _load(engine, directory: Path, rank: int, world: int, generator, objective, cfg) -> TrainerState:
+    """Apply a checked checkpoint; on another world size as `reshard.py` says (data position included)."""
+    saved = saved_world(read_trainer_state(directory / TRAINER_STATE), world)
+    if saved == world:
+        ds.load_shard(engine, directory)
+        return read_rank_files(directory, rank, generator, objective)
+    if cfg is None:
+        raise ValueError(f"{directory} was written by {saved} workers, this run has {world}: pass cfg")
+    reshard.check_resized(directory, engine.zero_optimization_stage(), saved, world)  # ZeRO-3: refused
+    reshard.load_resized(engine, directory)
+    step = read_trainer_state(directory / TRAINER_STATE).step
+    seed = None if rank < saved else reshard.fresh_generator_seed(cfg, rank, step)
+    state = read_rank_files(directory, rank, generator, objective, source=rank % saved, seed=seed)
+    state.batches_in_epoch = reshard.resized_batches(
+        state.batches_in_epoch, saved, world, cfg.optim.grad_accum
+    )
+    state.image_batches = reshard.resized_image_batches(state.image_batches, saved, world)
+    if rank == 0:
+        say(
+            f"resuming {directory.name} of {saved} workers on {world}: {state.batches_in_epoch} micro-batches "
+            f"per rank of epoch {state.epoch} done"
+        )
+    return state
 
 
 def restore(engine, cfg: TrainConfig, rank: int, generator: torch.Generator, objective) -> TrainerState:
@@ -232,10 +292,10 @@ def restore(engine, cfg: TrainConfig, rank: int, generator: torch.Generator, obj
         return TrainerState()
     if latest is None:
         checkpoint, state = resume(
-            engine, ray.train.Checkpoint(cfg.run.resume_from), rank, generator, objective, fallback=False
+            engine, ray.train.Checkpoint(cfg.run.resume_from), rank, generator, objective, False, cfg
         )
     else:
-        checkpoint, state = resume(engine, latest, rank, generator, objective, fallback=True)
+        checkpoint, state = resume(engine, latest, rank, generator, objective, True, cfg)
     if rank == 0:
         say(f"resumed from {checkpoint.path} at step {state.step} (epoch {state.epoch})")
     return state
@@ -267,6 +327,8 @@ def save_checkpoint(
     name, local = dir_name(state.step), True
     try:
         ds.save_shard(engine, directory)
+        reshard.write_full_state(engine, directory, rank)  # collective: every rank gathers, rank 0 writes
+        state.world_size = current_world()
         write_rank_files(directory, rank, state, generator, objective, cfg)
         local = False  # the files are whole; Ray Train copies them into the run's storage
         ray.train.report(

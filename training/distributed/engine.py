@@ -25,6 +25,12 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
 from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
@@ -207,8 +213,10 @@ def all_ranks_ok(engine, ok: bool) -> bool:
     return bool(flag.item())
 
 
-def load_shard(engine, directory: str | Path) -> dict:
+def load_shard(engine, directory: str | Path, optimizer_states: bool = True) -> dict:
     """Restore this rank's shard from `directory`; returns the client state saved with it.
+    `optimizer_states=False`: weights and schedule only (ZeRO 1-2 then refill the fp32 masters from the
+    weights; `load_full_state` sets them and the moments when the world size changed).
 
     DeepSpeed only warns and returns (None, None) when it finds nothing, which would silently start the
     run over: here that is an error. Its files are read by `read_shard_file` (no arbitrary unpickling).
@@ -218,7 +226,7 @@ def load_shard(engine, directory: str | Path) -> dict:
             str(directory),
             tag=CHECKPOINT_TAG,
             load_module_strict=False,
-            load_optimizer_states=True,
+            load_optimizer_states=optimizer_states,
             load_lr_scheduler_states=True,
         )
     if path is None:
@@ -233,3 +241,54 @@ def gathered_trainable_state(engine, model: nn.Module) -> dict[str, torch.Tensor
         params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3
     ):
         return {k: v.detach().float().cpu().clone() for k, v in model.trainable_state_dict().items()}
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+"""AdamW's per-parameter state besides its step count."""
+
+
+def full_state(engine) -> dict[str, torch.Tensor]:
+    """ZeRO 1-2: every trainable parameter's fp32 master weight and AdamW moments, whole (gathered from every
+    rank's partition: one all-reduce per tensor, so every rank calls this), on CPU, keyed `param.<name>`,
+    `exp_avg.<name>`, `exp_avg_sq.<name>`, plus the optimiser `step`. A checkpoint's world-size-free copy."""
+    out = {}
+    steps = [float(s["step"]) for s in engine.optimizer.optimizer.state.values() if "step" in s]
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            out[f"param.{name}"] = safe_get_full_fp32_param(p).detach().float().cpu()
+            for key in MOMENTS:  # before the first step AdamW has no moments yet: zeros are the same
+                moment = safe_get_full_optimizer_state(p, key) if steps else torch.zeros_like(p)
+                out[f"{key}.{name}"] = moment.detach().float().cpu()
+    out["step"] = torch.tensor(max(steps, default=0.0), dtype=torch.float64)
+    return out
+
+
+def load_full_state(engine, tensors: dict[str, torch.Tensor]) -> None:
+    """ZeRO 1-2, after `load_shard(optimizer_states=False)`: set this rank's partition of the fp32 masters and
+    AdamW moments from `full_state`'s tensors, whatever world size wrote them (DeepSpeed #5405)."""
+    zero, base = engine.optimizer, engine.optimizer.optimizer
+    # A fresh engine's AdamW has no state until its first step: create it, then link DeepSpeed's per-parameter
+    # views of it (what ZeRO's first step does lazily).
+    for i, group in enumerate(base.param_groups):
+        flat = zero.single_partition_of_fp32_groups[i]
+        on_device = group.get("fused") or group.get("capturable")
+        base.state[flat] = {
+            "step": torch.tensor(float(tensors["step"]), device=flat.device if on_device else "cpu"),
+            **{key: torch.zeros_like(flat) for key in MOMENTS},
+        }
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+    # The schedule was restored, but the groups' learning rates live in the optimiser's state, not loaded.
+    for group, lr in zip(base.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        missing = [k for k in (f"param.{name}", *(f"{m}.{name}" for m in MOMENTS)) if k not in tensors]
+        if missing:
+            raise CheckpointError(f"the checkpoint's full optimiser state lacks {missing}")
+        safe_set_full_fp32_param(p, tensors[f"param.{name}"].to(p.device))
+        for key in MOMENTS:
+            safe_set_full_optimizer_state(p, tensors[f"{key}.{name}"].to(p.device), key)
+        with torch.no_grad():
+            p.copy_(tensors[f"param.{name}"].to(p.dtype))  # the working (bf16) weights from the masters

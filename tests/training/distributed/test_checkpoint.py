@@ -93,6 +93,7 @@ def test_rank_zero_writes_the_shared_files(tmp_path):
         "batches_in_epoch": 2,
         "image_epoch": 0,  # joint training's image stream position (data.images_per_clip)
         "image_batches": 0,
+        "world_size": 0,  # set by save_checkpoint to the run's workers; 0: not recorded
     }
     assert load_config(TrainConfig, tmp_path / "r0" / CONFIG_FILE) == cfg  # the resolved config, reloadable
 

@@ -8,6 +8,7 @@ full disk says so (`OutOfSpace`), and the checkpoint it cut short is never resum
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 import socket
 from pathlib import Path
@@ -24,6 +25,7 @@ from training.config import TrainConfig
 from training.diffusion.objective import HarivoObjective
 from training.distributed import checkpoint as ckpt
 from training.distributed import engine as ds
+from training.distributed import reshard
 from training.distributed.checkpoint import TRAINER_STATE, TrainerState, write_rank_files
 
 HSPACE = 8
@@ -326,3 +328,48 @@ def test_a_full_local_temp_dir_is_out_of_space_too_and_other_errors_pass_through
     monkeypatch.setattr(ckpt, "write_rank_files", write_rank_files_failing)
     with pytest.raises(RuntimeError, match="a bug, not a full disk"):
         ckpt.save_checkpoint(engine, TrainerState(step=9), torch.Generator(), objective, cfg, 0, {})
+
+
+def moments(engine, model) -> dict[str, torch.Tensor]:
+    """The full fp32 masters and AdamW moments, as a checkpoint of any world size carries them."""
+    return ds.full_state(engine)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_a_checkpoint_of_another_world_size_resumes_the_same_training(stage, tmp_path, monkeypatch):
+    """A checkpoint recorded as written by 2 workers, resumed by this one (world 1): weights, AdamW moments,
+    step and schedule come from the whole copy (ZeRO 1-2's `full_state.safetensors`; ZeRO-0's shared file),
+    not from the 2-rank partitions, and the next steps are the ones the saving engine takes."""
+    monkeypatch.setattr(ckpt, "_skipped_names", set())
+    cfg = config(stage)
+    engine, model = engine_for(cfg, seed=0)
+    train(engine, 3, seed=1)
+    directory = tmp_path / "checkpoint_00000003"
+    save(engine, cfg, directory, step=3)
+    reshard.write_full_state(engine, directory, rank=0)
+    assert (directory / reshard.FULL_STATE).is_file() == (stage > 0)
+    state_file = directory / TRAINER_STATE
+    state_file.write_text(
+        json.dumps({**json.loads(state_file.read_text()), "batches_in_epoch": 3, "world_size": 2})
+    )
+    saved = {**weights(engine, model), **(moments(engine, model) if stage else {})}
+    train(engine, 2, seed=2)
+    after = weights(engine, model)
+
+    fresh, fresh_model = engine_for(cfg, seed=5)
+    latest = ray.train.Checkpoint(str(directory))
+    _, state = ckpt.resume(fresh, latest, 0, torch.Generator(), HarivoObjective(cfg, HSPACE), True, cfg)
+
+    assert state.step == 3 and state.batches_in_epoch == 6  # 2 ranks x 3 micro-batches, now on one rank
+    restored = {**weights(fresh, fresh_model), **(moments(fresh, fresh_model) if stage else {})}
+    assert restored.keys() == saved.keys()
+    assert all(torch.equal(restored[k], v) for k, v in saved.items())
+    train(fresh, 2, seed=2)
+    assert all(torch.allclose(weights(fresh, fresh_model)[k], v, atol=1e-7) for k, v in after.items())
+
+
+def test_zero3_on_another_world_size_is_refused_naming_both(tmp_path):
+    with pytest.raises(ds.CheckpointError, match="written by 2 workers and this run has 1: ZeRO-3"):
+        reshard.check_resized(tmp_path, 3, saved_world=2, world=1)
+    with pytest.raises(ds.CheckpointError, match="no full_state.safetensors"):
+        reshard.check_resized(tmp_path, 2, saved_world=2, world=1)

@@ -1,0 +1,103 @@
+"""Resuming a checkpoint on another world size (N workers wrote it, M resume it; DeepSpeed #5405).
+
+DeepSpeed's ZeRO 1-2 shards hold each rank's slice of the fp32 master weights and AdamW moments, cut for N
+ranks, and `load_checkpoint` refuses them on M. So every ZeRO 1-2 checkpoint also carries `FULL_STATE`: the
+trainable parameters' fp32 weights, `exp_avg`, `exp_avg_sq` and the optimiser step, whole (gathered by every
+rank, written by rank 0; safetensors, no pickle). On M != N workers each rank loads the weights and the
+schedule from DeepSpeed's shared model file, then cuts its own partition out of `FULL_STATE`. ZeRO-0 keeps
+the whole optimiser in that shared file and needs nothing more; ZeRO-3 is refused, naming both sizes.
+
+What else a rank resumes from, when the world size changed:
+
+- the data position: `resized_batches` (below), the same rule for every rank;
+- rank r < N continues its own noise stream and L_DC queue (`rank{r}.safetensors`); a new rank r >= N takes
+  the L_DC queue of rank r mod N and a noise stream seeded by (run.seed, r, step), never one another rank
+  drew from. The streams of ranks >= M of the old run end there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from training.config import TrainConfig
+from training.distributed import engine as ds
+from training.distributed.engine import CheckpointError
+
+FULL_STATE = "full_state.safetensors"
+"""ZeRO 1-2: the trainable fp32 weights + AdamW moments + step, whole (rank 0), for another world size."""
+
+
+def resized_batches(batches_in_epoch: int, saved_world: int, world: int, grad_accum: int) -> int:
+    """Per-rank micro-batches of the current epoch to skip when `world` ranks resume what `saved_world`
+    ranks checkpointed after `batches_in_epoch` micro-batches each.
+
+    The position is the epoch's global count of micro-batches consumed, `batches_in_epoch * saved_world`
+    (every rank trains the same number; a micro-batch is `optim.batch_size` clips). The new ranks skip that
+    many between them, rounded down to whole optimiser steps of `grad_accum` micro-batches on `world`
+    ranks, so that a resumed run starts on a step boundary: the epoch then trains fewer than
+    `world * grad_accum` micro-batches more than an uninterrupted run. Which clips are skipped follows the
+    new sharding (Ray Data splits the epoch among the ranks it has), not the old one: the epoch's count is
+    kept, the identity of its clips is not (some of the old run's clips may come again in this epoch, as
+    many others not); from the next epoch on, every clip is seen once per epoch again."""
+    per_step = world * grad_accum
+    return (batches_in_epoch * saved_world) // per_step * grad_accum
+
+
+def resized_image_batches(image_batches: int, saved_world: int, world: int) -> int:
+    """Joint training's image stream: the same rule, by whole image batches."""
+    return image_batches * saved_world // world
+
+
+def write_full_state(engine, directory: Path, rank: int) -> None:
+    """Every rank calls this (the gather is collective); rank 0 writes `FULL_STATE`. ZeRO 1-2 only."""
+    if engine.zero_optimization_stage() not in (1, 2):
+        return
+    tensors = ds.full_state(engine)
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / FULL_STATE))
+
+
+def check_resized(directory: Path, stage: int, saved_world: int, world: int) -> None:
+    """Refuse what cannot resume on another world size (before any rank loads anything)."""
+    if stage == 3:
+        raise CheckpointError(
+            f"{directory} was written by {saved_world} workers and this run has {world}: ZeRO-3 checkpoints "
+            f"resume only on the world size that wrote them; run with run.num_workers={saved_world}"
+        )
+    if stage in (1, 2):
+        read_full_state(directory)
+
+
+def read_full_state(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / FULL_STATE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{directory} has no {FULL_STATE}: it was written before resuming on another world size was "
+            "supported; resume it with the world size that wrote it (run.num_workers)"
+        )
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated or corrupted?): {e}"
+        ) from e
+
+
+def load_resized(engine, directory: Path) -> None:
+    """This rank's weights, optimiser state and schedule from a checkpoint of another world size."""
+    stage = engine.zero_optimization_stage()
+    if stage == 0:  # the whole optimiser is in the shared model file
+        ds.load_shard(engine, directory)
+        return
+    full = read_full_state(directory)
+    ds.load_shard(engine, directory, optimizer_states=False)
+    ds.load_full_state(engine, full)
+
+
+def fresh_generator_seed(cfg: TrainConfig, rank: int, step: int) -> int:
+    """A rank that did not exist when the checkpoint was written: a stream of its own for this resume."""
+    return (cfg.run.seed * 1_000_003 + rank) * 7_919 + step

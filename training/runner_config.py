@@ -152,6 +152,11 @@ class RunConfig:
     """Checkpoints kept (older ones are deleted)."""
     resume_from: str | None = None
     """Explicit checkpoint dir to resume from; otherwise a run with the same name resumes its latest."""
+    resizable_checkpoints: bool = True
+    """ZeRO 1-2: each checkpoint also carries the trainable weights and AdamW moments whole, so that it resumes
+    on another number of workers (`training/distributed/reshard.py`). It costs 3 x the trainable fp32 size on
+    disk and in every rank's host memory while it is gathered (5.8 GB for SD 1.5's 487M trainable parameters);
+    false: leave it out (the checkpoint then resumes only on the world size that wrote it)."""
     max_failures: int = 0
     """Worker crashes tolerated (-1: no limit); each restarts the workers from the last checkpoint."""
     log_every: int = 10

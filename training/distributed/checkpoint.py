@@ -327,7 +327,8 @@ def save_checkpoint(
     name, local = dir_name(state.step), True
     try:
         ds.save_shard(engine, directory)
-        reshard.write_full_state(engine, directory, rank)  # collective: every rank gathers, rank 0 writes
+        if cfg.run.resizable_checkpoints:  # collective: every rank gathers, rank 0 writes
+            reshard.write_full_state(engine, directory, rank)
         state.world_size = current_world()
         write_rank_files(directory, rank, state, generator, objective, cfg)
         local = False  # the files are whole; Ray Train copies them into the run's storage

@@ -373,3 +373,19 @@ def test_zero3_on_another_world_size_is_refused_naming_both(tmp_path):
         reshard.check_resized(tmp_path, 3, saved_world=2, world=1)
     with pytest.raises(ds.CheckpointError, match="no full_state.safetensors"):
         reshard.check_resized(tmp_path, 2, saved_world=2, world=1)
+
+
+@pytest.mark.parametrize("resizable", [True, False])
+def test_the_whole_copy_is_written_only_when_checkpoints_are_resizable(resizable, tmp_path, monkeypatch):
+    cfg = config(2)
+    cfg.run.resizable_checkpoints = resizable
+    engine, _ = engine_for(cfg, seed=0)
+    saved = []
+
+    def report(metrics, checkpoint, checkpoint_dir_name):  # Ray Train persisting the rank's files
+        saved.append(sorted(p.name for p in Path(checkpoint.path).iterdir()))
+
+    monkeypatch.setattr(ray.train, "report", report)
+    objective = HarivoObjective(cfg, HSPACE)
+    ckpt.save_checkpoint(engine, TrainerState(step=1), torch.Generator(), objective, cfg, 0, {})
+    assert (reshard.FULL_STATE in saved[0]) == resizable and TRAINER_STATE in saved[0]

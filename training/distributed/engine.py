@@ -256,11 +256,30 @@ def full_state(engine) -> dict[str, torch.Tensor]:
     for name, p in engine.module.named_parameters():
         if p.requires_grad:
             out[f"param.{name}"] = safe_get_full_fp32_param(p).detach().float().cpu()
-            for key in MOMENTS:  # before the first step AdamW has no moments yet: zeros are the same
-                moment = safe_get_full_optimizer_state(p, key) if steps else torch.zeros_like(p)
-                out[f"{key}.{name}"] = moment.detach().float().cpu()
+            for key in MOMENTS:  # before its group's first step AdamW has no moments yet: zeros are the same
+                out[f"{key}.{name}"] = _moment(p, key, steps).detach().float().cpu()
     out["step"] = torch.tensor(max(steps, default=0.0), dtype=torch.float64)
     return out
+
+
+def _moment(p: torch.Tensor, key: str, steps: list[float]) -> torch.Tensor:
+    """`key` of `p`'s AdamW state, whole (collective); zeros before the first step."""
+    return safe_get_full_optimizer_state(p, key) if steps else torch.zeros_like(p)
+
+
+def moments_ready(engine) -> bool:
+    """Whether every rank holds AdamW moments for every trainable parameter's partition, or none has stepped at
+    all (collective: one all-reduce). False when one group has stepped and another not yet (joint training's
+    spatial group before its first image batch): the whole copy cannot be gathered then."""
+    state = engine.optimizer.optimizer.state
+    stepped = any("step" in v for v in state.values())
+    ready = not stepped or all(
+        m is None or (m.optim_fragment is not None and all(k in m.optim_fragment for k in MOMENTS))
+        for p in engine.module.parameters()
+        if p.requires_grad
+        for m in [getattr(p, "_hp_mapping", None)]
+    )
+    return all_ranks_ok(engine, ready)
 
 
 def load_full_state(engine, tensors: dict[str, torch.Tensor]) -> None:

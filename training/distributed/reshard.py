@@ -17,15 +17,19 @@ What else a rank resumes from, when the world size changed:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from training.config import TrainConfig
 from training.distributed import engine as ds
 from training.distributed.engine import CheckpointError
+
+log = logging.getLogger(__name__)
 
 FULL_STATE = "full_state.safetensors"
 """ZeRO 1-2: the trainable fp32 weights + AdamW moments + step, whole (rank 0), for another world size."""
@@ -55,6 +59,14 @@ def resized_image_batches(image_batches: int, saved_world: int, world: int) -> i
 def write_full_state(engine, directory: Path, rank: int) -> None:
     """Every rank calls this (the gather is collective); rank 0 writes `FULL_STATE`. ZeRO 1-2 only."""
     if engine.zero_optimization_stage() not in (1, 2):
+        return
+    if not ds.moments_ready(engine):
+        if rank == 0:
+            log.warning(
+                "checkpoint without %s (a parameter group has not stepped yet): it resumes only on %d workers",
+                FULL_STATE,
+                dist.get_world_size() if dist.is_initialized() else 1,
+            )
         return
     tensors = ds.full_state(engine)
     if rank == 0:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shapes.text import random_text_encoder, text_encoder_from_open_clip  # noqa: F401 (re-exported)
 from shapes.world import background, sample_still, still_caption
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +93,6 @@ UNET_CONFIG = dict(
     attention_head_dim=8,
     norm_num_groups=16,
 )
-RANDOM_TEXT_WIDTH = 64
 SIZE = 64
 """Frame size of the world's videos and stills (the latents are SIZE / `vae_scale_factor`)."""
 CARD_FILE = "shapes_base.json"
@@ -186,80 +186,6 @@ def train_vae(
         seconds=round(time.perf_counter() - t0, 1),
     )
     return vae, record
-
-
-def text_encoder_from_open_clip(model):
-    """A transformers `CLIPTextModel` holding the text tower of open_clip `model` (as SD 1.5 holds OpenAI CLIP's)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    sd = model.state_dict()
-    width = sd["token_embedding.weight"].shape[1]
-    layers = len(model.transformer.resblocks)
-    block = model.transformer.resblocks[0]
-    act = "quick_gelu" if type(block.mlp.gelu).__name__ == "QuickGELU" else "gelu"
-    config = CLIPTextConfig(
-        vocab_size=sd["token_embedding.weight"].shape[0],
-        hidden_size=width,
-        intermediate_size=block.mlp.c_fc.out_features,
-        num_hidden_layers=layers,
-        num_attention_heads=block.attn.num_heads,
-        max_position_embeddings=sd["positional_embedding"].shape[0],
-        projection_dim=sd["text_projection"].shape[1],
-        hidden_act=act,
-        layer_norm_eps=model.ln_final.eps,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-    out = {
-        "text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
-        "text_model.embeddings.position_embedding.weight": sd["positional_embedding"],
-        "text_model.final_layer_norm.weight": sd["ln_final.weight"],
-        "text_model.final_layer_norm.bias": sd["ln_final.bias"],
-    }
-    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-    names["attn.out_proj"] = "self_attn.out_proj"
-    for i in range(layers):
-        src, dst = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
-        for a, b in names.items():
-            for p in ("weight", "bias"):
-                out[f"{dst}{b}.{p}"] = sd[f"{src}{a}.{p}"]
-        for p, cat in (("weight", "in_proj_weight"), ("bias", "in_proj_bias")):
-            q, k, v = sd[src + "attn." + cat].chunk(3, dim=0)
-            for name, t in zip("qkv", (q, k, v)):
-                out[f"{dst}self_attn.{name}_proj.{p}"] = t
-    encoder = CLIPTextModel(config)
-    # transformers 4 names the keys text_model.*, transformers 5 drops the prefix from the state dict
-    prefixed = any(k.startswith("text_model.") for k in encoder.state_dict())
-    out = {(k if prefixed else k.removeprefix("text_model.")): v.clone() for k, v in out.items()}
-    missing, unexpected = encoder.load_state_dict(out, strict=False)
-    missing = [k for k in missing if "position_ids" not in k]
-    if missing or unexpected:
-        raise ValueError(f"open_clip -> CLIPTextModel: missing {missing}, unexpected {unexpected}")
-    return encoder.eval()
-
-
-def random_text_encoder(seed: int = 0):
-    """A seeded random `CLIPTextModel` (when no world CLIP is given): the UNet learns to read its states."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    w = RANDOM_TEXT_WIDTH
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=w,
-            intermediate_size=4 * w,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=w,
-            hidden_act="quick_gelu",
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    ).eval()
 
 
 def reconstruction_read(x: torch.Tensor, y: torch.Tensor) -> dict:

@@ -50,6 +50,7 @@ from shapes.filter_data import (
     other_moment,
     twin,
 )
+from shapes.text import sd_tokenizer, text_encoder_from_open_clip, token_identity_loss, word_sensitivity
 from shapes.world import sample_still, still_caption
 
 log = logging.getLogger(__name__)
@@ -115,17 +116,21 @@ def clip_embeds(frame_embeds: torch.Tensor, k: int) -> torch.Tensor:
     return F.normalize(frame_embeds.view(-1, k, frame_embeds.shape[-1]).mean(1), dim=-1)
 
 
-def encode_text_prefix(model, ids: torch.Tensor, length: int = TRAIN_TEXT_LENGTH) -> torch.Tensor:
+def encode_text_prefix(
+    model, ids: torch.Tensor, length: int = TRAIN_TEXT_LENGTH, states: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`model.encode_text(ids)` computed on the first `length` token positions: the text transformer is causal and
     pools at the end-of-text token, so the result is the same whenever every caption ends before `length`
-    (tested), for 77 / `length` less text compute."""
+    (tested), for 77 / `length` less text compute. `states`: also return the token states (B, length, W) after
+    the final layer norm, what the base's UNet reads from the converted tower."""
     eot = ids.argmax(-1)  # the end-of-text token has the highest id, as open_clip pools
     if (eot >= length).any():
         raise ValueError(f"a caption is {int(eot.max()) + 1} tokens, over {length}; raise TRAIN_TEXT_LENGTH")
     ids = ids[:, :length]
     x = model.token_embedding(ids) + model.positional_embedding[:length]  # (B, L, W)
     x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
-    return x[torch.arange(len(ids)), eot] @ model.text_projection  # end-of-text feature -> (B, D)
+    pooled = x[torch.arange(len(ids)), eot] @ model.text_projection  # end-of-text feature -> (B, D)
+    return (pooled, x) if states else pooled
 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, captions: list[str]):
@@ -146,7 +151,9 @@ def train_clip(
     stills: int = 8,
     lr: float = 2e-3,
     quality_weight: float = 1.0,
+    token_weight: float = 1.0,
     seed: int = 0,
+    on_log=None,
 ) -> tuple[object, dict]:
     """A trained CLIP (eval mode) and its training record.
 
@@ -154,10 +161,19 @@ def train_clip(
     quality for the LAION head to read; this world's captions never do. So a linear probe on the image embedding
     learns to tell degraded clips (`spoil`) while the contrastive loss pairs them with their captions as well: the
     embedding carries quality beside content, and the CLIP score stays about content. The probe is not saved.
+    The contrastive loss reads the end-of-text token alone, and within 50 steps it folds the other words' states into
+    colour and background (`shapes.text.word_sensitivity`: shape 0.09, position 0.08, motion direction 0.02 of a
+    random caption's change, from ~0.5 at init), the states the base's UNet and the temporal text path read. A web
+    CLIP's states carry every word of its captions; here `token_weight` x `shapes.text.token_identity_loss` (each
+    position's state names its word; the head is not saved) keeps them.
+    `on_log(step, model)` is called at each log line (the model in train mode).
     """
     model, preprocess, tokenizer = new_clip(seed)
     probe = torch.nn.Linear(CLIP_CFG["embed_dim"], 1)
-    named = [*model.named_parameters(), *(("probe." + n, p) for n, p in probe.named_parameters())]
+    words = torch.nn.Linear(CLIP_CFG["text_cfg"]["width"], CLIP_CFG["text_cfg"]["vocab_size"])
+    heads = {"probe": probe, "words": words}
+    named = [*model.named_parameters()]
+    named += [(f"{h}.{n}", p) for h, m in heads.items() for n, p in m.named_parameters()]
     flat = {
         n for n, p in named if p.ndim < 2 or "logit_scale" in n
     }  # as open_clip: no decay on gains, biases
@@ -182,12 +198,16 @@ def train_clip(
         n = len(captions) - stills  # clips; the stills follow
         e = F.normalize(model.encode_image(pixels(preprocess, frames)), dim=-1)  # (n k + stills, D)
         img = torch.cat([clip_embeds(e[: n * CLIP_FRAMES], CLIP_FRAMES), e[n * CLIP_FRAMES :]])  # (B, D)
-        txt = F.normalize(encode_text_prefix(model, tokenizer(captions)), dim=-1)  # (B, D)
+        ids = tokenizer(captions)
+        pooled, states = encode_text_prefix(model, ids, states=True)
+        txt = F.normalize(pooled, dim=-1)  # (B, D)
         # content: InfoNCE over the batch; quality: the probe on the same image embeddings
         # (unit embeddings have entries ~1/sqrt(D): scaled to ~1, as a linear layer's init expects)
         logits = probe(img * img.shape[-1] ** 0.5).squeeze(-1)  # (B,)
         quality = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(degraded).float())
         loss = contrastive_loss(img, txt, model.logit_scale, captions) + quality_weight * quality
+        if token_weight:
+            loss = loss + token_weight * token_identity_loss(states, ids[:, : states.shape[1]], words)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -204,7 +224,10 @@ def train_clip(
                 model.logit_scale.exp().item(),
                 time.perf_counter() - t0,
             )
-    record = dict(steps=steps, scenes=scenes, stills=stills, lr=lr, quality_weight=quality_weight, seed=seed)
+            if on_log is not None:  # e.g. the text tower's `shapes.text.word_sensitivity` along training
+                on_log(step + 1, model)
+    record = dict(steps=steps, scenes=scenes, stills=stills, lr=lr, quality_weight=quality_weight)
+    record |= dict(token_weight=token_weight, seed=seed)
     return model.eval().requires_grad_(False), dict(train=record, seconds=round(time.perf_counter() - t0, 1))
 
 
@@ -383,6 +406,7 @@ def build(
     head, head_record = train_aesthetic(model, preprocess, aesthetic_clips, aesthetic_steps, seed=seed)
     log.info("calibrating on held-out clips")
     card = calibrate(model, preprocess, tokenizer, head, heldout, seed + 100)
+    card["text_states"] = word_sensitivity(text_encoder_from_open_clip(model), sd_tokenizer())
     name = save_clip(model, out / CLIP_DIR)
     torch.save(head.state_dict(), out / AESTHETIC_FILE)
     card |= dict(
@@ -410,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     card = build(a.out, a.steps, a.aesthetic_clips, a.aesthetic_steps, a.heldout, a.seed)
-    print(json.dumps({k: card[k] for k in ("thresholds", "clip", "aesthetic", "seconds")}, indent=1))
+    print(json.dumps({k: card[k] for k in ("thresholds", "clip", "aesthetic", "text_states", "seconds")}, indent=1))
     return card
 
 

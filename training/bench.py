@@ -3,10 +3,11 @@
     python -m training.bench [--steps 20] [--unet tiny|small|sd15] [--zero-steps 6] [--skip-zero]
     python -m training.bench --device cuda|cpu [...]     one step part by part, MFU (training/bench_step.py)
     python -m training.bench --sampling                  sampling seconds per video by sampler.batch_size
+    python -m training.bench --data-reads                what a validation and a mid-epoch resume read
 
 Part 1, one process, the same model, objective and batch size, three ways to feed it:
   in-memory  latents already in tensors (the floor: pure compute)
-  parquet    the pipeline's Parquet store streamed by Ray Data (what training.run does)
+  parquet    the pipeline's Parquet store read by row group with pyarrow (what each training.run worker does)
   on-the-fly decode the mp4s with decord and VAE-encode them every step (AnimateDiff-style trainers)
 Part 2, peak memory per worker for ZeRO stages 0 / 2 / 3 (Ray Train, 2 workers, same model).
 
@@ -163,7 +164,9 @@ def feed_benchmark(cfg, zoo, shards: Path, store: Path, steps: int) -> list[tupl
     from diffusers import AutoencoderKL
 
     from pipeline.models import TextEncoder
-    from training.distributed.data import build_datasets, collate, inspect_store
+    from training.distributed.data import collate, feed_columns, inspect_store
+    from training.distributed.rows import RowReader
+    from training.distributed.split import choose_split, validation_clips
     from training.model.frames import unfold_frames
 
     info = inspect_store(cfg)
@@ -171,16 +174,12 @@ def feed_benchmark(cfg, zoo, shards: Path, store: Path, steps: int) -> list[tupl
     text_encoder = TextEncoder.from_pretrained(str(zoo.sd), torch.device("cpu"))
     stepper = _Stepper(cfg)
 
-    train = build_datasets(cfg, info)["train"]  # as training.run builds it (a small store is cached)
+    val_clips = validation_clips(cfg.data.val_batches, b, 1)
+    split = choose_split(info, cfg.data.val_fraction, str(store.parent / "feed-run"), val_clips)
+    train = RowReader(split.train, feed_columns(info))  # as each training.run worker reads its share
 
-    def parquet_batches():  # one epoch, as a worker iterates its shard
-        batches = train.iter_batches(
-            batch_size=b,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-        )
-        for batch in batches:
+    def parquet_batches():  # one epoch of one worker
+        for batch in train.epoch(0, 0, 1, b, cfg.data.shuffle_buffer, cfg.run.seed):
             latents, captions, embeds = collate(batch, info, f, 1, None, torch.device("cpu"))
             yield latents, embeds if embeds is not None else text_encoder(captions)
 
@@ -216,7 +215,7 @@ def feed_benchmark(cfg, zoo, shards: Path, store: Path, steps: int) -> list[tupl
 
     feeds = {
         "in-memory tensors": _cycle(lambda: iter(memory)),
-        "parquet via Ray Data": _cycle(parquet_batches),
+        "parquet store (pyarrow)": _cycle(parquet_batches),
         "on-the-fly decode + VAE": _cycle(on_the_fly_batches),
     }
     return [(name, *timing) for name, timing in _timed_interleaved(feeds, stepper, steps).items()]
@@ -270,6 +269,83 @@ def sampling_benchmark(work: Path, videos: int, batch_sizes: list[int], reps: in
     return seconds
 
 
+def data_reads_benchmark(work: Path, clips: int, world: int, batch_size: int, val_fraction: float) -> list:
+    """[(what, before, after)]: bytes a validation reads, rows / bytes a mid-epoch resume reads before its first
+    batch, and bytes choosing the split reads, counted by a filesystem that records every read; on a synthetic
+    store (8 files, row groups of 64, 16 KiB of latents per clip). "Before" repeats the old reads: a validation
+    read every file's feed columns (Ray Data's projected read, then a filter by key), a resume re-read every row
+    it had trained on, choosing the split copied every held-out clip (so read each row group holding one)."""
+    import pyarrow.parquet as pq
+
+    from fixtures.latent_store import CountingFileSystem, write_latent_store
+    from training.distributed.data import StoreInfo, feed_columns
+    from training.distributed.rows import RowReader
+    from training.distributed.split import choose_split, validation_clips
+
+    store = write_latent_store(
+        work / "store", clips, files=8, row_group_size=64, latents_shape=(8, 4, 16, 16)
+    )
+    info = StoreInfo(str(store / "clips"), "latents", [8, 4, 16, 16], False, {})
+    columns, mib, val_batches = feed_columns(info), 2**-20, 4
+    # The old choice copied every held-out clip; the new one the first val_clips, what a validation reads.
+    old_chooser, chooser = CountingFileSystem(), CountingFileSystem()
+    old_split = choose_split(info, val_fraction, str(work / "run-all"), clips, store_fs=old_chooser)
+    val_clips = validation_clips(val_batches, batch_size, world)
+    split = choose_split(info, val_fraction, str(work / "run"), val_clips, store_fs=chooser)
+    old_val = CountingFileSystem()
+    for path in sorted((store / "clips").glob("*.parquet")):
+        pq.read_table(str(path), columns=columns, filesystem=old_val)
+    val = CountingFileSystem()
+    for rank in range(world):
+        for _ in RowReader(split.val, columns, val).first(rank, world, batch_size, val_batches):
+            pass
+    opened = {path for path, _, _ in val.reads}
+    train = RowReader(split.train, columns)
+    at = train.num_batches(world, batch_size) // 2  # mid-epoch
+    # The old loop re-read every row before its position, in stored order (Ray Data's split deals blocks in order).
+    old_resume, rows_left = CountingFileSystem(), at * world * batch_size
+    for path in sorted((store / "clips").glob("*.parquet")):
+        with old_resume.open_input_file(str(path)) as f:
+            parquet = pq.ParquetFile(f)
+            for g in range(parquet.num_row_groups):
+                if rows_left > 0:
+                    rows_left -= parquet.read_row_group(g, columns=columns).num_rows
+    resumed, rows = CountingFileSystem(), 0
+    for rank in range(world):
+        reader = RowReader(split.train, columns, resumed)
+        batches = reader.epoch(0, rank, world, batch_size, 64, 0, start=at)
+        next(batches)
+        batches.close()  # waits for the window read ahead: counted too
+        rows += reader.stats.rows
+    return [
+        (
+            f"one validation ({val_batches} batches x {world} ranks)",
+            f"{old_val.bytes_read() * mib:.1f} MiB, {clips} clips, 8 files",
+            f"{val.bytes_read() * mib:.2f} MiB, {len(opened)} file(s) under data_split/",
+        ),
+        (
+            f"resume at micro-batch {at} of {train.num_batches(world, batch_size)}",
+            f"{at * world * batch_size} rows, {old_resume.bytes_read() * mib:.1f} MiB",
+            f"{rows} rows, {resumed.bytes_read() * mib:.2f} MiB (the window in progress + the next, read ahead)",
+        ),
+        (
+            f"choosing the split, once per run ({old_split.val.num_rows} clips held out in {_groups(old_chooser)} "
+            f"of {sum(pq.ParquetFile(p).num_row_groups for p in (store / 'clips').glob('*.parquet'))} row groups; "
+            f"a validation reads {val_clips})",
+            f"{old_chooser.bytes_read() * mib:.1f} MiB, {_groups(old_chooser)} row groups' latents (every held-out "
+            "clip copied)",
+            f"{chooser.bytes_read() * mib:.1f} MiB, {_groups(chooser)} row groups' latents (the key column, then the "
+            f"first {split.val.num_rows} held-out clips)",
+        ),
+    ]
+
+
+def _groups(fs) -> int:
+    """Row groups whose latents `fs` read, over every store file it opened."""
+    paths = {path for path, _, _ in fs.reads if path.endswith(".parquet")}
+    return sum(len(fs.groups_read(path, "latents")) for path in paths)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if any(a == "--device" or a.startswith("--device=") for a in argv):  # the step / GPU check
@@ -283,7 +359,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-zero", action="store_true")
     p.add_argument("--work", help="keep generated data here (default: a temp dir)")
     p.add_argument("--sampling", action="store_true", help="only: sampling seconds per video by batch size")
+    p.add_argument("--data-reads", action="store_true", help="only: bytes a validation / a resume reads")
     a = p.parse_args(argv)
+    if a.data_reads:
+        clips, world, batch, fraction = 8000, 2, 2, 0.005
+        rows = data_reads_benchmark(
+            Path(a.work or tempfile.mkdtemp(prefix="t2v-bench-")), clips, world, batch, fraction
+        )
+        print(f"\nData reads: {clips} clips, data.val_fraction={fraction}, {world} ranks x batch {batch}")
+        for what, before, after in rows:
+            print(f"{what}\n    before: {before}\n    after:  {after}")
+        return
     if a.sampling:
         work = Path(a.work or tempfile.mkdtemp(prefix="t2v-bench-"))
         sizes = [1, 4, 8]

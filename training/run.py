@@ -11,7 +11,8 @@ TensorBoard). Running again with the same `--output` resumes from its latest che
 (no RAY_ADDRESS) a local Ray is started.
 
 RUN_DIR layout: `checkpoint_<step>/` (the last run.keep_last), `export/` (trainable.safetensors,
-motion_adapter/, config.yaml), `tensorboard/`, `config.yaml`, `result.json`.
+motion_adapter/, config.yaml), `tensorboard/`, `config.yaml`, `result.json`, `data_split/` (the validation
+clips' own files and `split.json`, chosen once: `training/distributed/split.py`).
 """
 
 from __future__ import annotations
@@ -135,15 +136,20 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from training.distributed.data import build_datasets, inspect_image_store, inspect_store
+    from training.distributed.split import choose_split, validation_clips
     from training.distributed.worker import WorkerConfig, train_fn_per_worker
 
     info = inspect_store(cfg)
     image_info = inspect_image_store(cfg, info)
     run_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
     local = "://" not in run_dir
+    # Once per run (a resume reuses it); the validation files hold only the clips a validation reads.
+    val_clips = validation_clips(cfg.data.val_batches, cfg.optim.batch_size, cfg.run.num_workers)
+    split = choose_split(info, cfg.data.val_fraction, run_dir, val_clips)
     loop_config = WorkerConfig(
         cfg,
         info,
+        split,
         image_info,
         export_dir=f"{run_dir}/export",
         kind=kind,
@@ -165,7 +171,7 @@ def build_trainer(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_last),
             callbacks=callbacks,  # e.g. Ray Tune's TuneReportCallback when a sweep runs this trainer
         ),
-        datasets=build_datasets(cfg, info, image_info),
+        datasets=build_datasets(cfg, image_info),  # joint training's images; the clips are read by each rank
         # preserve_order makes each worker's shard (and so a resumed run) deterministic.
         dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     ), run_dir

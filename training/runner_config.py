@@ -58,7 +58,7 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    """The pipeline's Parquet latents (pipeline/schema.py), streamed by Ray Data, one shard per worker."""
+    """The pipeline's Parquet latents (pipeline/schema.py): each worker reads its share of every epoch (rows.py)."""
 
     RANGES: RangeTable = {
         "frame_stride": at_least(1),
@@ -77,11 +77,14 @@ class DataConfig:
     random_start: bool = True
     """Random first frame when the stored clip is longer than needed (else start at frame 0)."""
     val_fraction: float = 0.1
-    """Share of clips (chosen by a hash of the key, so stable across runs) held out for validation loss."""
+    """Share of clips (chosen by a hash of the key, so stable across runs) held out of training for validation
+    loss; the first val_batches x optim.batch_size x run.num_workers of them (what a validation reads) are
+    copied once per run into their own files under RUN_DIR/data_split/, which every validation reads."""
     val_batches: int = 4
-    """Validation batches per worker per evaluation (fixed seeds and noise levels)."""
+    """Validation batches per worker per evaluation (the same clips, fixed seeds and noise levels)."""
     shuffle_buffer: int = 64
-    """Rows in each worker's local shuffle buffer (reseeded every epoch)."""
+    """Rows shuffled together: each epoch takes the row groups in a new random order, joined into windows of
+    at least this many rows whose rows are shuffled (0: stored order, unshuffled)."""
     image_path: str | None = None
     """Image store for joint image-video training: `pipeline.run`'s output for image shards (jpg/png + txt; one
     latent frame per image), same VAE and resolution as data.path."""
@@ -97,8 +100,9 @@ class DataConfig:
     layers); needs model.num_frames=1 and model.trainable_spatial (with model.from_scratch: an image base from
     nothing). Only the UNet trains."""
     cache: Literal["auto", "always", "never"] = "auto"
-    """Keep the store in Ray's object store after the first read ('auto': when its files total < 1 GiB),
-    so later epochs skip the Parquet read; large stores always stream."""
+    """Keep the image store (joint training) in Ray's object store after the first read ('auto': when its files
+    total < 1 GiB), so later passes skip the Parquet read; large stores always stream. The clips are read by
+    row group every epoch."""
 
 
 @dataclass

@@ -1,8 +1,9 @@
-"""Training data: the pipeline's Parquet latents (pipeline/schema.py) as Ray Datasets, and batch collation.
+"""Training data: the pipeline's Parquet latents (pipeline/schema.py), checked, and batch collation.
 
-The driver calls `build_datasets` (train / held-out val split by a hash of the key, checked against the
-model config); each worker streams its shard with `iter_batches` and turns numpy batches into
-`(B, C, F, h, w)` latents with `collate`. Training never decodes video or runs the VAE encoder.
+The driver checks the store against the model config (`inspect_store`); `split.py` chooses the held-out
+validation clips (`is_validation`: a hash of the key) once per run and `rows.py` reads each rank's batches
+of an epoch; joint training's image store streams through Ray Data (`build_datasets`). Numpy batches become
+`(B, C, F, h, w)` latents in `collate`. Training never decodes video or runs the VAE encoder.
 """
 
 from __future__ import annotations
@@ -48,13 +49,22 @@ class StoreInfo:
     cond_shape: list[int] | None = None  # (F_stored, C, h / scale, w / scale)
 
 
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path on it) of a local path or a URI (s3://, gs://, ...)."""
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(path).resolve())
+
+
+def parquet_files(fs: pafs.FileSystem, fs_path: str) -> list[pafs.FileInfo]:
+    """The `.parquet` files of a directory, sorted by path (the order every reader of a store agrees on)."""
+    infos = fs.get_file_info(pafs.FileSelector(fs_path))
+    return sorted((f for f in infos if f.path.endswith(".parquet")), key=lambda f: f.path)
+
+
 def _clips_path(path: str) -> tuple[pafs.FileSystem, str, str]:
     """(filesystem, fs path, user-facing path) of the clips directory given the pipeline output or clips dir."""
-    fs, fs_path = (
-        pafs.FileSystem.from_uri(path)
-        if "://" in path
-        else (pafs.LocalFileSystem(), str(Path(path).resolve()))
-    )
+    fs, fs_path = filesystem(path)
     info = fs.get_file_info(fs_path)
     if info.type == pafs.FileType.NotFound:
         raise LatentStoreError(
@@ -141,8 +151,8 @@ def _inspect(
     """A store's Parquet footers checked against `cfg` and against each other (every file must agree with the
     first: one VAE, one latent layout); `with_cond_view`: also SR's low-resolution view. Reads no row data."""
     fs, fs_path, path = _clips_path(data_path)
-    infos = [f for f in fs.get_file_info(pafs.FileSelector(fs_path)) if f.path.endswith(".parquet")]
-    files = sorted(f.path for f in infos)
+    infos = parquet_files(fs, fs_path)
+    files = [f.path for f in infos]
     if not files:
         raise LatentStoreError(f"no .parquet files in {path}")
     footers = _read_footers(fs, files, path)
@@ -302,44 +312,33 @@ def is_validation(key: str, fraction: float) -> bool:
     return bucket < fraction
 
 
-def _read(info: StoreInfo, light: dict):
-    import ray.data
-
+def feed_columns(info: StoreInfo) -> list[str]:
+    """The columns training reads of a store: key, caption, the view's latents (+ SR's low-resolution view,
+    + prompt embeddings)."""
     columns = [schema.KEY, schema.CAPTION, info.latents_column]
     if info.cond_column is not None:
         columns.append(info.cond_column)
     if info.has_prompt_embeds:
         columns.append(schema.PROMPT_EMBEDS)
-    return ray.data.read_parquet(info.clips_path, file_extensions=["parquet"], **light).select_columns(
-        columns
-    )
+    return columns
 
 
-def build_datasets(cfg: TrainConfig, info: StoreInfo, images: StoreInfo | None = None) -> dict[str, Any]:
-    """{"train": ds, "val": ds[, "images": ds]} Ray Datasets of key, caption, latents (+ prompt_embeds); the
-    image store (joint training) is not split: its validation is the clips'."""
+def build_datasets(cfg: TrainConfig, images: StoreInfo | None) -> dict[str, Any]:
+    """The Ray Datasets Ray Train splits among the workers: {"images": ds} of joint training's image store
+    (key, caption, latents [+ prompt_embeds]; not split into train / val), else {}. The clips are read by
+    each rank itself (`rows.py`), from the split `split.py` chose."""
     import ray.data
 
+    if images is None:
+        return {}
     # Reading latents is light work: small CPU slices, so data tasks fit beside the training workers.
     # Ordered execution makes each worker's shard, and so a resumed run, deterministic.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    light = {"num_cpus": 0.25}
-    ds = _read(info, light)
-    frac = cfg.data.val_fraction
-
-    def split(batch: dict[str, np.ndarray], val: bool) -> dict[str, np.ndarray]:
-        keep = np.array([is_validation(str(k), frac) == val for k in batch[schema.KEY]], dtype=bool)
-        return {k: v[keep] for k, v in batch.items()}
-
-    train = ds.map_batches(split, fn_kwargs={"val": False}, batch_format="numpy", **light)
-    val = ds.map_batches(split, fn_kwargs={"val": True}, batch_format="numpy", **light)
-    out = {"train": train, "val": val}
-    if images is not None:
-        out["images"] = _read(images, light)
-    for name, store in (("train", info), ("val", info), ("images", images)):
-        if name in out and _cache(cfg, store):  # every epoch re-executes a lazy dataset; keep a small one
-            out[name] = out[name].materialize()
-    return out
+    ds = ray.data.read_parquet(images.clips_path, file_extensions=["parquet"], num_cpus=0.25)
+    ds = ds.select_columns(feed_columns(images))
+    if _cache(cfg, images):  # every pass re-executes a lazy dataset; keep a small one
+        ds = ds.materialize()
+    return {"images": ds}
 
 
 def _cache(cfg: TrainConfig, info: StoreInfo) -> bool:

@@ -27,8 +27,10 @@ from training.diffusion.losses import term_grad_norms
 from training.diffusion.objective import HarivoObjective
 from training.distributed import engine as ds
 from training.distributed.checkpoint import TrainerState, restore, save_checkpoint
-from training.distributed.data import ImageStream, StoreInfo, collate_stage
+from training.distributed.data import ImageStream, StoreInfo, collate_stage, feed_columns
 from training.distributed.progress import Due, StepLogger, clock, say
+from training.distributed.rows import RowReader
+from training.distributed.split import Split
 from training.model.export import export_weights
 from training.model.unet import VideoUNet
 
@@ -41,6 +43,8 @@ class WorkerConfig:
 
     cfg: TrainConfig
     store: StoreInfo
+    split: Split
+    """The training and validation rows (`split.py`, chosen by the driver)."""
     image_store: StoreInfo | None = None
     """The image store of joint image-video training (data.images_per_clip), else None."""
     export_dir: str | None = None
@@ -64,6 +68,7 @@ class WorkerConfig:
                 **config,
                 "cfg": from_dict(TrainConfig, config["cfg"]),
                 "store": StoreInfo(**config["store"]),
+                "split": Split.from_dict(config["split"]),
                 "image_store": StoreInfo(**images) if images else None,
             }
         )
@@ -114,11 +119,12 @@ def train_fn_per_worker(config: dict) -> None:
     logger = StepLogger(cfg, rank, w.tensorboard_dir, state.step)
     guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps)
 
-    shard = ray.train.get_dataset_shard("train")
+    train_rows = RowReader(w.split.train, feed_columns(info))
+    val_rows = RowReader(w.split.val, feed_columns(info))
     engine.train()
     while state.step < cfg.optim.max_steps:
         t_data = time.perf_counter()
-        for batch in epoch_batches(shard, cfg, state, rank, world):
+        for batch in epoch_batches(train_rows, cfg, state, rank, world):
             t_step = time.perf_counter()
             b = feed(batch)
             terms = objective(
@@ -150,7 +156,9 @@ def train_fn_per_worker(config: dict) -> None:
             metrics = logger.metrics(state.step, state.epoch, engine.get_lr()[0], device)
             if due.validate:
                 engine.eval()
-                metrics["val_loss"] = validation_loss(engine.module, cfg, info, text_encoder, device, dtype)
+                metrics["val_loss"] = validation_loss(
+                    engine.module, cfg, info, val_rows, rank, world, text_encoder, device, dtype
+                )
                 engine.train()
             logger.log(metrics)
             if due.checkpoint:
@@ -225,27 +233,28 @@ class NonFiniteGuard:
             )
 
 
-def epoch_batches(shard, cfg: TrainConfig, state: TrainerState, rank: int, world: int):
-    """This epoch's batches still to train on. The whole epoch is consumed (so every rank stays in step with
-    the split): a resumed run skips what its checkpoint already trained on, and batches after the last step
-    are read and dropped. Reshuffled every epoch, reproducibly."""
-    batches = shard.iter_batches(
-        batch_size=cfg.optim.batch_size,
-        batch_format="numpy",
-        drop_last=True,
-        local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-        local_shuffle_seed=cfg.run.seed * 1009 + state.epoch,
-    )
-    seen = 0
-    for batch in batches:
-        seen += 1
-        if seen > state.batches_in_epoch and state.step < cfg.optim.max_steps:
-            yield batch
-    if seen == 0:
+def epoch_batches(rows: RowReader, cfg: TrainConfig, state: TrainerState, rank: int, world: int):
+    """This epoch's micro-batches still to train on: this rank's share of the epoch's order (`rows.py`), from
+    the checkpoint's position `state.batches_in_epoch` on. A resumed run reads nothing it already trained
+    on (only the rest of the window in progress); reshuffled every epoch, reproducibly."""
+    if rows.num_batches(world, cfg.optim.batch_size) == 0:
         raise RuntimeError(
             f"rank {rank}'s training shard is empty: fewer clips than run.num_workers x optim.batch_size "
             f"({world} x {cfg.optim.batch_size}) after the {cfg.data.val_fraction:.0%} validation split"
         )
+    start = state.batches_in_epoch
+    batches = rows.epoch(
+        state.epoch, rank, world, cfg.optim.batch_size, cfg.data.shuffle_buffer, cfg.run.seed, start
+    )
+    for i, batch in enumerate(batches):
+        if i == 0 and start and rank == 0:
+            say(
+                f"resumed epoch {state.epoch} at micro-batch {start}: the {start * cfg.optim.batch_size} rows "
+                "per rank trained on were not read again (only the rest of the window in progress)"
+            )
+        if state.step >= cfg.optim.max_steps:
+            return
+        yield batch
 
 
 @dataclass
@@ -312,18 +321,26 @@ class BatchFeed:
 
 
 @torch.no_grad()
-def validation_loss(model, cfg: TrainConfig, info: StoreInfo, text_encoder, device, dtype) -> float:
-    """Mean L_simple over this rank's val shard at fixed seeds (same noise and timesteps every time),
-    averaged over ranks. The whole shard is consumed so every rank stays in step with the split."""
+def validation_loss(
+    model,
+    cfg: TrainConfig,
+    info: StoreInfo,
+    rows: RowReader,
+    rank: int,
+    world: int,
+    text_encoder,
+    device,
+    dtype,
+) -> float:
+    """Mean L_simple over this rank's first data.val_batches batches of the validation split (its own small
+    files: nothing else is read) at fixed seeds (same clips, noise and timesteps every time), averaged over
+    ranks."""
     val_cfg = from_dict(
         TrainConfig, to_dict(cfg), {"loss.lambda_trs": 0.0, "loss.lambda_reg": 0.0, "loss.lambda_dc": 0.0}
     )
     objective = HarivoObjective(val_cfg).to(device)
     total = torch.zeros(2, dtype=torch.float64)  # (sum of losses, batches)
-    shard = ray.train.get_dataset_shard("val")
-    for i, batch in enumerate(shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="numpy")):
-        if i >= cfg.data.val_batches:
-            continue
+    for i, batch in enumerate(rows.first(rank, world, cfg.optim.batch_size, cfg.data.val_batches)):
         latents, captions, embeds, cond_latents = collate_stage(
             batch, info, cfg.model.num_frames, cfg.data.frame_stride, None, device
         )

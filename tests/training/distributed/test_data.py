@@ -18,12 +18,14 @@ from pipeline.configlib import load_config
 from training.config import TrainConfig
 from training.distributed.data import (
     LatentStoreError,
-    build_datasets,
     collate,
     collate_stage,
+    feed_columns,
     inspect_store,
     is_validation,
 )
+from training.distributed.rows import RowReader
+from training.distributed.split import choose_split
 
 CPU = torch.device("cpu")
 
@@ -336,28 +338,33 @@ def test_is_validation_is_a_stable_fraction_of_keys():
     assert small < large
 
 
-@pytest.mark.slow  # ~30-40 s on 2 busy cores: Ray Data workers start, two datasets execute
-def test_train_and_val_partition_the_store(ray_local, tiny_zoo, store):
+def test_train_and_val_partition_the_store(tiny_zoo, store, tmp_path):
     raw = raw_store(store)
     cfg = train_config(tiny_zoo, store, **{"data.val_fraction": 0.5})
     info = inspect_store(cfg)
-    datasets = build_datasets(cfg, info)
-    rows = {name: ds.take_all() for name, ds in datasets.items()}
-    train = [str(r[schema.KEY]) for r in rows["train"]]
-    val = [str(r[schema.KEY]) for r in rows["val"]]
+    split = choose_split(info, 0.5, str(tmp_path / "run"), val_clips=len(raw))  # every held-out clip
+    readers = {
+        "train": RowReader(split.train, feed_columns(info)),
+        "val": RowReader(split.val, feed_columns(info)),
+    }
+    batches = {
+        name: list(r.first(0, 1, 1, len(raw))) for name, r in readers.items()
+    }  # every row, one at a time
+    train = [str(b[schema.KEY][0]) for b in batches["train"]]
+    val = [str(b[schema.KEY][0]) for b in batches["val"]]
     assert len(train) == len(set(train)) and len(val) == len(set(val))  # every clip once
     assert not set(train) & set(val)
     assert set(train) | set(val) == set(raw)
     assert set(val) == {k for k in raw if is_validation(k, 0.5)}
     assert train and val  # the demo store has enough keys for both at 0.5
-    for row in rows["train"] + rows["val"]:
-        assert set(row) == {schema.KEY, schema.CAPTION, schema.LATENTS, schema.PROMPT_EMBEDS}
-        want = raw[str(row[schema.KEY])]
-        assert str(row[schema.CAPTION]) == want["caption"]
-        np.testing.assert_array_equal(np.asarray(row[schema.LATENTS]), want["latents"])
-        np.testing.assert_array_equal(np.asarray(row[schema.PROMPT_EMBEDS]), want["prompt_embeds"])
+    for batch in batches["train"] + batches["val"]:
+        assert set(batch) == {schema.KEY, schema.CAPTION, schema.LATENTS, schema.PROMPT_EMBEDS}
+        want = raw[str(batch[schema.KEY][0])]
+        assert str(batch[schema.CAPTION][0]) == want["caption"]
+        np.testing.assert_array_equal(batch[schema.LATENTS][0], want["latents"])
+        np.testing.assert_array_equal(batch[schema.PROMPT_EMBEDS][0], want["prompt_embeds"])
     # A worker's numpy batches collate to the stored frames of the clips they hold.
-    batch = next(iter(datasets["train"].iter_batches(batch_size=3, batch_format="numpy")))
+    batch = next(readers["train"].epoch(0, 0, 1, 3, 8, seed=0))
     latents, captions, embeds = collate(batch, info, 3, 2, None, CPU)
     stored = np.stack([raw[str(k)]["latents"] for k in batch[schema.KEY]])
     assert torch.equal(latents, expected_window(stored, 0, 3, 2))

@@ -176,6 +176,7 @@ class DiffusionConfig:
         "beta_end": between(0, 1),
         "noise_offset": at_least(0),
         "snr_gamma": above(0),
+        "timestep_shift": above(0),
     }
 
     objective: Literal["ddpm", "edm"] = "ddpm"
@@ -201,6 +202,11 @@ class DiffusionConfig:
     epsilon MSE x min(SNR, gamma) / SNR, v MSE x min(SNR, gamma) / (SNR + 1))."""
     snr_gamma: float = 5.0
     """gamma of loss_weighting=min_snr (Hang et al.: 5)."""
+    timestep_shift: float = 1.0
+    """Training timesteps drawn toward more noise: t / T = s u / (1 + (s - 1) u), u ~ U(0, 1) (the shift of SD3,
+    Esser et al. 2024, eq. 23, in DDPM time; `noise.shifted_timesteps`). 1: t ~ U{0, T-1}, HARIVO's and SD's own.
+    A layout, and a motion, is decided at high noise; SVD (Blattmann et al. 2023, sec. 4) found video models need
+    the training noise shifted there. 'ddpm' and edm.sigma_sampling=uniform_t only."""
     noise_offset: float = 0.0
     """Add `noise_offset` x a per-sample, per-channel N(0, 1) constant (shared over frames and
     pixels) to the training noise (offset noise, as diffusers' training scripts' `--noise_offset`). A schedule
@@ -305,6 +311,11 @@ class TrainConfig:
                 f"edm.sigma_sampling=uniform_t needs the discrete levels of edm.kind=sd21, got edm.kind={self.edm.kind}"
             )
         d = self.diffusion
+        if d.timestep_shift != 1 and d.objective == "edm" and self.edm.sigmas_from != "uniform_t":
+            raise ValueError(
+                f"diffusion.timestep_shift={d.timestep_shift} shifts discrete timesteps: it needs diffusion.objective=ddpm "
+                "or edm.sigma_sampling=uniform_t (lognormal sigmas move with edm.p_mean)"
+            )
         if not 0 < d.beta_start < d.beta_end < 1:
             raise ValueError(
                 f"need 0 < diffusion.beta_start={d.beta_start} < diffusion.beta_end={d.beta_end} < 1"

@@ -81,3 +81,16 @@ def video_noise(
     if prior == "progressive":
         return progressive_noise(shape, alpha, generator, **kw)
     raise ValueError(f"noise prior must be one of {PRIORS}, got {prior!r}")
+
+
+def shifted_timesteps(
+    n: int, num_train_timesteps: int, shift: float, generator: torch.Generator | None, device
+) -> torch.Tensor:
+    """(n,) int64 training timesteps in [0, T-1], t / T = shift u / (1 + (shift - 1) u) with u ~ U(0, 1) (SD3's
+    timestep shift; its inverse is u = t / (shift - (shift - 1) t), so P(t / T <= x) = x / (shift - (shift - 1) x)).
+    shift 1 is t ~ U{0, T-1} exactly (the same draws as `torch.randint`); shift 3 puts the median at 0.75 T."""
+    if shift == 1:
+        return torch.randint(0, num_train_timesteps, (n,), generator=generator, device=device)
+    u = torch.rand((n,), generator=generator, device=device)
+    t = shift * u / (1 + (shift - 1) * u)  # in [0, 1)
+    return (t * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)

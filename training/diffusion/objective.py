@@ -54,7 +54,7 @@ from training.diffusion.losses import (
     trs_loss,
     weighted_total,
 )
-from training.diffusion.noise import video_noise
+from training.diffusion.noise import shifted_timesteps, video_noise
 from training.diffusion.samplers import ddpm_scheduler, prediction_to_x0
 from training.model.unet import VideoUNet
 
@@ -91,7 +91,7 @@ class HarivoObjective(nn.Module):
         """(n,) training noise levels: sigma_t at t ~ U{0, T-1} ('uniform_t') or ln sigma ~ N(P_mean, P_std^2)."""
         e = self.cfg.edm
         if e.sigmas_from == "uniform_t":
-            t = torch.randint(0, len(self.sigmas), (n,), generator=generator, device=device)
+            t = shifted_timesteps(n, len(self.sigmas), self.cfg.diffusion.timestep_shift, generator, device)
             return self.sigmas.to(t.device)[t]
         return sample_sigmas(n, e.p_mean, e.p_std, generator, device)
 
@@ -101,10 +101,9 @@ class HarivoObjective(nn.Module):
 
     def training_levels(self, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
         """(n,) noise levels: timesteps t ~ U{0, T-1} (int64, 'ddpm') or sigmas (`training_sigmas`, 'edm')."""
+        d = self.cfg.diffusion
         if self.discrete:
-            return torch.randint(
-                0, self.cfg.diffusion.num_train_timesteps, (n,), generator=generator, device=device
-            )
+            return shifted_timesteps(n, d.num_train_timesteps, d.timestep_shift, generator, device)
         return self.training_sigmas(n, generator, device)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:

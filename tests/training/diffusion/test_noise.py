@@ -63,3 +63,24 @@ def test_seeded_and_validated():
         video_noise((1, 4, 3, 8, 8), "mixed", -1.0)
     with pytest.raises(ValueError, match=r"\(B, C, F, H, W\)"):
         video_noise((4, 3, 8, 8), "mixed", 1.0)
+
+
+@pytest.mark.parametrize("shift", [2.0, 3.0, 0.5])
+def test_shifted_timesteps_follow_the_closed_form_cdf(shift):
+    """P(t / T <= x) = x / (shift - (shift - 1) x), the inverse of t / T = shift u / (1 + (shift - 1) u)."""
+    from training.diffusion.noise import shifted_timesteps
+
+    T, n = 1000, 200_000
+    t = shifted_timesteps(n, T, shift, torch.Generator().manual_seed(0), "cpu")
+    assert t.dtype == torch.int64 and 0 <= t.min() and t.max() <= T - 1
+    for x in (0.1, 0.25, 0.5, 0.75, 0.9):
+        expected = x / (shift - (shift - 1) * x)
+        assert abs((t < x * T).double().mean().item() - expected) < 0.005  # std error ~0.001
+
+
+def test_no_shift_draws_exactly_what_uniform_timesteps_drew():
+    from training.diffusion.noise import shifted_timesteps
+
+    a = shifted_timesteps(64, 1000, 1.0, torch.Generator().manual_seed(3), "cpu")
+    b = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)

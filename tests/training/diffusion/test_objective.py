@@ -237,3 +237,23 @@ def test_reg_recompute_keeps_the_loss_and_gradients_without_the_image_paths_acti
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-7)
     # The video path's activations are kept either way; the image path's only without recompute.
     assert bytes1 < 0.7 * bytes0, (bytes1, bytes0)
+
+
+def test_a_timestep_shift_moves_the_training_levels_to_more_noise():
+    """Shift 3 (SD3's): half the timesteps above 0.75 T, against a quarter without, for 'ddpm' and sd21's levels."""
+    from training.diffusion.edm import sigma_to_timestep
+
+    g = torch.Generator().manual_seed(0)
+    plain = HarivoObjective(_config()).training_levels(20_000, g, "cpu")
+    shifted = HarivoObjective(_config(**{"diffusion.timestep_shift": 3.0})).training_levels(20_000, g, "cpu")
+    assert abs((plain >= 750).float().mean().item() - 0.25) < 0.02
+    assert abs((shifted >= 750).float().mean().item() - 0.5) < 0.02
+    sd = {"diffusion.objective": "edm", "edm.kind": "sd21", "diffusion.timestep_shift": 3.0}
+    edm = HarivoObjective(_config(**sd))
+    t = sigma_to_timestep(edm.training_sigmas(20_000, g, "cpu"), edm.sigmas)
+    assert abs((t >= 750).float().mean().item() - 0.5) < 0.02
+    with pytest.raises(ValueError, match="timestep_shift"):
+        _config(
+            **{"diffusion.objective": "edm", "edm.kind": "sd21", "edm.sigma_sampling": "lognormal"}
+            | {"diffusion.timestep_shift": 2.0}
+        )

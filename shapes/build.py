@@ -85,7 +85,7 @@ MEASURED_S = dict(  # the full build on the 2-core machine, 2026-12-02 (eval: ha
 )
 SMALL_MEASURED_S = dict(  # the small preset on the 2-core machine, alone, 2026-12-02: 1,473 s in all
     shards=6,
-    clip=111,
+    clip=165,  # 300 steps (2026-12-06)
     evaluator=180,
     base=184,
     stills=61,
@@ -102,7 +102,7 @@ PRESETS = {
         model_bad=1,
         still_shards=2,
         stills_per_shard=500,
-        clip_steps=100,
+        clip_steps=300,  # its text states: pilots.md C1 (100 steps keep shape 0.28, position 0.20; 300: 0.40, 0.35)
         evaluator_clips=2000,
         evaluator_steps=300,
         vae_steps=700,  # 400 read back the right colour from 21% of reconstructions (README)

@@ -434,7 +434,11 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     card = build(a.out, a.steps, a.aesthetic_clips, a.aesthetic_steps, a.heldout, a.seed)
-    print(json.dumps({k: card[k] for k in ("thresholds", "clip", "aesthetic", "text_states", "seconds")}, indent=1))
+    print(
+        json.dumps(
+            {k: card[k] for k in ("thresholds", "clip", "aesthetic", "text_states", "seconds")}, indent=1
+        )
+    )
     return card
 
 

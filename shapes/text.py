@@ -127,7 +127,9 @@ def sd_tokenizer():
 
     with tempfile.TemporaryDirectory() as d:
         write_clip_tokenizer_files(Path(d))
-        return CLIPTokenizer(f"{d}/vocab.json", f"{d}/merges.txt", pad_token="<|endoftext|>", model_max_length=77)
+        return CLIPTokenizer(
+            f"{d}/vocab.json", f"{d}/merges.txt", pad_token="<|endoftext|>", model_max_length=77
+        )
 
 
 def _still_caption(d: dict[str, str]) -> str:

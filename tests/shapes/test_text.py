@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from shapes.text import random_text_encoder, sd_tokenizer, token_identity_loss, word_sensitivity
 from shapes.world import SHAPES
 
@@ -27,7 +28,9 @@ def test_an_encoder_that_cannot_tell_the_shapes_apart_scores_zero_for_shape(toke
         emb[[i[0] for i in ids[1:]]] = emb[ids[0][0]].clone()  # every shape word now reads as the first
     blind = word_sensitivity(encoder, tokenizer, n=16)
     assert blind["shape"] == 0.0
-    assert blind["colour"] == pytest.approx(plain["colour"], rel=0.3)  # the others unaffected (up to the reference)
+    assert blind["colour"] == pytest.approx(
+        plain["colour"], rel=0.3
+    )  # the others unaffected (up to the reference)
 
 
 def test_the_token_identity_loss_is_cross_entropy_over_the_batchs_words():

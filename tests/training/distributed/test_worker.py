@@ -1,7 +1,7 @@
 """Ray Train + DeepSpeed runner on 2 CPU workers with the tiny zoo and the demo pipeline's latents.
 
 Runs are short (6 optimiser steps) but real: 2 Ray Train workers, DeepSpeed ZeRO over gloo, the
-pipeline's Parquet streamed through Ray Data, checkpoints persisted by Ray Train.
+pipeline's Parquet read by each rank (training/distributed/rows.py), checkpoints persisted by Ray Train.
 """
 
 from __future__ import annotations
@@ -142,8 +142,12 @@ def test_zero3_trains(ray_local, tiny_zoo, store, tmp_path, uninterrupted):
         "zero_pp_rank_0_mp_rank_00_model_states.pt",
         "zero_pp_rank_1_mp_rank_00_model_states.pt",
     } <= shards
-    # ZeRO-3 partitions parameters; the export gathers them, so it has the same weights as ZeRO-2's.
-    _assert_same_weights(_weights(run_dir), _weights(uninterrupted[0]), atol=1e-4)
+    # ZeRO-3 partitions parameters; the export gathers them, so it has the same weights as ZeRO-2's up to the
+    # order of fp32 reductions, which AdamW's normalised step (|m_hat / sqrt(v_hat)| <~ 1) can amplify to a
+    # fraction of lr for weights whose gradients are near zero: 0.3 x lr, where a missing gather or a lost
+    # gradient moves weights by whole steps (up to 6 x lr). Measured 1.4e-4 (lr 1e-3).
+    cfg = _cfg(tiny_zoo, store, run_dir)
+    _assert_same_weights(_weights(run_dir), _weights(uninterrupted[0]), atol=0.3 * cfg.optim.lr)
 
 
 @pytest.mark.slow
@@ -187,13 +191,14 @@ def test_a_run_resumes_on_another_number_of_workers(ray_local, tiny_zoo, store, 
     def state(path: Path) -> dict:
         return json.loads((path / "trainer_state.json").read_text())
 
-    assert sorted(p.name for p in one.glob("checkpoint_*")) == ["checkpoint_00000004"]  # resumed at 3
+    # (numbered checkpoints only: Ray Train may also have written its checkpoint_manager_snapshot.json there)
+    assert sorted(p.name for p in one.glob("checkpoint_[0-9]*")) == ["checkpoint_00000004"]  # resumed at 3
     assert not (one / "checkpoint_00000004" / "rank1.safetensors").exists()
     written = [reference / "checkpoint_00000003", one / "checkpoint_00000004", two / "checkpoint_00000006"]
     assert [state(path)["world_size"] for path in written] == [2, 1, 2]
     # Not fp-tight, and not meant to be: the weights and AdamW moments carry over exactly (checked bit for bit
-    # in test_checkpoint_deepspeed.py), but one worker cannot draw two ranks' noise streams, and Ray Data
-    # shards the clips among the ranks it has, so steps 4-6 train on other noise (and clip order) than the
+    # in test_checkpoint_deepspeed.py), but one worker cannot draw two ranks' noise streams, and the clips
+    # are shared among the ranks it has, so steps 4-6 train on other noise (and clip order) than the
     # reference's. Each AdamW step moves a weight by about lr at most (|m_hat / sqrt(v_hat)| <~ 1), so the two
     # runs may part by 2 x (lr of steps 4, 5 and 6) per weight, and no more; the validation loss at fixed
     # seeds (the loss curve without the noise draw) stays where the reference's is.

@@ -216,19 +216,25 @@ def write_clip_tokenizer_files(out: Path) -> None:
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
 
 
+def clip_tokenizer(directory: Path, pad_token: str = "<|endoftext|>"):
+    """A transformers `CLIPTokenizer` of the real CLIP BPE (files written to `directory`), 77 positions, padded with
+    `pad_token` (SD 1.5: `<|endoftext|>`, SD 2.1: `!`)."""
+    from transformers import CLIPTokenizer
+
+    write_clip_tokenizer_files(directory)
+    return CLIPTokenizer(
+        str(directory / "vocab.json"), str(directory / "merges.txt"), pad_token=pad_token, model_max_length=77
+    )
+
+
 def save_sd_directory(
     out: Path, vae, text_encoder, unet, scheduler, pad_token: str = "<|endoftext|>"
 ) -> Path:
     """`out` as a Stable Diffusion directory (`vae/`, `text_encoder/`, `tokenizer/`, `unet/`, `scheduler/`,
     `model_index.json`) with the real CLIP BPE tokenizer (SD 1.5 pads with `<|endoftext|>`, SD 2.1 with `!`)."""
     from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
 
-    tok_dir = Path(out) / "tokenizer"
-    write_clip_tokenizer_files(tok_dir)
-    tokenizer = CLIPTokenizer(
-        str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), pad_token=pad_token, model_max_length=77
-    )
+    tokenizer = clip_tokenizer(Path(out) / "tokenizer", pad_token)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -153,7 +153,6 @@ def train_clip(
     quality_weight: float = 1.0,
     token_weight: float = 1.0,
     seed: int = 0,
-    on_log=None,
 ) -> tuple[object, dict]:
     """A trained CLIP (eval mode) and its training record.
 
@@ -161,19 +160,17 @@ def train_clip(
     quality for the LAION head to read; this world's captions never do. So a linear probe on the image embedding
     learns to tell degraded clips (`spoil`) while the contrastive loss pairs them with their captions as well: the
     embedding carries quality beside content, and the CLIP score stays about content. The probe is not saved.
-    The contrastive loss reads the end-of-text token alone, and within 50 steps it folds the other words' states into
-    colour and background (`shapes.text.word_sensitivity`: shape 0.09, position 0.08, motion direction 0.02 of a
-    random caption's change, from ~0.5 at init), the states the base's UNet and the temporal text path read. A web
-    CLIP's states carry every word of its captions; here `token_weight` x `shapes.text.token_identity_loss` (each
-    position's state names its word; the head is not saved) keeps them.
-    `on_log(step, model)` is called at each log line (the model in train mode).
+    The contrastive loss reads only the end-of-text token and soon folds the other words' states (what the base's
+    UNet reads) into colour and background; `token_weight` x `shapes.text.token_identity_loss` keeps every word
+    (pilots.md D2, C1). Each log line measures the tower's `word_sensitivity` (~2 s): the record's `text_states`.
     """
     model, preprocess, tokenizer = new_clip(seed)
     probe = torch.nn.Linear(CLIP_CFG["embed_dim"], 1)
     words = torch.nn.Linear(CLIP_CFG["text_cfg"]["width"], CLIP_CFG["text_cfg"]["vocab_size"])
-    heads = {"probe": probe, "words": words}
     named = [*model.named_parameters()]
-    named += [(f"{h}.{n}", p) for h, m in heads.items() for n, p in m.named_parameters()]
+    named += [
+        (f"{h}.{n}", p) for h, m in (("probe", probe), ("words", words)) for n, p in m.named_parameters()
+    ]
     flat = {
         n for n, p in named if p.ndim < 2 or "logit_scale" in n
     }  # as open_clip: no decay on gains, biases
@@ -190,6 +187,7 @@ def train_clip(
         opt, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1)))
     )
     rng = np.random.default_rng(seed)
+    sd_tok, curve = sd_tokenizer(), []
     t0 = time.perf_counter()
     model.train()
     for step in range(steps):
@@ -224,10 +222,9 @@ def train_clip(
                 model.logit_scale.exp().item(),
                 time.perf_counter() - t0,
             )
-            if on_log is not None:  # e.g. the text tower's `shapes.text.word_sensitivity` along training
-                on_log(step + 1, model)
+            curve.append([step + 1, word_sensitivity(text_encoder_from_open_clip(model), sd_tok)])
     record = dict(steps=steps, scenes=scenes, stills=stills, lr=lr, quality_weight=quality_weight)
-    record |= dict(token_weight=token_weight, seed=seed)
+    record |= dict(token_weight=token_weight, seed=seed, text_states=curve)
     return model.eval().requires_grad_(False), dict(train=record, seconds=round(time.perf_counter() - t0, 1))
 
 
@@ -397,16 +394,18 @@ def build(
     aesthetic_steps: int = 1500,
     heldout: int = 400,
     seed: int = 0,
+    token_weight: float = 1.0,
 ) -> dict:
-    """Train both models, calibrate their thresholds and write `out/clip/`, `out/aesthetic.pth`, `out/card.json`."""
+    """Train both models, calibrate their thresholds and write `out/clip/`, `out/aesthetic.pth`, `out/card.json`
+    (`text_states`: the trained tower's `word_sensitivity`; its curve over training is in `training.clip`)."""
     out = Path(out)
     t0 = time.perf_counter()
-    model, clip_record = train_clip(steps=steps, seed=seed)
+    model, clip_record = train_clip(steps=steps, token_weight=token_weight, seed=seed)
     _, preprocess, tokenizer = new_clip(seed)
     head, head_record = train_aesthetic(model, preprocess, aesthetic_clips, aesthetic_steps, seed=seed)
     log.info("calibrating on held-out clips")
     card = calibrate(model, preprocess, tokenizer, head, heldout, seed + 100)
-    card["text_states"] = word_sensitivity(text_encoder_from_open_clip(model), sd_tokenizer())
+    card["text_states"] = clip_record["train"]["text_states"][-1][1]  # measured at the last step
     name = save_clip(model, out / CLIP_DIR)
     torch.save(head.state_dict(), out / AESTHETIC_FILE)
     card |= dict(
@@ -430,15 +429,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--aesthetic-steps", type=int, default=1500)
     p.add_argument("--heldout", type=int, default=400, help="held-out clips per calibration / test set")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--token-weight",
+        type=float,
+        default=1.0,
+        help="weight of the text tower's token-identity loss (0: off)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    card = build(a.out, a.steps, a.aesthetic_clips, a.aesthetic_steps, a.heldout, a.seed)
-    print(
-        json.dumps(
-            {k: card[k] for k in ("thresholds", "clip", "aesthetic", "text_states", "seconds")}, indent=1
-        )
-    )
+    card = build(a.out, a.steps, a.aesthetic_clips, a.aesthetic_steps, a.heldout, a.seed, a.token_weight)
+    shown = ("thresholds", "clip", "aesthetic", "text_states", "seconds")
+    print(json.dumps({k: card[k] for k in shown}, indent=1))
     return card
 
 

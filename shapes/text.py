@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shapes.world import BACKGROUNDS, COLOURS, HORIZONTAL, SHAPES, SIZES, VERTICAL
+from shapes.world import BACKGROUNDS, COLOURS, HORIZONTAL, SHAPES, SIZES, VERTICAL, Scene, still_words
 
 RANDOM_TEXT_WIDTH = 64
 WHERE = tuple(f"at the {w}" for w in (*HORIZONTAL[::2], *VERTICAL[::2])) + ("in the centre",)
@@ -121,19 +121,10 @@ def sd_tokenizer():
     end-of-text to 77 positions (offline: the vocabulary open_clip ships)."""
     import tempfile
 
-    from transformers import CLIPTokenizer
-
-    from pipeline.models import write_clip_tokenizer_files
+    from pipeline.models import clip_tokenizer
 
     with tempfile.TemporaryDirectory() as d:
-        write_clip_tokenizer_files(Path(d))
-        return CLIPTokenizer(
-            f"{d}/vocab.json", f"{d}/merges.txt", pad_token="<|endoftext|>", model_max_length=77
-        )
-
-
-def _still_caption(d: dict[str, str]) -> str:
-    return f"a {d['size']} {d['colour']} {d['shape']} {d['where']} on a {d['background']} background"
+        return clip_tokenizer(Path(d))
 
 
 @torch.no_grad()
@@ -142,7 +133,8 @@ def word_sensitivity(text_encoder, tokenizer, n: int = 64, seed: int = 0) -> dic
     states as SD's pipeline feeds the UNet (`last_hidden_state`, 77 positions, padded to max length), c' the caption
     with that attribute's word(s) changed, r another random caption. 0: the UNet cannot read the attribute; about
     the attribute's share of the words: it changes the states as much as any word does. Motion pairs
-    (`OPPOSITE_MOTIONS`) are video captions "a red circle <motion> on a <background> background"."""
+    (`OPPOSITE_MOTIONS`) are video captions "a <colour> <shape> <motion> on a <background> background" of the same
+    draws."""
     rng = np.random.default_rng(seed)
     slots = dict(size=SIZES, colour=tuple(COLOURS), shape=SHAPES, where=WHERE, background=tuple(BACKGROUNDS))
 
@@ -157,13 +149,16 @@ def word_sensitivity(text_encoder, tokenizer, n: int = 64, seed: int = 0) -> dic
         return float((states(a) - states(b)).norm(dim=1).mean())
 
     base = [draw() for _ in range(n)]
-    captions = [_still_caption(d) for d in base]
-    ref = dist(captions, [_still_caption(draw()) for _ in range(n)])
+    captions = [still_words(**d) for d in base]
+    ref = dist(captions, [still_words(**draw()) for _ in range(n)])
     out = {}
     for k, words in slots.items():
         other = [d | {k: str(rng.choice([w for w in words if w != d[k]]))} for d in base]
-        out[k] = round(dist(captions, [_still_caption(d) for d in other]) / ref, 4)
+        out[k] = round(dist(captions, [still_words(**d) for d in other]) / ref, 4)
     for name, (a, b) in OPPOSITE_MOTIONS.items():
-        video = [f"a {d['colour']} {d['shape']} {{}} on a {d['background']} background" for d in base]
-        out[name] = round(dist([v.format(a) for v in video], [v.format(b) for v in video]) / ref, 4)
+
+        def video(d: dict[str, str], motion: str) -> str:
+            return Scene(d["shape"], d["colour"], d["background"], motion, d["colour"], False).caption
+
+        out[name] = round(dist([video(d, a) for d in base], [video(d, b) for d in base]) / ref, 4)
     return out

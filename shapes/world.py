@@ -186,12 +186,17 @@ def shown_colour(g: Geometry) -> str:
     return min(COLOURS, key=lambda c: float(np.linalg.norm(rgb - np.array(COLOURS[c], np.float32))))
 
 
+def still_words(size: str, colour: str, shape: str, where: str, background: str) -> str:
+    """A still's caption from its words: "a small red circle at the left on a dark blue background"."""
+    return f"a {size} {colour} {shape} {where} on a {background} background"
+
+
 def still_caption(scene: Scene, s: float) -> str:
     """What the frame of `scene` at progress `s` shows, with no motion: its size, colour, shape and position
-    ("a small red circle at the left on a dark blue background"), from the geometry `frame_at` draws."""
+    (`still_words`), from the geometry `frame_at` draws."""
     g = geometry(scene, s)
     size, where = placement_words(g)
-    return f"a {size} {shown_colour(g)} {scene.shape} {where} on a {scene.background} background"
+    return still_words(size, shown_colour(g), scene.shape, where, scene.background)
 
 
 def held_out(scene: Scene) -> bool:

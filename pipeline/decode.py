@@ -32,7 +32,7 @@ import zlib
 
 import numpy as np
 
-from pipeline import pyav, stream
+from pipeline import stream
 from pipeline.schema import Reason, Stage
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,8 @@ def _decord_clips(data: bytes, views: list[dict], clips: int, policy: str, seed:
 
 
 def _pyav_clips(data: bytes, views: list[dict], clips: int, policy: str, seed: int) -> list[dict]:
+    from pipeline import pyav  # only where decord fails: the actors and the driver never import PyAV
+
     vr = pyav.VideoReader(data)
     if len(vr) < 1:
         raise DecodeFailure(Reason.TOO_FEW_FRAMES, "no frames")

@@ -9,6 +9,7 @@ text encoder's last hidden states of the caption are stored as `prompt_embeds` (
 from __future__ import annotations
 
 import hashlib
+import json
 import zlib
 from pathlib import Path
 
@@ -24,9 +25,9 @@ def model_info(cfg: EncodeConfig) -> dict:
     """What the output metadata records about the VAE (and text encoder), without loading weights.
 
     Local directory: sha256 over the VAE folder's files. Hub id: the resolved commit of its config.
+    The configs are read as JSON files: importing diffusers / transformers to read them would cost the driver
+    about 4 CPU-seconds before Ray starts (`_vae_config`, `_text_config`).
     """
-    from diffusers import AutoencoderKL
-
     local = Path(cfg.model)
     revision, digest = "", hashlib.sha256()
     if local.is_dir():
@@ -36,6 +37,7 @@ def model_info(cfg: EncodeConfig) -> dict:
         for f in sorted(p for p in folder.rglob("*") if p.is_file()):
             digest.update(f.relative_to(folder).as_posix().encode())
             digest.update(f.read_bytes())
+        config_file = folder / "config.json"
     else:
         from huggingface_hub import hf_hub_download
 
@@ -44,26 +46,72 @@ def model_info(cfg: EncodeConfig) -> dict:
         )
         revision = path.parent.parent.name  # .../snapshots/<commit>/vae/config.json
         digest.update(path.read_bytes())
-    config = AutoencoderKL.load_config(cfg.model, subfolder=cfg.vae_subfolder, revision=cfg.revision or None)
+        config_file = path
+    config = _vae_config(cfg, config_file)
     info = {
         "vae": cfg.model,
         "vae_revision": revision,
         "vae_hash": digest.hexdigest(),
-        "scaling_factor": float(config.get("scaling_factor", _default_scaling_factor())),
+        "scaling_factor": float(
+            config["scaling_factor"] if "scaling_factor" in config else _default_scaling_factor()
+        ),
         "latent_channels": int(config["latent_channels"]),
         "downsample": 2 ** (len(config["block_out_channels"]) - 1),
         "prompt_embeds_shape": None,
     }
     if cfg.text_embeds:
-        from transformers import AutoConfig
-
-        text = AutoConfig.from_pretrained(cfg.model, subfolder="text_encoder", revision=cfg.revision or None)
-        info["prompt_embeds_shape"] = [int(text.max_position_embeddings), int(text.hidden_size)]
+        info["prompt_embeds_shape"] = _text_config(cfg)
     return info
 
 
+def _read_json(path: Path) -> dict | None:
+    """A config file's JSON object; None when it is missing or not a JSON object (the library then says why)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _vae_config(cfg: EncodeConfig, config_file: Path) -> dict:
+    """The VAE's config.json as `AutoencoderKL.load_config` returns it (the same file, read as JSON); a missing or
+    damaged one goes to diffusers, which finds another or raises as it always did."""
+    config = _read_json(config_file)
+    if config is not None:
+        return config
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.load_config(cfg.model, subfolder=cfg.vae_subfolder, revision=cfg.revision or None)
+
+
+def _text_config(cfg: EncodeConfig) -> list[int]:
+    """[positions, width] of the text encoder's last hidden states, from its config.json when that is a CLIP text
+    model's declaring both (SD 1.5 / 2.1); anything else goes to transformers' `AutoConfig`, as before."""
+    keys = ("max_position_embeddings", "hidden_size")
+    if Path(cfg.model).is_dir():
+        config = _read_json(Path(cfg.model) / "text_encoder" / "config.json")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = hf_hub_download(cfg.model, "text_encoder/config.json", revision=cfg.revision or None)
+            config = _read_json(Path(path))
+        except Exception:  # transformers gets to say what is wrong
+            config = None
+    if (
+        config
+        and config.get("model_type") == "clip_text_model"
+        and all(type(config.get(k)) is int for k in keys)
+    ):
+        return [config[k] for k in keys]
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(cfg.model, subfolder="text_encoder", revision=cfg.revision or None)
+    return [int(text.max_position_embeddings), int(text.hidden_size)]
+
+
 def _default_scaling_factor() -> float:
-    """diffusers' own default, for old VAE configs that do not spell it out."""
+    """diffusers' own default, for old VAE configs that do not spell it out (imports diffusers: only then)."""
     import inspect
 
     from diffusers import AutoencoderKL

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.raysession import where_resolved
+# The model-path checks live in `raysession` (torch-free, for the driver); imported from here as well.
+from pipeline.raysession import LOCAL_DIR, check_local_model, is_local_path  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -40,34 +41,8 @@ def torch_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
     return DTYPES[name]
 
 
-LOCAL_DIR = "local-dir:"
-"""open_clip's prefix for a model directory on disk (`local-dir:/path`)."""
-
 # Hidden widths of the LAION "improved aesthetic predictor" MLP (sac+logos+ava1-l14-linearMSE.pth).
 AESTHETIC_HIDDEN = (1024, 128, 64, 16)
-
-
-def is_local_path(spec: str) -> bool:
-    """Whether a model spec names a local path rather than a hub id ('org/name') or a URI.
-
-    Local: it exists, starts with '.', '/' or '~', or has other than exactly one '/' (a hub id has one)."""
-    if "://" in spec:
-        return False
-    return Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1
-
-
-def check_local_model(field: str, spec: str) -> str:
-    """`spec` made absolute if it is a local path (Ray workers may not share the driver's working directory);
-    a local path that does not exist raises naming the config field. Hub ids pass through unchanged."""
-    if not spec or not is_local_path(spec):
-        return spec
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{field}={spec}: no such file or directory{where_resolved(spec)}; build the tiny model "
-            "zoo with `python -m pipeline.zoo --out DIR` or point the field at real weights"
-        )
-    return str(path.resolve())
 
 
 class AestheticMLP(nn.Module):

@@ -5,6 +5,9 @@ HF tokenizers warn and may deadlock after Ray forks). Inside `ray job submit --r
 job's runtime env already sets some of them, and Ray refuses a `ray.init(runtime_env=...)` that names a
 key the job also sets ("Failed to merge the Job's runtime env"). So the job's value wins: `init_ray`
 passes only the keys the job does not set.
+
+Paths are explained (`where_resolved`), recorded (`recorded_path`) and, for the models a config names,
+checked and made absolute (`check_local_model`) the way a job needs.
 """
 
 from __future__ import annotations
@@ -79,3 +82,33 @@ def recorded_path(given: str) -> str:
     if in_ray_job() and resolved.is_relative_to(Path.cwd().resolve()):
         return given
     return str(resolved)
+
+
+# Model paths, checked by the driver before any Ray work. Here and not in `models` (which re-exports them): the
+# driver then never imports torch (about 1.2 CPU-s before Ray even starts).
+
+LOCAL_DIR = "local-dir:"
+"""open_clip's prefix for a model directory on disk (`local-dir:/path`)."""
+
+
+def is_local_path(spec: str) -> bool:
+    """Whether a model spec names a local path rather than a hub id ('org/name') or a URI.
+
+    Local: it exists, starts with '.', '/' or '~', or has other than exactly one '/' (a hub id has one)."""
+    if "://" in spec:
+        return False
+    return Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1
+
+
+def check_local_model(field: str, spec: str) -> str:
+    """`spec` made absolute if it is a local path (Ray workers may not share the driver's working directory);
+    a local path that does not exist raises naming the config field. Hub ids pass through unchanged."""
+    if not spec or not is_local_path(spec):
+        return spec
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{field}={spec}: no such file or directory{where_resolved(spec)}; build the tiny model "
+            "zoo with `python -m pipeline.zoo --out DIR` or point the field at real weights"
+        )
+    return str(path.resolve())

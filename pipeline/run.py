@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def prepare_models(cfg: PipelineConfig) -> None:
     """Local model paths made absolute, and a missing one refused naming its field (before any Ray work)."""
-    from pipeline.models import LOCAL_DIR, check_local_model
+    from pipeline.raysession import LOCAL_DIR, check_local_model  # torch-free: the driver never imports torch
 
     def local(field: str, spec: str, needed: bool) -> str:
         if needed:

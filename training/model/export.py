@@ -48,7 +48,7 @@ from torch import nn
 
 from pipeline.configlib import from_dict, to_dict, to_json, to_yaml
 from training.config import DiffusionConfig, TrainConfig
-from training.model.harivo import FrameTokenGenerator, MappingNetwork
+from training.model.harivo import MappingNetwork, frame_text_generator
 from training.model.text import PREFIX as TEMPORAL_TEXT_PREFIX
 from training.model.text import TemporalTextModules
 
@@ -182,6 +182,7 @@ class HarivoModules(ModelMixin, ConfigMixin):
         max_text_len: int = 77,
         tokens_per_frame: int = 3,
         num_frames: int = 24,
+        frame_text: str = "tokens",
     ):
         super().__init__()
         self.mapping_network: nn.Module | None = (
@@ -190,7 +191,7 @@ class HarivoModules(ModelMixin, ConfigMixin):
             else None
         )
         self.frame_tokens: nn.Module | None = (
-            FrameTokenGenerator(cross_attention_dim, max_text_len, tokens_per_frame, num_frames)
+            frame_text_generator(frame_text, cross_attention_dim, max_text_len, tokens_per_frame, num_frames)
             if use_frame_tokens
             else None
         )
@@ -201,7 +202,8 @@ class HarivoModules(ModelMixin, ConfigMixin):
         widths are read off the weights, the rest from `cfg`; every key must fit (strict load)."""
         h = cfg.harivo
         mapping = "mapping_network.proj_out.weight"  # Linear(C, C), C the latent channels
-        tokens = "frame_tokens.layers.0.0.weight"  # Linear(D, D), D the text width
+        residual = "frame_tokens.state.weight" in state_dict  # harivo.frame_text=residual
+        tokens = "frame_tokens.state.weight" if residual else "frame_tokens.layers.0.0.weight"  # Linear(D, D)
         modules = cls(
             use_mapping_network=mapping in state_dict,
             in_channels=state_dict[mapping].shape[0] if mapping in state_dict else 4,
@@ -213,6 +215,7 @@ class HarivoModules(ModelMixin, ConfigMixin):
             max_text_len=cfg.model.max_text_len,
             tokens_per_frame=h.tokens_per_frame,
             num_frames=cfg.model.num_frames,
+            frame_text="residual" if residual else "tokens",
         )
         modules.load_state_dict(state_dict)
         return modules

@@ -1,7 +1,8 @@
 """HARIVO's trainable components besides the temporal layers (sec. 3.2, 3.4, 3.5, App. A, pseudo-code).
 
 - `MappingNetwork` l^M: in front of the UNet, on the noisy latent (B, C, F, H, W).
-- `FrameTokenGenerator` t_theta: (M x D) text tokens -> (F x K x D) frame-wise tokens.
+- `FrameTokenGenerator` t_theta: (M x D) text tokens -> (F x K x D) frame-wise tokens; beside it, ours,
+  `FrameTextResidual` (`harivo.frame_text=residual`): per-frame residuals on the M text states.
 - `ContrastiveHead` g_theta: h-space (mid-block output) -> z for L_DC; training only.
 
 Where the paper's text and its pseudo-code differ we follow the pseudo-code, and say so below.
@@ -12,6 +13,8 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
+
+from training.config import HarivoConfig
 
 
 class TemporalConvBranch(nn.Module):
@@ -101,6 +104,60 @@ class FrameTokenGenerator(nn.Module):
             raise ValueError(f"frame-token generator expects {self.max_text_len} text tokens, got {m}")
         tokens = self.layers(encoder_hidden_states)  # (B, F K, D)
         return tokens.reshape(b, self.num_frames, self.tokens_per_frame, d)  # (B, F, K, D)
+
+
+class FrameTextResidual(nn.Module):
+    """Ours, `harivo.frame_text=residual`: (B, M, D) text states -> (B, F, M, D) per-frame residuals on them.
+
+    Each state m of frame f: SiLU(W_s e_m + W_c mean(e) + p_f) -> Linear+SiLU -> Linear (zero-initialised),
+    p_f a learned frame embedding. Where HARIVO's K appended tokens compete with M caption states for the frozen
+    cross-attention, this moves the states themselves (at init by zero: the base's own text)."""
+
+    def __init__(self, text_dim: int, num_frames: int):
+        super().__init__()
+        self.num_frames = num_frames
+        self.state = nn.Linear(text_dim, text_dim)
+        self.context = nn.Linear(text_dim, text_dim, bias=False)
+        self.frame_embedding = nn.Parameter(torch.randn(num_frames, text_dim) / text_dim**0.5)
+        self.mlp = nn.Sequential(
+            nn.SiLU(), nn.Linear(text_dim, text_dim), nn.SiLU(), nn.Linear(text_dim, text_dim)
+        )
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        x = self.state(encoder_hidden_states) + self.context(
+            encoder_hidden_states.mean(1, keepdim=True)
+        )  # (B, M, D)
+        x = x[:, None] + self.frame_embedding[None, :, None].to(x.dtype)  # (B, F, M, D)
+        return self.mlp(x)  # (B, F, M, D)
+
+
+def frame_text_generator(
+    kind: str, text_dim: int, max_text_len: int, tokens_per_frame: int, num_frames: int
+) -> nn.Module:
+    """The module `harivo.frame_text` names: HARIVO's `FrameTokenGenerator` or our `FrameTextResidual`."""
+    if kind == "tokens":
+        return FrameTokenGenerator(text_dim, max_text_len, tokens_per_frame, num_frames)
+    if kind == "residual":
+        return FrameTextResidual(text_dim, num_frames)
+    raise ValueError(f"harivo.frame_text must be tokens or residual, got {kind!r}")
+
+
+def harivo_modules(
+    harivo: HarivoConfig, in_channels: int, text_dim: int, max_text_len: int, num_frames: int
+) -> tuple[MappingNetwork | None, nn.Module | None]:
+    """The mapping network and frame-text module `harivo` turns on (None when off; built in this order, and only
+    when on, so a seeded init does not move)."""
+    mapping = None
+    if harivo.mapping_network:
+        h = harivo
+        mapping = MappingNetwork(in_channels, h.mapping_heads, h.mapping_head_dim, h.mapping_kernel_size)
+    frame_text = None
+    if harivo.frame_tokens:
+        k = harivo.tokens_per_frame
+        frame_text = frame_text_generator(harivo.frame_text, text_dim, max_text_len, k, num_frames)
+    return mapping, frame_text
 
 
 class ContrastiveHead(nn.Module):

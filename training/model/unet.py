@@ -33,7 +33,7 @@ from torch import nn
 from training.config import CascadeConfig, HarivoConfig, ModelConfig
 from training.model.cascade import LevelEmbedding, cond_channels, zero_conv_like
 from training.model.frames import fold_frames, per_frame, unfold_frames
-from training.model.harivo import ContrastiveHead, FrameTokenGenerator, MappingNetwork
+from training.model.harivo import ContrastiveHead, FrameTextResidual, harivo_modules
 from training.model.hooks import (
     AttentionMapHook,
     Captured,
@@ -133,22 +133,8 @@ class VideoUNet(nn.Module):
         self.motion_adapter = (
             motion_adapter if motion_adapter is not None else build_motion_adapter(unet, cfg)
         )
-        self.mapping_network = (
-            MappingNetwork(
-                unet.config.in_channels,
-                harivo.mapping_heads,
-                harivo.mapping_head_dim,
-                harivo.mapping_kernel_size,
-            )
-            if harivo.mapping_network
-            else None
-        )
-        self.frame_tokens = (
-            FrameTokenGenerator(
-                unet.config.cross_attention_dim, cfg.max_text_len, harivo.tokens_per_frame, cfg.num_frames
-            )
-            if harivo.frame_tokens
-            else None
+        self.mapping_network, self.frame_tokens = harivo_modules(
+            harivo, unet.config.in_channels, unet.config.cross_attention_dim, cfg.max_text_len, cfg.num_frames
         )
         mid_channels = unet.config.block_out_channels[-1]
         downsampling = 2 ** (len(unet.config.block_out_channels) - 1)
@@ -369,9 +355,12 @@ class VideoUNet(nn.Module):
                 raise ValueError(
                     f"the frame-token generator was built for model.num_frames={self.frame_tokens.num_frames}, got {f} frames"
                 )
-            tokens = self.frame_tokens(encoder_hidden_states)  # (B, F, K, D)
+            tokens = self.frame_tokens(encoder_hidden_states)  # (B, F, K, D), or (B, F, M, D) residuals
             text = encoder_hidden_states[:, None].expand(b, f, m, d)  # (B, F, M, D)
-            text = torch.cat([text, tokens], dim=2).reshape(b * f, m + tokens.shape[2], d)  # (B F, M + K, D)
+            if isinstance(self.frame_tokens, FrameTextResidual):
+                text = (text + tokens).reshape(b * f, m, d)  # (B F, M, D)
+            else:  # (B F, M + K, D)
+                text = torch.cat([text, tokens], dim=2).reshape(b * f, m + tokens.shape[2], d)
         if image_text is None:
             return text, None
         n, length = image_text.shape[1], text.shape[1]

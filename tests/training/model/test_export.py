@@ -132,9 +132,12 @@ def test_config_falls_back_to_config_yaml(trained, tmp_path):
         read_train_config(lone)
 
 
-@pytest.mark.parametrize("text_conditioning", ["none", "cross_attention", "film"])
-def test_loaded_weights_are_the_exported_ones(make_video_model, tmp_path, text_conditioning):
-    overrides = {**TINY, "model.text_conditioning": text_conditioning}
+@pytest.mark.parametrize(
+    "text_conditioning, frame_text",
+    [("none", "tokens"), ("cross_attention", "tokens"), ("film", "tokens"), ("none", "residual")],
+)
+def test_loaded_weights_are_the_exported_ones(make_video_model, tmp_path, text_conditioning, frame_text):
+    overrides = {**TINY, "model.text_conditioning": text_conditioning, "harivo.frame_text": frame_text}
     model, cfg = make_video_model(**overrides)
     perturb_all(model, seed=1)
     export(model, cfg, tmp_path / "e")

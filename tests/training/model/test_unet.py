@@ -45,12 +45,17 @@ def test_only_temporal_and_harivo_parameters_train(make_video_model):
     assert not model.unet.training and model.motion_adapter.training
 
 
+@pytest.mark.parametrize("frame_text", ["off", "residual"])
 @pytest.mark.parametrize("text_conditioning", TEXT_CONDITIONING)
 @pytest.mark.parametrize("flavor", ["sd", "sd21"])
 @torch.no_grad()
-def test_zero_init_video_model_equals_image_model_per_frame(make_video_model, flavor, text_conditioning):
-    # Frame tokens off: they add K tokens to every frame's cross-attention, by design never neutral.
-    overrides = {"harivo.frame_tokens": False, "model.num_frames": 16}
+def test_zero_init_video_model_equals_image_model_per_frame(
+    make_video_model, flavor, text_conditioning, frame_text
+):
+    # HARIVO's frame tokens (frame_text=tokens) add K tokens to every frame's cross-attention, by design never
+    # neutral; our per-frame residual on the text states starts at zero.
+    overrides = {"harivo.frame_tokens": frame_text != "off", "model.num_frames": 16}
+    overrides["harivo.frame_text"] = "residual"
     model, _ = make_video_model(flavor, **overrides, **{"model.text_conditioning": text_conditioning})
     assert (model.temporal_text is None) == (text_conditioning == "none")
     latents, timesteps, text = inputs(2, 16, text_dim=model.unet.config.cross_attention_dim)
@@ -107,6 +112,23 @@ def test_temporal_layers_match_diffusers_unet_motion_model(make_video_model, per
     reference = UNetMotionModel.from_unet2d(model.unet, model.motion_adapter).eval()
     expected = reference(latents, timesteps, encoder_hidden_states=text.repeat_interleave(4, dim=0)).sample
     assert (model(latents, timesteps, text) - expected).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_frame_text_residual_conditions_each_frame_once_trained(make_video_model):
+    overrides = {"model.num_frames": 4, "harivo.mapping_network": False, "harivo.frame_text": "residual"}
+    model, _ = make_video_model(**overrides)
+    latents, timesteps, text = inputs(1, 1)
+    same_frames = latents.expand(1, 4, 4, 8, 8).contiguous()  # (B, C, F, H, W), four equal frames
+    assert torch.equal(
+        model(same_frames, timesteps, text)[:, :, 1:], model(same_frames, timesteps, text)[:, :, :3]
+    )
+    assert model.frame_tokens(text).shape == (1, 4, 77, 32) and not model.frame_tokens(text).any()
+    torch.nn.init.normal_(model.frame_tokens.mlp[-1].weight, std=0.1)
+    out = model(same_frames, timesteps, text)
+    assert (out[:, :, 1:] - out[:, :, :1]).abs().max() > 0  # only the frame embeddings differ per frame
+    with pytest.raises(ValueError, match="model.num_frames=4, got 5 frames"):
+        model(inputs(1, 5)[0], timesteps, text)
 
 
 @torch.no_grad()

@@ -126,6 +126,20 @@ def test_the_exported_pipeline_reproduces_the_sampler_with_the_extras_on(tiny_zo
     assert (without - want).abs().max() > 0.1
 
 
+def test_the_frame_text_residual_exports_and_loads_with_the_harivo_modules(tiny_zoo, tmp_path):
+    """harivo.frame_text=residual (ours): the harivo/ component rebuilds it from its keys; same video as the
+    project's sampler."""
+    export, model = _export(tiny_zoo.sd, tmp_path / "export", **{"harivo.frame_text": "residual"})
+    want, _ = _project(export)
+    pipe = T2VRayPipeline.from_pretrained(export)
+    assert pipe.harivo.config.frame_text == "residual"
+    assert type(pipe.harivo.frame_tokens) is type(model.frame_tokens)
+    got = pipe(
+        PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(SEED), output_type="latent"
+    ).frames
+    assert got.shape == want.shape and (got - want).abs().max() < TOL
+
+
 def test_the_scheduler_component_picks_the_sampler(extras_on, full):
     """DDPMScheduler on the same config samples the project's ancestral DDPM (same step-noise stream)."""
     want, _ = _project(extras_on, **{"sampler.kind": "ddpm"})

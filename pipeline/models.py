@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-# The model-path checks live in `raysession` (torch-free, for the driver); imported from here as well.
-from pipeline.raysession import LOCAL_DIR, check_local_model, is_local_path  # noqa: F401
+from pipeline.raysession import LOCAL_DIR
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
 
 def _ensure_base_model(cfg: TrainConfig) -> None:
     """Fail fast on a missing local base model, naming the field; hub ids resolve on the workers."""
-    from pipeline.models import check_local_model
+    from pipeline.raysession import check_local_model
 
     check_local_model("model.pretrained", cfg.model.pretrained)
     path = Path(cfg.model.pretrained).expanduser()

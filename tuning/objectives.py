@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.configlib import from_dict
-from pipeline.models import LOCAL_DIR
+from pipeline.raysession import LOCAL_DIR
 
 log = logging.getLogger(__name__)
 

@@ -44,11 +44,10 @@ from diffusers.configuration_utils import register_to_config
 from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
 
 from pipeline.configlib import from_dict, to_dict, to_json, to_yaml
-from training.config import DiffusionConfig, TrainConfig
-from training.model.harivo import MappingNetwork, frame_text_generator
+from training.config import DiffusionConfig, HarivoConfig, TrainConfig
+from training.model.harivo import harivo_modules
 from training.model.text import PREFIX as TEMPORAL_TEXT_PREFIX
 from training.model.text import TemporalTextModules
 
@@ -185,15 +184,17 @@ class HarivoModules(ModelMixin, ConfigMixin):
         frame_text: str = "tokens",
     ):
         super().__init__()
-        self.mapping_network: nn.Module | None = (
-            MappingNetwork(in_channels, mapping_heads, mapping_head_dim, mapping_kernel_size)
-            if use_mapping_network
-            else None
+        harivo = HarivoConfig(
+            mapping_network=use_mapping_network,
+            mapping_heads=mapping_heads,
+            mapping_head_dim=mapping_head_dim,
+            mapping_kernel_size=mapping_kernel_size,
+            frame_tokens=use_frame_tokens,
+            tokens_per_frame=tokens_per_frame,
+            frame_text=frame_text,
         )
-        self.frame_tokens: nn.Module | None = (
-            frame_text_generator(frame_text, cross_attention_dim, max_text_len, tokens_per_frame, num_frames)
-            if use_frame_tokens
-            else None
+        self.mapping_network, self.frame_tokens = harivo_modules(
+            harivo, in_channels, cross_attention_dim, max_text_len, num_frames
         )
 
     @classmethod

@@ -5,8 +5,8 @@ appended when a resume skipped that name as unreadable, see `dir_name`):
 
     deepspeed/                         every rank's ZeRO shard (no frozen base: exclude_frozen_parameters)
     rank{r}.safetensors                rank r's noise generator state and L_DC negative queue
-    trainer_state.json                 step, epoch, batches done in the epoch, image stream position, world
-                                       size (rank 0)
+    trainer_state.json                 step, epoch, batches done in the epoch (and the epoch's positions left
+                                       after a resize), image stream position, world size (rank 0)
     config.yaml                        the fully resolved TrainConfig (rank 0)
     full_state.safetensors             ZeRO 1-2: the trainable weights + AdamW moments whole, for resuming on
                                        another number of workers (rank 0; `reshard.py`)
@@ -78,9 +78,13 @@ class TrainerState:
     image_batches: int = 0
     world_size: int = 0
     """Workers of the run that wrote it; 0 (older checkpoints, which lack the field): this run's own."""
+    epoch_positions: list[list[int]] | None = None
+    """The positions of the epoch's order the ranks' shares are cut from, as ascending [start, stop) pairs,
+    after a resume on another world size within this epoch (`reshard.resized_position`; [] when nothing was
+    left); None (JSON null; older checkpoints lack the field): the whole epoch."""
 
 
-OPTIONAL_FIELDS = {"world_size"}
+OPTIONAL_FIELDS = {"world_size", "epoch_positions"}
 """Fields an older trainer_state.json may lack."""
 
 
@@ -122,11 +126,37 @@ def read_trainer_state(path: Path) -> TrainerState:
     missing = [n for n in names if n not in raw and n not in OPTIONAL_FIELDS]
     if unknown or missing:
         raise CheckpointError(f"{path}: unknown fields {unknown}, missing fields {missing}")
-    for name in raw:
-        value = raw[name]
-        if type(value) is not int or value < 0:  # bool is an int to isinstance
-            raise CheckpointError(f"{path}: field '{name}' must be a non-negative integer, got {value!r}")
+    for name in raw.keys() - {"epoch_positions"}:
+        if not natural(raw[name]):
+            raise CheckpointError(f"{path}: field '{name}' must be a non-negative integer, got {raw[name]!r}")
+    if raw.get("epoch_positions") is not None and not ascending_pairs(raw["epoch_positions"]):
+        raise CheckpointError(
+            f"{path}: field 'epoch_positions' must be null or ascending [start, stop) pairs of non-negative "
+            f"integers, got {raw['epoch_positions']!r}"
+        )
     return TrainerState(**raw)
+
+
+def natural(value) -> bool:
+    """Whether `value` is a non-negative int (not a bool)."""
+    return type(value) is int and value >= 0  # bool is an int to isinstance
+
+
+def ascending_pairs(value) -> bool:
+    """Whether `value` is a list of [start, stop] pairs, each non-empty and after the one before."""
+    if not isinstance(value, list):
+        return False
+    stop = 0
+    for pair in value:
+        if not (
+            isinstance(pair, list)
+            and len(pair) == 2
+            and all(map(natural, pair))
+            and stop <= pair[0] < pair[1]
+        ):
+            return False
+        stop = pair[1]
+    return True
 
 
 def read_rank_tensors(directory: Path, rank: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -260,7 +290,8 @@ def _problem(directory: Path, rank: int, world: int) -> Exception | None:
 
 
 def _load(engine, directory: Path, rank: int, world: int, generator, objective, cfg) -> TrainerState:
-    """Apply a checked checkpoint; on another world size as `reshard.py` says (data position included)."""
+    """Apply a checked checkpoint; on another world size as `reshard.py` says (the data position is moved by
+    the loop, which knows the epoch's rows: `reshard.resized_position`)."""
     saved = saved_world(read_trainer_state(directory / TRAINER_STATE), world)
     if saved == world:
         ds.load_shard(engine, directory)
@@ -272,16 +303,14 @@ def _load(engine, directory: Path, rank: int, world: int, generator, objective, 
     step = read_trainer_state(directory / TRAINER_STATE).step
     seed = None if rank < saved else reshard.fresh_generator_seed(cfg, rank, step)
     state = read_rank_files(directory, rank, generator, objective, source=rank % saved, seed=seed)
-    state.batches_in_epoch = reshard.resized_batches(
-        state.batches_in_epoch, saved, world, cfg.optim.grad_accum
-    )
     state.image_batches = reshard.resized_image_batches(state.image_batches, saved, world)
     if rank == 0:
         say(
-            f"resuming {directory.name} of {saved} workers on {world}: {state.batches_in_epoch} micro-batches "
-            f"per rank of epoch {state.epoch} done"
+            f"resuming {directory.name} of {saved} workers on {world}: the rows of epoch {state.epoch} the "
+            f"{saved} ranks had not trained on ({state.batches_in_epoch} micro-batches each done) are split "
+            f"among the {world}"
         )
-    return state
+    return state  # the data position as `saved` ranks left it: `reshard.resized_position` moves it
 
 
 def restore(engine, cfg: TrainConfig, rank: int, generator: torch.Generator, objective) -> TrainerState:

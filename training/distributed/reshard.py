@@ -9,7 +9,8 @@ the whole optimiser in that shared file and needs nothing more; ZeRO-3 is refuse
 
 What else a rank resumes from, when the world size changed:
 
-- the data position: `resized_batches` (below), the same rule for every rank;
+- the data position: the epoch's rows the old ranks had still to train, split among the new ones
+  (`resized_position`, below; every rank computes the same);
 - rank r < N continues its own noise stream and L_DC queue (`rank{r}.safetensors`); a new rank r >= N takes
   the L_DC queue of rank r mod N and a noise stream seeded by (run.seed, r, step), never one another rank
   drew from. The streams of ranks >= M of the old run end there.
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from training.config import TrainConfig
 from training.distributed import engine as ds
+from training.distributed import rows
 from training.distributed.engine import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -35,24 +37,28 @@ FULL_STATE = "full_state.safetensors"
 """ZeRO 1-2: the trainable fp32 weights + AdamW moments + step, whole (rank 0), for another world size."""
 
 
-def resized_batches(batches_in_epoch: int, saved_world: int, world: int, grad_accum: int) -> int:
-    """Per-rank micro-batches of the current epoch to skip when `world` ranks resume what `saved_world`
-    ranks checkpointed after `batches_in_epoch` micro-batches each.
+def resized_position(state, world: int, total: int, batch_size: int) -> None:
+    """The data position of `state` (a `TrainerState` checkpointed by `state.world_size` ranks) for `world`
+    ranks, in place: nothing to do on the same world size (or one a checkpoint does not record).
 
-    The position is the epoch's global count of micro-batches consumed, `batches_in_epoch * saved_world`
-    (every rank trains the same number; a micro-batch is `optim.batch_size` clips). The new ranks skip that
-    many between them, rounded down to whole optimiser steps of `grad_accum` micro-batches on `world`
-    ranks, so that a resumed run starts on a step boundary: the epoch then trains fewer than
-    `world * grad_accum` micro-batches more than an uninterrupted run. Which clips are skipped follows the
-    new sharding (Ray Data splits the epoch among the ranks it has), not the old one: the epoch's count is
-    kept, the identity of its clips is not (some of the old run's clips may come again in this epoch, as
-    many others not); from the next epoch on, every clip is seen once per epoch again."""
-    per_step = world * grad_accum
-    return (batches_in_epoch * saved_world) // per_step * grad_accum
+    The old ranks trained the first `batches_in_epoch` micro-batches (of `batch_size` rows) of their shares of
+    `epoch_positions` (the whole epoch's `total` rows when None); what is left of every share becomes the new
+    `epoch_positions`, which the `world` ranks split from micro-batch 0 on (`rows.rank_positions`): every clip
+    still to come this epoch comes once, none trained twice, and the new ranks start on a step boundary.
+    Shares are equal and in whole batches, so fewer than `world` batches' rows of it are left out, as an
+    epoch's last rows are (`rows.rank_span`). A second resize in the epoch starts from these positions; the
+    next epoch is whole again."""
+    if not state.world_size or state.world_size == world:
+        return
+    state.epoch_positions = rows.remaining_positions(
+        total, state.world_size, batch_size, state.batches_in_epoch, state.epoch_positions
+    )
+    state.batches_in_epoch, state.world_size = 0, world
 
 
 def resized_image_batches(image_batches: int, saved_world: int, world: int) -> int:
-    """Joint training's image stream: the same rule, by whole image batches."""
+    """Joint training's image stream (Ray Data's shards of the image store, not the epoch's order above): the
+    image batches drawn in the current pass, all ranks together, shared among the new ones."""
     return image_batches * saved_world // world
 
 

@@ -7,8 +7,14 @@ window's rows shuffled together (`epoch_windows`). Rank r of W trains on positio
 L being every rank's equal share in whole batches (`rank_span`). So a checkpoint's data position,
 `batches_in_epoch`, names the rows already trained on, and a resumed run starts right after them: windows
 before its position are never opened, the window in progress is read whole (its consumed rows dropped), and
-every row of the epoch is trained on exactly once across the resume. On another world size the position is
-`reshard.resized_batches`' count, taken in the new ranks' shares.
+every row of the epoch is trained on exactly once across the resume.
+
+On another world size the shares are cut from the positions the old ranks had left instead of the whole epoch
+(`remaining_positions`, recorded as the trainer state's `epoch_positions`: `reshard.resized_position`): rank r
+of M trains `rank_positions`, the same `rank_span` taken through those positions in order. However often the
+world size changes, the epoch trains each row at most once, and each resize leaves out fewer than M batches'
+rows more (the shares' whole-batch rounding, as for the whole epoch); windows holding none of a rank's
+positions are never opened.
 """
 
 from __future__ import annotations
@@ -77,6 +83,44 @@ def rank_span(total: int, world: int, rank: int, batch_size: int, drop_last: boo
     return range(rank * share, rank * share + used)
 
 
+def rank_positions(
+    total: int, world: int, rank: int, batch_size: int, start: int = 0, pool: list[list[int]] | None = None
+) -> list[range]:
+    """Rank `rank` of `world`'s positions of the epoch's order (of `total` rows) from its micro-batch `start`
+    on, as ascending ranges: `rank_span` of the positions `pool` (the trainer state's `epoch_positions`,
+    [start, stop) pairs; None: the whole epoch), taken through them in order."""
+    parts = [range(total)] if pool is None else [range(a, b) for a, b in pool]
+    share = take(parts, rank_span(sum(map(len, parts)), world, rank, batch_size))
+    return take(share, range(start * batch_size, sum(map(len, share))))
+
+
+def take(positions: list[range], indices: range) -> list[range]:
+    """The positions at `indices` (a step-1 range) of the sequence `positions` lists, as ranges in order."""
+    out, offset = [], 0
+    for part in positions:
+        lo, hi = max(indices.start - offset, 0), min(indices.stop - offset, len(part))
+        if lo < hi:
+            out.append(range(part.start + lo, part.start + hi))
+        offset += len(part)
+    return out
+
+
+def remaining_positions(
+    total: int, world: int, batch_size: int, start: int, pool: list[list[int]] | None = None
+) -> list[list[int]]:
+    """What `world` ranks have still to train of their shares (`rank_positions`) after `start` micro-batches
+    each: every rank's rest, in the epoch's order, as [start, stop) pairs (ones that touch joined; [] when
+    nothing is left)."""
+    joined: list[list[int]] = []
+    for rank in range(world):
+        for part in rank_positions(total, world, rank, batch_size, start, pool):
+            if joined and joined[-1][1] == part.start:
+                joined[-1][1] = part.stop
+            else:
+                joined.append([part.start, part.stop])
+    return joined
+
+
 def numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
     """A table as the numpy batch `collate` takes: tensor columns as (B, *shape) arrays, others 1-D."""
     out = {}
@@ -86,6 +130,21 @@ def numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
         else:
             out[name] = column.to_numpy()
     return out
+
+
+def window_pieces(
+    positions: list[range], starts: np.ndarray, ends: np.ndarray
+) -> dict[int, list[tuple[int, int]]]:
+    """Window -> the slices [lo, hi) of its rows (in their shuffled order) that `positions` cover, for the
+    windows holding some of them (windows [starts[w], ends[w]) of the order)."""
+    pieces: dict[int, list[tuple[int, int]]] = {}
+    for part in positions:
+        w = int(np.searchsorted(ends, part.start, side="right"))  # the window holding position part.start
+        while len(part) and w < len(ends) and starts[w] < part.stop:
+            lo, hi = max(part.start, starts[w]), min(part.stop, ends[w])
+            pieces.setdefault(w, []).append((int(lo - starts[w]), int(hi - starts[w])))
+            w += 1
+    return pieces
 
 
 class RowReader:
@@ -104,28 +163,42 @@ class RowReader:
         return len(rank_span(sum(self.counts), world, 0, batch_size)) // batch_size
 
     def epoch(
-        self, epoch: int, rank: int, world: int, batch_size: int, shuffle_rows: int, seed: int, start: int = 0
+        self,
+        epoch: int,
+        rank: int,
+        world: int,
+        batch_size: int,
+        shuffle_rows: int,
+        seed: int,
+        start: int = 0,
+        pool: list[list[int]] | None = None,
     ) -> Iterator[dict[str, np.ndarray]]:
-        """Rank `rank`'s micro-batches of `epoch` from micro-batch `start` on (a resumed run's position)."""
-        span = rank_span(sum(self.counts), world, rank, batch_size)
+        """Rank `rank`'s micro-batches of `epoch` from micro-batch `start` on (a resumed run's position), its
+        share cut from the positions `pool` (the trainer state's `epoch_positions`; None: the whole epoch)."""
+        positions = rank_positions(sum(self.counts), world, rank, batch_size, start, pool)
         windows = epoch_windows(self.counts, shuffle_rows, seed, epoch)
         shuffle = (seed, epoch) if shuffle_rows > 0 else None
-        return self._read(span[start * batch_size :], windows, shuffle, batch_size)
+        return self._read(positions, windows, shuffle, batch_size)
 
     def first(self, rank: int, world: int, batch_size: int, batches: int) -> Iterator[dict[str, np.ndarray]]:
         """Validation: rank `rank`'s first `batches` batches of the stored order (its share's last may be short)."""
         span = rank_span(sum(self.counts), world, rank, batch_size, drop_last=False)
         windows = epoch_windows(self.counts, 0, 0, 0)
-        return self._read(span[: batches * batch_size], windows, None, batch_size)
+        return self._read([span[: batches * batch_size]], windows, None, batch_size)
 
     def _read(
-        self, span: range, windows: list[list[int]], shuffle: tuple[int, int] | None, batch_size: int
+        self,
+        positions: list[range],
+        windows: list[list[int]],
+        shuffle: tuple[int, int] | None,
+        batch_size: int,
     ) -> Iterator[dict[str, np.ndarray]]:
+        """The rows at `positions` (ascending ranges of the order `windows` gives) in batches; only the
+        windows holding some of them are read."""
         sizes = np.array([sum(self.counts[g] for g in w) for w in windows], dtype=np.int64)
         ends = np.cumsum(sizes)
-        starts = ends - sizes
-        first = int(np.searchsorted(ends, span.start, side="right"))  # the window holding position span.start
-        todo = [w for w in range(first, len(windows)) if starts[w] < span.stop] if len(span) else []
+        pieces = window_pieces(positions, ends - sizes, ends)
+        todo = sorted(pieces)
         if not todo:
             return
         carry = None
@@ -138,8 +211,7 @@ class RowReader:
                 order = np.arange(table.num_rows)
                 if shuffle is not None:
                     order = np.random.default_rng([*shuffle, w]).permutation(table.num_rows)
-                lo, hi = max(span.start, starts[w]) - starts[w], min(span.stop, ends[w]) - starts[w]
-                piece = table.take(order[lo:hi])
+                piece = table.take(np.concatenate([order[lo:hi] for lo, hi in pieces[w]]))
                 carry = piece if carry is None else pa.concat_tables([carry, piece])
                 while carry.num_rows >= batch_size:
                     yield numpy_batch(carry.slice(0, batch_size))

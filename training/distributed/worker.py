@@ -26,6 +26,7 @@ from training.diffusion.guidance import drop_captions
 from training.diffusion.losses import term_grad_norms
 from training.diffusion.objective import HarivoObjective
 from training.distributed import engine as ds
+from training.distributed import reshard
 from training.distributed.checkpoint import TrainerState, restore, save_checkpoint
 from training.distributed.data import ImageStream, StoreInfo, collate_stage, feed_columns
 from training.distributed.progress import Due, StepLogger, clock, say
@@ -106,6 +107,7 @@ def train_fn_per_worker(config: dict) -> None:
     # reproducible; its state is checkpointed, so a resumed run draws exactly what an uninterrupted one would.
     generator = torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + rank)
     state = restore(engine, cfg, rank, generator, objective)
+    reshard.resized_position(state, world, w.split.train.num_rows, cfg.optim.batch_size)
     images = None
     if w.image_store is not None:
         images = ImageStream(
@@ -167,7 +169,7 @@ def train_fn_per_worker(config: dict) -> None:
                 ray.train.report(metrics)
             t_data = time.perf_counter()
         state.epoch += 1
-        state.batches_in_epoch = 0
+        state.batches_in_epoch, state.epoch_positions = 0, None
 
     # Export the trained weights on their own (ZeRO-3: every rank takes part in the gather).
     weights = ds.gathered_trainable_state(engine, engine.module)
@@ -234,22 +236,23 @@ class NonFiniteGuard:
 
 
 def epoch_batches(rows: RowReader, cfg: TrainConfig, state: TrainerState, rank: int, world: int):
-    """This epoch's micro-batches still to train on: this rank's share of the epoch's order (`rows.py`), from
-    the checkpoint's position `state.batches_in_epoch` on. A resumed run reads nothing it already trained
-    on (only the rest of the window in progress); reshuffled every epoch, reproducibly."""
+    """This epoch's micro-batches still to train on: this rank's share of the epoch's order (`rows.py`; after
+    a resume on another world size, of the positions the old ranks had left, `state.epoch_positions`), from
+    the checkpoint's position `state.batches_in_epoch` on. A resumed run reads nothing it already trained on
+    (only the rest of the window in progress); reshuffled every epoch, reproducibly."""
     if rows.num_batches(world, cfg.optim.batch_size) == 0:
         raise RuntimeError(
             f"rank {rank}'s training shard is empty: fewer clips than run.num_workers x optim.batch_size "
             f"({world} x {cfg.optim.batch_size}) after the {cfg.data.val_fraction:.0%} validation split"
         )
-    start = state.batches_in_epoch
+    start, batch_size, shuffle = state.batches_in_epoch, cfg.optim.batch_size, cfg.data.shuffle_buffer
     batches = rows.epoch(
-        state.epoch, rank, world, cfg.optim.batch_size, cfg.data.shuffle_buffer, cfg.run.seed, start
+        state.epoch, rank, world, batch_size, shuffle, cfg.run.seed, start, pool=state.epoch_positions
     )
     for i, batch in enumerate(batches):
         if i == 0 and start and rank == 0:
             say(
-                f"resumed epoch {state.epoch} at micro-batch {start}: the {start * cfg.optim.batch_size} rows "
+                f"resumed epoch {state.epoch} at micro-batch {start}: the {start * batch_size} rows "
                 "per rank trained on were not read again (only the rest of the window in progress)"
             )
         if state.step >= cfg.optim.max_steps:

@@ -111,14 +111,19 @@ class FrameTextResidual(nn.Module):
 
     Each state m of frame f: SiLU(W_s e_m + W_c mean(e) + p_f) -> Linear+SiLU -> Linear (zero-initialised),
     p_f a learned frame embedding. Where HARIVO's K appended tokens compete with M caption states for the frozen
-    cross-attention, this moves the states themselves (at init by zero: the base's own text)."""
+    cross-attention, this moves the states themselves (at init by zero: the base's own text).
+
+    p_f starts at unit scale, as large as the projected text (`W_s e_m`'s elements are ~0.6 for unit-scale
+    states): at 1/sqrt(D) the frames' inputs differed by a few percent, and on the frozen base the module's
+    frame-to-frame output stayed ~0.1 of what the states a clip passes through differ by (docs/shapes/pilots.md,
+    D5)."""
 
     def __init__(self, text_dim: int, num_frames: int):
         super().__init__()
         self.num_frames = num_frames
         self.state = nn.Linear(text_dim, text_dim)
         self.context = nn.Linear(text_dim, text_dim, bias=False)
-        self.frame_embedding = nn.Parameter(torch.randn(num_frames, text_dim) / text_dim**0.5)
+        self.frame_embedding = nn.Parameter(torch.randn(num_frames, text_dim))
         self.mlp = nn.Sequential(
             nn.SiLU(), nn.Linear(text_dim, text_dim), nn.SiLU(), nn.Linear(text_dim, text_dim)
         )

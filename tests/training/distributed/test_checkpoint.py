@@ -94,6 +94,7 @@ def test_rank_zero_writes_the_shared_files(tmp_path):
         "image_epoch": 0,  # joint training's image stream position (data.images_per_clip)
         "image_batches": 0,
         "world_size": 0,  # set by save_checkpoint to the run's workers; 0: not recorded
+        "epoch_positions": None,  # the whole epoch; after a resize, the rows the old ranks had left
     }
     assert load_config(TrainConfig, tmp_path / "r0" / CONFIG_FILE) == cfg  # the resolved config, reloadable
 
@@ -202,6 +203,14 @@ FIELDS = {"step": 6, "epoch": 1, "batches_in_epoch": 2, "image_epoch": 0, "image
         ({**FIELDS, "epoch": 1.5}, "field 'epoch' must be a non-negative integer, got 1.5"),
         ({**FIELDS, "batches_in_epoch": True}, "field 'batches_in_epoch' must be a non-negative integer"),
         ({**FIELDS, "image_batches": None}, "field 'image_batches' must be a non-negative integer, got None"),
+        ({**FIELDS, "epoch_positions": [[8, 4]]}, "field 'epoch_positions' must be null or ascending"),
+        (
+            {**FIELDS, "epoch_positions": [[0, 8], [6, 12]]},
+            "field 'epoch_positions' must be null or ascending",
+        ),
+        ({**FIELDS, "epoch_positions": [[0, 8, 9]]}, "field 'epoch_positions' must be null or ascending"),
+        ({**FIELDS, "epoch_positions": [[-2, 8]]}, "field 'epoch_positions' must be null or ascending"),
+        ({**FIELDS, "epoch_positions": "0-8"}, "field 'epoch_positions' must be null or ascending"),
         ({**FIELDS, "stepp": 6}, r"unknown fields \['stepp'\], missing fields \[\]"),
         (
             {k: v for k, v in FIELDS.items() if k != "epoch"},

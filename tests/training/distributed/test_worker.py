@@ -209,9 +209,9 @@ def test_a_run_resumes_on_another_number_of_workers(ray_local, tiny_zoo, store, 
     resumed, ref = _weights(two), _weights(reference)
     assert resumed.keys() == ref.keys()
     worst = max((resumed[k] - ref[k]).abs().max().item() for k in ref)
-    assert worst <= bound, (worst, bound)  # measured 2.3e-3 against 3.3e-3
+    assert worst <= bound, (worst, bound)  # measured 2.5e-3 against 3.3e-3
     val, ref_val = summary["metrics"]["val_loss"], uninterrupted[1]["metrics"]["val_loss"]
-    assert abs(val - ref_val) <= 0.01 * ref_val, (val, ref_val)  # measured 1.1282 against 1.1287
+    assert abs(val - ref_val) <= 0.01 * ref_val, (val, ref_val)  # measured 1.1278 against 1.1284
 
 
 @pytest.mark.slow

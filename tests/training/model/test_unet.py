@@ -132,6 +132,19 @@ def test_frame_text_residual_conditions_each_frame_once_trained(make_video_model
 
 
 @torch.no_grad()
+def test_frame_text_residual_frame_embedding_is_as_large_as_the_text():
+    # docs/shapes/pilots.md D5: with the frame embedding at 1/sqrt(D) of unit-scale text states, the frames' inputs
+    # differed by a few percent and training learned only what every frame shares.
+    from training.model.harivo import FrameTextResidual
+
+    torch.manual_seed(0)
+    module = FrameTextResidual(text_dim=128, num_frames=8)
+    states = torch.randn(4, 77, 128)  # unit-scale states, as the world's text tower's (|e| / sqrt(D) ~ 1)
+    text = module.state(states) + module.context(states.mean(1, keepdim=True))
+    assert module.frame_embedding.std() / text.std() > 0.5
+
+
+@torch.no_grad()
 def test_frame_tokens_condition_each_frame(make_video_model):
     model, _ = make_video_model(**{"model.num_frames": 4, "harivo.mapping_network": False})
     latents, timesteps, text = inputs(1, 1)

@@ -25,6 +25,24 @@ print("|e| per state", enc(["a red circle moves up on a black background"]).norm
 if mode == "free":   # per-frame, per-state offsets shared by all clips of the motion
     delta = torch.zeros(F, M, D, requires_grad=True); params = [delta]
     apply = lambda e: e[:, None] + delta
+elif mode == "attn":   # per frame: one pre-norm self-attention layer over the M states, then the MLP
+    import torch.nn as nn
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.state = nn.Linear(D, D)
+            self.frame_embedding = nn.Parameter(torch.randn(F, D))
+            self.norm1, self.norm2 = nn.LayerNorm(D), nn.LayerNorm(D)
+            self.attn = nn.MultiheadAttention(D, 4, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
+            nn.init.zeros_(self.mlp[-1].weight); nn.init.zeros_(self.mlp[-1].bias)
+        def forward(self, e):
+            b, m, d = e.shape
+            x = (self.state(e)[:, None] + self.frame_embedding[None, :, None]).flatten(0, 1)  # (B F, M, D)
+            h = self.norm1(x)
+            x = x + self.attn(h, h, h, need_weights=False)[0]
+            return self.mlp(self.norm2(x)).unflatten(0, (b, F))
+    mod = Attn(); params = list(mod.parameters()); apply = lambda e: e[:, None] + mod(e)
 elif mode.startswith("basis"):
     import torch.nn as nn
     K = 4
@@ -75,4 +93,11 @@ for step in range(1, steps + 1):
         with torch.no_grad():
             E = apply(ev_e)
             dl = (E[:, -1] - E[:, 0]).norm(dim=-1).mean().item()
+            if step % 100 == 0:
+                dE, dT = (E[:, -1] - E[:, 0]).flatten(1), (true[:, -1] - true[:, 0]).flatten(1)
+                cos = torch.nn.functional.cosine_similarity(dE, dT, dim=1)
+                by = {}
+                for c, sc in zip(cos.tolist(), ev_sc): by.setdefault(sc.motion, []).append(c)
+                print("  cos(E_last - E_first, true_last - true_first) by motion:",
+                      {m[:14]: round(sum(v) / len(v), 2) for m, v in by.items()}, flush=True)
             print(f"step {step} eval x0 err {x0err(ev_z0, E, ev_t, ev_n):.4f} |E_last - E_first| per state {dl:.3f} ({time.time()-t0:.0f}s)", flush=True)

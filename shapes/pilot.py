@@ -16,6 +16,8 @@ world's evaluator on `--prompts` held-out prompts, beside the frame-by-frame bas
 sampler, CFG and MG (computed once per base pilot and prompt count):
 
     python -m shapes.pilot --world runs/pilot --name xattn --video v_600 --steps 300 model.text_conditioning=cross_attention
+    python -m shapes.pilot --world runs/pilot --name motion --video v_600 --steps 300 \\
+        --config training/configs/shapes_video_motion.yaml
 """
 
 from __future__ import annotations
@@ -82,18 +84,11 @@ def _evaluate(
     world: Path, checkpoint: Path, prompts: Path, out: Path, sample_steps: int, baseline: bool
 ) -> dict:
     """`training.evaluate` of `checkpoint` (or its frame baseline) on `prompts` with the world's evaluator."""
-    from shapes.build import real_set
+    from shapes.heldout import sample_overrides
 
     args = ["--config", SAMPLE_CONFIG, "--checkpoint", str(checkpoint), "--prompts", str(prompts)]
     args += ["--output", str(out), *(["--baseline", "frames"] if baseline else [])]
-    args += [
-        f"eval.domain_evaluator={world / 'evaluator'}",
-        f"eval.reference={real_set(world / 'eval' / 'real', 0)}",
-        f"eval.clip_model=local-dir:{world / 'clip' / 'clip'}",
-        "eval.allow_few_videos=true",
-        "output.videos_per_prompt=1",
-        f"sampler.steps={sample_steps}",
-    ]
+    args += sample_overrides(world, 0, 1, sample_steps)
     if subprocess.call([sys.executable, "-m", "training.evaluate", *args]):
         raise SystemExit(f"shapes.pilot: training.evaluate of {checkpoint} failed")
     return json.loads((out / "report.json").read_text())["metrics"]
@@ -118,10 +113,12 @@ def video_pilot(
     n_prompts: int,
     sample_steps: int,
     start: str | None = None,
+    config: str | None = None,
 ) -> dict:
-    """Train the video model on `base_pilot`'s base and score it beside that base's frame baseline. `start`: an
-    earlier video pilot whose last checkpoint this one resumes (weights, optimiser, step), `steps` more steps."""
-    from shapes.build import eval_prompts
+    """Train the video model (`config`, default shapes_video.yaml) on `base_pilot`'s base and score it beside that
+    base's frame baseline. `start`: an earlier video pilot whose last checkpoint this one resumes (weights,
+    optimiser, step, and its config unless `config` names one), `steps` more steps."""
+    from shapes.heldout import eval_prompts
 
     t0 = time.perf_counter()
     out, base = world / "pilots" / name, world / "pilots" / base_pilot / "base"
@@ -130,13 +127,15 @@ def video_pilot(
         ckpt = sorted((world / "pilots" / start / "train").glob("checkpoint_[0-9]*"))[-1]
         overrides = [*before["overrides"], f"run.resume_from={ckpt}", *overrides]
         steps += before["steps"]
+        config = config or before.get("config")
+    config = config or VIDEO_TRAIN_CONFIG
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / "prompts.txt"
     prompts.write_text("\n".join(eval_prompts(n_prompts)) + "\n")
     run_dir = out / "train"
     args = [
         "--config",
-        VIDEO_TRAIN_CONFIG,
+        config,
         "--data",
         str(world / "latents" / "videos"),
         "--output",
@@ -157,6 +156,7 @@ def video_pilot(
         name=name,
         video_of=base_pilot,
         start=start,
+        config=config,
         overrides=overrides,
         steps=steps,
         metrics=json.loads((run_dir / "result.json").read_text())["metrics"],
@@ -180,10 +180,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--from",
         dest="start",
-        help="continue this pilot (WORLD/pilots/NAME): its trained base, or its video run",
+        help="continue this pilot (WORLD/pilots/NAME): its trained base, or its video run and config",
     )
     p.add_argument("--video", metavar="BASE_PILOT", help="pilot the video model on this base pilot's base")
     p.add_argument("--prompts", type=int, default=32, help="held-out prompts a video pilot is scored on")
+    p.add_argument(
+        "--config",
+        help="a video pilot's training config (default: the --from pilot's, else " + VIDEO_TRAIN_CONFIG + ")",
+    )
     p.add_argument(
         "overrides", nargs="*", help="KEY=VALUE overrides of shapes_base.yaml (shapes_video.yaml: --video)"
     )
@@ -199,7 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
             )
         if a.start and not (world / "pilots" / a.start / "pilot.json").is_file():
             p.error(f"{world}/pilots/{a.start} is not a finished pilot")
-        record = video_pilot(world, a.name, a.video, a.steps, a.overrides, a.prompts, a.sample_steps, a.start)
+        record = video_pilot(
+            world, a.name, a.video, a.steps, a.overrides, a.prompts, a.sample_steps, a.start, a.config
+        )
         print(
             json.dumps(
                 {k: record[k] for k in ("name", "video_of", "overrides", "steps", "video", "frame_baseline")}
@@ -214,6 +220,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if a.start and not (world / "pilots" / a.start / "pilot.json").is_file():
         p.error(f"{world}/pilots/{a.start} is not a finished pilot")
+    if a.config:
+        p.error(
+            "--config is for video pilots (--video); a base pilot trains shapes_base.yaml + the overrides"
+        )
     record = pilot(world, a.name, a.steps, a.overrides, a.check, a.sample_steps, a.start)
     print(json.dumps({k: record[k] for k in ("name", "start", "overrides", "steps", "check", "seconds")}))
     return record

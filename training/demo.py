@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     t = _step("6/6 the shapes world's video model (training.sample)")
     world = Path(a.world)
     if trained_world(world):
-        from shapes.build import eval_prompts
+        from shapes.heldout import eval_prompts
         from shapes.strip import write_strip
         from training import sample
 

@@ -3,15 +3,17 @@ evaluation prompts are held-out combinations; the training runs are sized from t
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 
 from shapes import build as B
+from shapes.heldout import eval_prompts
 from shapes.world import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, Scene, held_out
 
 
 def test_eval_prompts_are_distinct_held_out_captions():
-    prompts = B.eval_prompts(100)
+    prompts = eval_prompts(100)
     assert len(set(prompts)) == 100
     scenes = [
         Scene(shape, colour, bg, motion, end, False)
@@ -48,7 +50,7 @@ def test_stages_resume_after_a_failure_and_skip_what_is_done(tmp_path, monkeypat
     fail.clear()
     ran.clear()
     B.build(tmp_path, "small")
-    assert ran == ["video", "eval"]  # resumed where it failed
+    assert ran == ["video", "harivo", "eval"]  # resumed where it failed
     ran.clear()
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "stale").write_text("from the last run")
@@ -88,3 +90,39 @@ def test_the_vae_downsampling_is_kept_per_world(tmp_path, monkeypatch):
         B.build(tmp_path, "small", vae_down=8)  # its base and what follows were made with a 4x VAE
     B.build(tmp_path, "small", redo=("base",), until="base", vae_down=8)
     assert seen == [4, 8]
+
+
+def test_the_eval_scores_both_video_models_and_the_baseline_alike_and_judges_the_worlds(
+    tmp_path, monkeypatch
+):
+    import shapes.strip
+
+    calls: list[list[str]] = []
+    motion = {"video": 0.75, "harivo": 0.1, "frames": 0.2}
+
+    def run(args, env):
+        calls.append(args)
+        out = Path(args[args.index("--output") + 1])
+        out.mkdir(parents=True)
+        m = dict(motion_accuracy=motion[out.name], colour_accuracy=0.9, shape_accuracy=0.9)
+        (out / "report.json").write_text(
+            json.dumps({"metrics": m | {"domain_fvd": 100.0 * (out.name != "video")}})
+        )
+
+    monkeypatch.setattr(B, "_run", run)
+    monkeypatch.setattr(shapes.strip, "write_strip", lambda *a: None)
+    monkeypatch.setattr(B, "sample_overrides", lambda *a: ["sampler.steps=3"])
+    report = B.stage_eval(tmp_path, B.PRESETS["small"], {})
+    checkpoint = {
+        Path(c[c.index("--output") + 1]).name: Path(c[c.index("--checkpoint") + 1]).name for c in calls
+    }
+    assert checkpoint == {
+        "video": "video",
+        "harivo": "harivo",
+        "frames": "video",
+    }  # the baseline: the same base
+    assert all(c[-1] == "sampler.steps=3" for c in calls)  # one sampler for all three
+    assert ["--baseline" in c for c in calls] == [False, False, True]
+    assert report["harivo"]["motion_accuracy"] == 0.1 and all(report["targets"].values())  # judged on video/
+    motion["video"] = 0.65
+    assert not B.stage_eval(tmp_path / "again", B.PRESETS["small"], {})["targets"]["motion_accuracy >= 0.70"]

@@ -35,3 +35,15 @@ def test_continuing_needs_a_finished_pilot(tmp_path, capsys):
     assert exit_.value.code == 2
     assert "pilots/a is not a finished pilot" in capsys.readouterr().err
     assert not (tmp_path / "pilots" / "b").exists()
+
+
+def test_a_base_pilot_refuses_a_training_config(tmp_path, capsys):
+    for d in ("base", "latents/stills"):
+        (tmp_path / d).mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            ["--world", str(tmp_path), "--name", "b", "--config", "training/configs/shapes_video_motion.yaml"]
+        )
+    assert exit_.value.code == 2
+    assert "--config is for video pilots" in capsys.readouterr().err
+    assert not (tmp_path / "pilots").exists()

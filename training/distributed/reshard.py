@@ -48,6 +48,13 @@ def resized_position(state, world: int, total: int, batch_size: int) -> None:
     Shares are equal and in whole batches, so fewer than `world` batches' rows of it are left out, as an
     epoch's last rows are (`rows.rank_span`). A second resize in the epoch starts from these positions; the
     next epoch is whole again."""
+    stop = max((b for _, b in state.epoch_positions or ()), default=0)
+    if stop > total:  # written for a larger training split: indexing this one's order would miss or fail
+        raise CheckpointError(
+            f"the checkpoint's data position holds the epoch's rows up to {stop}, but this run's training split "
+            f"has {total} rows: it was written on other data (data.path, data.val_fraction); resume it on its "
+            "own, or start the run without run.resume_from"
+        )
     if not state.world_size or state.world_size == world:
         return
     state.epoch_positions = rows.remaining_positions(

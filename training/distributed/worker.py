@@ -88,7 +88,7 @@ def train_fn_per_worker(config: dict) -> None:
     """Ray Train entry point; `config` is `WorkerConfig.to_loop_config()`."""
     quiet_ray_train()
     w = WorkerConfig.from_loop_config(config)
-    cfg, info, micro = w.cfg, w.store, w.cfg.optim.grad_accum
+    cfg, info = w.cfg, w.store
     ctx = ray.train.get_context()
     rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
@@ -124,6 +124,7 @@ def train_fn_per_worker(config: dict) -> None:
     train_rows = RowReader(w.split.train, feed_columns(info))
     val_rows = RowReader(w.split.val, feed_columns(info))
     engine.train()
+    first_micro = True  # this micro-batch starts an optimiser step (a checkpoint is always at a step's end)
     while state.step < cfg.optim.max_steps:
         t_data = time.perf_counter()
         for batch in epoch_batches(train_rows, cfg, state, rank, world):
@@ -133,12 +134,11 @@ def train_fn_per_worker(config: dict) -> None:
                 engine.module, b.latents, b.text, generator, b.image_mode, b.cond, b.images, b.image_text
             )
             grad_norms = {}
-            if measure_grad_norms(cfg, state, micro):  # before backward: autograd.grad keeps the graph
+            if measure_grad_norms(cfg, state, first_micro):  # before backward: autograd.grad keeps the graph
                 grad_norms = term_grad_norms(
                     terms, cfg.loss, [p for p in engine.module.parameters() if p.requires_grad]
                 )
-            engine.backward(terms.total)
-            engine.step()  # DeepSpeed only updates at the accumulation boundary
+            first_micro = micro_step(engine, terms.total)
             state.batches_in_epoch += 1
             detached = terms.detached()
             t_end = clock(device)  # the step's kernels done: compute time, not launch time
@@ -146,7 +146,7 @@ def train_fn_per_worker(config: dict) -> None:
             logger.add_grad_norms(grad_norms)
             guard.add(detached)
             t_data = time.perf_counter()
-            if state.batches_in_epoch % micro:
+            if not first_micro:  # mid-accumulation
                 continue
             state.step += 1
             guard.check(state.step)
@@ -182,11 +182,22 @@ def train_fn_per_worker(config: dict) -> None:
     logger.close()
 
 
-def measure_grad_norms(cfg: TrainConfig, state, micro: int) -> bool:
+def micro_step(engine, loss: torch.Tensor) -> bool:
+    """Backward and DeepSpeed's step on one micro-batch; whether it ended an optimiser step. DeepSpeed counts the
+    micro-batches itself, across epochs: an epoch whose micro-batches per rank are not a multiple of
+    optim.grad_accum carries its last ones into the next epoch's first step, and the loop's step is DeepSpeed's
+    (counting per epoch, the two drifted apart at every such epoch's end)."""
+    boundary = engine.is_gradient_accumulation_boundary()  # asked before step() moves DeepSpeed's count on
+    engine.backward(loss)
+    engine.step()  # DeepSpeed only updates at the accumulation boundary
+    return boundary
+
+
+def measure_grad_norms(cfg: TrainConfig, state, first_micro: bool) -> bool:
     """Whether this micro-batch (the first of an optimiser step that is a multiple of run.grad_norm_every) measures
     the per-term gradient norms."""
     every, step = cfg.run.grad_norm_every, state.step + 1  # the optimiser step this micro-batch belongs to
-    return every > 0 and step % every == 0 and state.batches_in_epoch % micro == 0
+    return every > 0 and step % every == 0 and first_micro
 
 
 class NonFiniteLossError(RuntimeError):

@@ -390,3 +390,19 @@ def test_the_whole_copy_is_written_only_when_checkpoints_are_resizable(resizable
     objective = HarivoObjective(cfg, HSPACE)
     ckpt.save_checkpoint(engine, TrainerState(step=1), torch.Generator(), objective, cfg, 0, {})
     assert (reshard.FULL_STATE in saved[0]) == resizable and TRAINER_STATE in saved[0]
+
+
+def test_the_loops_step_is_deepspeeds_when_an_epoch_ends_mid_accumulation():
+    """`worker.micro_step` with optim.grad_accum 2 over two epochs of 3 micro-batches each: the third micro-batch of
+    the first epoch and the first of the second make one optimiser step (DeepSpeed's count runs across epochs), so
+    the loop counts 3 steps, as DeepSpeed does; counting per epoch (`batches_in_epoch % grad_accum`, before) made 2."""
+    from training.distributed.worker import micro_step
+
+    cfg = load_config(TrainConfig, None, {"deepspeed.zero_stage": 2, "optim.grad_accum": 2})
+    engine, _ = engine_for(cfg, seed=0)
+    g, ends = torch.Generator().manual_seed(0), []
+    for _epoch in range(2):
+        for _ in range(3):
+            ends.append(micro_step(engine, engine(torch.randn(2, 4, generator=g)).pow(2).mean()))
+    assert ends == [False, True, False, True, False, True]
+    assert sum(ends) == engine.global_steps == 3

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from training.distributed.checkpoint import TRAINER_STATE, TrainerState, read_trainer_state, saved_world
+from training.distributed.engine import CheckpointError
 from training.distributed.reshard import resized_image_batches, resized_position
 from training.distributed.rows import rank_positions, remaining_positions, take
 
@@ -53,6 +54,16 @@ def test_the_same_world_size_or_an_unrecorded_one_keeps_the_position(world_size)
     assert state == TrainerState(
         epoch=1, batches_in_epoch=5, world_size=world_size, epoch_positions=[[4, 90]]
     )
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_a_position_beyond_this_runs_rows_is_refused(world):
+    """A checkpoint whose epoch_positions reach past this split's rows (written on other data) is refused, resized
+    or not, naming both sizes; one within them resumes."""
+    state = TrainerState(epoch=1, batches_in_epoch=2, world_size=3, epoch_positions=[[4, 90], [95, 120]])
+    with pytest.raises(CheckpointError, match="rows up to 120, but this run's training split has 101 rows"):
+        resized_position(state, world, 101, 4)
+    resized_position(state, world, 120, 4)
 
 
 @pytest.mark.parametrize(

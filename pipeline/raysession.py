@@ -107,8 +107,13 @@ def check_local_model(field: str, spec: str) -> str:
         return spec
     path = Path(spec).expanduser()
     if not path.exists():
+        world = next((p for p in path.parents if p.name.startswith("shapes")), None)
+        build = (
+            f"build the shapes world with `python -m shapes.build --out {world}` (`make shapes`: runs/shapes)"
+        )
+        hint = build if world else "build the tiny model zoo with `python -m pipeline.zoo --out DIR`"
         raise FileNotFoundError(
-            f"{field}={spec}: no such file or directory{where_resolved(spec)}; build the tiny model "
-            "zoo with `python -m pipeline.zoo --out DIR` or point the field at real weights"
+            f"{field}={spec}: no such file or directory{where_resolved(spec)}; {hint} or point the field at "
+            "real weights"
         )
     return str(path.resolve())

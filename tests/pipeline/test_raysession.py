@@ -7,7 +7,13 @@ import json
 
 import pytest
 
-from pipeline.raysession import JOB_CONFIG_VAR, driver_runtime_env, recorded_path, where_resolved
+from pipeline.raysession import (
+    JOB_CONFIG_VAR,
+    check_local_model,
+    driver_runtime_env,
+    recorded_path,
+    where_resolved,
+)
 
 
 def _in_job(monkeypatch, env_vars: dict) -> None:
@@ -63,3 +69,15 @@ def test_recorded_paths_never_point_into_a_jobs_working_dir(monkeypatch, tmp_pat
     assert recorded_path("runs/zoo") == "runs/zoo"  # inside: as given, the temp copy is gone after the job
     assert recorded_path("../shared") == str(tmp_path / "shared")  # a path outside the copy stays absolute
     assert recorded_path("hub-org/model") == "hub-org/model"  # not a local path: untouched
+
+
+def test_a_missing_model_says_what_builds_it(tmp_path):
+    """A shapes world's path names `shapes.build` with that world; any other names the tiny zoo."""
+    with pytest.raises(
+        FileNotFoundError, match=r"model.pretrained=.*shapes.build --out \S*runs/shapes-small`"
+    ):
+        check_local_model("model.pretrained", str(tmp_path / "runs" / "shapes-small" / "base"))
+    with pytest.raises(FileNotFoundError, match="pipeline.zoo --out DIR") as missing:
+        check_local_model("model.pretrained", str(tmp_path / "weights" / "sd"))
+    assert "shapes" not in str(missing.value)
+    assert check_local_model("model.pretrained", "org/name") == "org/name"  # a hub id passes through

@@ -96,11 +96,12 @@ class HarivoConfig:
     """Concatenate generated frame-wise tokens to the text tokens of every frame (sec. 3.5)."""
     tokens_per_frame: int = 3
     """Frame-wise tokens K per frame (sec. 3.5: 3)."""
-    frame_text: Literal["tokens", "residual"] = "tokens"
+    frame_text: Literal["tokens", "residual", "basis"] = "tokens"
     """What `frame_tokens` adds to each frame's text: `tokens` (HARIVO: K generated tokens after the M text
-    tokens) or `residual` (ours: a zero-initialised residual on each of the M text states, from the state, the
+    tokens), `residual` (ours: a zero-initialised residual on each of the M text states, from the state, the
     mean state and a learned frame embedding, so a frame's caption can move toward the state the frame shows and
-    the model at init is the base frame by frame)."""
+    the model at init is the base frame by frame) or `basis` (ours: the same residual as a learned time basis of
+    4 polynomials times zero-initialised text terms, so a word can set the sign of a trend over the frames)."""
     contrastive_head: bool = True
     """Build the projection g on the h-space needed by L_DC (sec. 3.4); training only."""
 

@@ -203,7 +203,7 @@ class HarivoModules(ModelMixin, ConfigMixin):
         widths are read off the weights, the rest from `cfg`; every key must fit (strict load)."""
         h = cfg.harivo
         mapping = "mapping_network.proj_out.weight"  # Linear(C, C), C the latent channels
-        residual = "frame_tokens.state.weight" in state_dict  # harivo.frame_text=residual
+        residual = "frame_tokens.state.weight" in state_dict  # harivo.frame_text=residual or basis
         tokens = "frame_tokens.state.weight" if residual else "frame_tokens.layers.0.0.weight"  # Linear(D, D)
         modules = cls(
             use_mapping_network=mapping in state_dict,
@@ -216,7 +216,11 @@ class HarivoModules(ModelMixin, ConfigMixin):
             max_text_len=cfg.model.max_text_len,
             tokens_per_frame=h.tokens_per_frame,
             num_frames=cfg.model.num_frames,
-            frame_text="residual" if residual else "tokens",
+            frame_text="basis"
+            if "frame_tokens.basis" in state_dict
+            else "residual"
+            if residual
+            else "tokens",
         )
         modules.load_state_dict(state_dict)
         return modules

@@ -2,7 +2,8 @@
 
 - `MappingNetwork` l^M: in front of the UNet, on the noisy latent (B, C, F, H, W).
 - `FrameTokenGenerator` t_theta: (M x D) text tokens -> (F x K x D) frame-wise tokens; beside it, ours,
-  `FrameTextResidual` (`harivo.frame_text=residual`): per-frame residuals on the M text states.
+  `FrameTextResidual` (`harivo.frame_text=residual`): per-frame residuals on the M text states;
+  `FrameTextBasis` (`harivo.frame_text=basis`): the same, a learned time basis times text terms.
 - `ContrastiveHead` g_theta: h-space (mid-block output) -> z for L_DC; training only.
 
 Where the paper's text and its pseudo-code differ we follow the pseudo-code, and say so below.
@@ -138,15 +139,56 @@ class FrameTextResidual(nn.Module):
         return self.mlp(x)  # (B, F, M, D)
 
 
+class FrameTextBasis(nn.Module):
+    """Ours, `harivo.frame_text=basis`: (B, M, D) text states -> (B, F, M, D) per-frame residuals on them, each a
+    product of a time term and a text term: r_f = sum_k P_fk H_k(e), with H (B, M, K, D) = MLP(W_s e_m + W_c
+    mean(e)) (last layer zero-initialised: the base's own text at init) and P (F, K) learned, initialised to the
+    first K Legendre polynomials of the frame's time in [-1, 1] (constant, linear, quadratic, cubic).
+
+    Where `FrameTextResidual` must learn how a word and a frame interact inside its MLP, here a caption's word only
+    has to set the sign of a trend (H_1) for the frames to follow it: on P14's frozen base, trained on the six
+    motions mixed, it learned up from down in 100-200 steps and the residual had not in 300 (docs/shapes/pilots.md,
+    D6)."""
+
+    def __init__(self, text_dim: int, num_frames: int, num_basis: int = 4):
+        super().__init__()
+        self.num_frames, self.num_basis = num_frames, num_basis
+        self.state = nn.Linear(text_dim, text_dim)
+        self.context = nn.Linear(text_dim, text_dim, bias=False)
+        self.mlp = nn.Sequential(
+            nn.SiLU(), nn.Linear(text_dim, text_dim), nn.SiLU(), nn.Linear(text_dim, num_basis * text_dim)
+        )
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+        tau = torch.linspace(-1, 1, num_frames, dtype=torch.float64)
+        self.basis = nn.Parameter(legendre(tau, num_basis).float())  # (F, K)
+
+    def forward(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        x = self.state(encoder_hidden_states) + self.context(encoder_hidden_states.mean(1, keepdim=True))
+        h = self.mlp(x).unflatten(-1, (self.num_basis, -1))  # (B, M, K, D)
+        return torch.einsum("fk,bmkd->bfmd", self.basis.to(h.dtype), h)  # (B, F, M, D)
+
+
+def legendre(tau: torch.Tensor, n: int) -> torch.Tensor:
+    """(len(tau), n): the Legendre polynomials P_0 .. P_{n-1} at `tau` (Bonnet's recursion)."""
+    out = [torch.ones_like(tau), tau][:n]
+    for k in range(1, n - 1):
+        out.append(((2 * k + 1) * tau * out[k] - k * out[k - 1]) / (k + 1))
+    return torch.stack(out, dim=1)
+
+
 def frame_text_generator(
     kind: str, text_dim: int, max_text_len: int, tokens_per_frame: int, num_frames: int
 ) -> nn.Module:
-    """The module `harivo.frame_text` names: HARIVO's `FrameTokenGenerator` or our `FrameTextResidual`."""
+    """The module `harivo.frame_text` names: HARIVO's `FrameTokenGenerator`, our `FrameTextResidual` or our
+    `FrameTextBasis`."""
     if kind == "tokens":
         return FrameTokenGenerator(text_dim, max_text_len, tokens_per_frame, num_frames)
     if kind == "residual":
         return FrameTextResidual(text_dim, num_frames)
-    raise ValueError(f"harivo.frame_text must be tokens or residual, got {kind!r}")
+    if kind == "basis":
+        return FrameTextBasis(text_dim, num_frames)
+    raise ValueError(f"harivo.frame_text must be tokens, residual or basis, got {kind!r}")
 
 
 def harivo_modules(

@@ -33,7 +33,7 @@ from torch import nn
 from training.config import CascadeConfig, HarivoConfig, ModelConfig
 from training.model.cascade import LevelEmbedding, cond_channels, zero_conv_like
 from training.model.frames import fold_frames, per_frame, unfold_frames
-from training.model.harivo import ContrastiveHead, FrameTextResidual, harivo_modules
+from training.model.harivo import ContrastiveHead, FrameTextBasis, FrameTextResidual, harivo_modules
 from training.model.hooks import (
     AttentionMapHook,
     Captured,
@@ -357,7 +357,7 @@ class VideoUNet(nn.Module):
                 )
             tokens = self.frame_tokens(encoder_hidden_states)  # (B, F, K, D), or (B, F, M, D) residuals
             text = encoder_hidden_states[:, None].expand(b, f, m, d)  # (B, F, M, D)
-            if isinstance(self.frame_tokens, FrameTextResidual):
+            if isinstance(self.frame_tokens, (FrameTextResidual, FrameTextBasis)):
                 text = (text + tokens).reshape(b * f, m, d)  # (B F, M, D)
             else:  # (B F, M + K, D)
                 text = torch.cat([text, tokens], dim=2).reshape(b * f, m + tokens.shape[2], d)

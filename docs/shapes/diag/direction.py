@@ -4,6 +4,7 @@ their own caption and with the opposite one through the module: a module that re
 better from its own caption (x0 error own < swapped); one that learned only the axis draws both alike.
 
     python docs/shapes/diag/direction.py BASE PAIR STEPS LR MODE      # PAIR: left_right | up_down | grows_shrinks
+                                                                      #   | all (the six motions mixed, each pair scored)
     MODE: residual (FrameTextResidual as shipped) | basis (r_f = sum_k P_fk H_k(e), P polynomial in the frame's
           time) | free (free per-frame offsets per motion: the ceiling, it is told the motion)"""
 import sys, time, numpy as np, torch, torch.nn as nn
@@ -14,7 +15,9 @@ from training.model.harivo import FrameTextResidual
 
 torch.manual_seed(0)
 base, pair, steps, lr, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
-A, B = OPPOSITE_MOTIONS[pair]
+PAIRS = OPPOSITE_MOTIONS if pair == "all" else {pair: OPPOSITE_MOTIONS[pair]}
+TRAIN = [m for ab in PAIRS.values() for m in ab]
+A, B = next(iter(PAIRS.values()))  # (mode free: one pair only)
 pipe = base_pipeline(base)
 unet, vae = pipe.unet, pipe.vae
 unet.requires_grad_(False)
@@ -22,11 +25,12 @@ sf, ac, F = vae.config.scaling_factor, pipe.scheduler.alphas_cumprod, 8
 rng = np.random.default_rng(0)
 enc = lambda caps: pipe.encode_prompt(caps, "cpu", 1, False)[0].float().detach()
 S = [i / (F - 1) for i in range(F)]
-other = lambda s: Scene(s.shape, s.colour, s.background, B if s.motion == A else A, s.end_colour, s.gradient)
+OPP = {a: b for ab in PAIRS.values() for a, b in (ab, ab[::-1])}
+other = lambda s: Scene(s.shape, s.colour, s.background, OPP[s.motion], s.end_colour, s.gradient)
 
 
 def batch(n, motions=None):
-    motions = motions or [str(rng.choice([A, B])) for _ in range(n)]
+    motions = motions or [str(rng.choice(TRAIN)) for _ in range(n)]
     scenes = [Scene(str(rng.choice(SHAPES)), c, str(rng.choice(list(BACKGROUNDS))), m, c, bool(rng.random() < .5))
               for c, m in zip(rng.choice(list(COLOURS), n), motions)]
     x = torch.from_numpy(np.stack([render(s, F, 64, 64) for s in scenes])).float() / 127.5 - 1
@@ -69,21 +73,22 @@ def x0err(z0, E, t, noise, per_clip=False):
 
 
 g = torch.Generator().manual_seed(1)
-N = 24
-ev_sc, ev_z0, ev_e = batch(N, [A, B] * (N // 2))
-ev_sw = enc([other(s).caption for s in ev_sc])
-ev_t = torch.randint(850, 1000, (N,), generator=g).repeat_interleave(F)
-ev_n = torch.randn(ev_z0.shape, generator=g)
-is_a = torch.tensor([s.motion == A for s in ev_sc])
+N = 24 if len(PAIRS) == 1 else 8
+evals = {}
+for name, (a, b) in PAIRS.items():
+    sc, z0, e = batch(N, [a, b] * (N // 2))
+    t = torch.randint(850, 1000, (N,), generator=g).repeat_interleave(F)
+    evals[name] = (sc, z0, e, enc([other(s).caption for s in sc]), t, torch.randn(z0.shape, generator=g))
+ev_sc, ev_z0, ev_e, ev_sw, ev_t, ev_n = evals[next(iter(PAIRS))]
 
 
 @torch.no_grad()
 def report(step):
-    own = x0err(ev_z0, apply(ev_e, ev_sc), ev_t, ev_n, True)
-    sw = x0err(ev_z0, apply(ev_sw, [other(s) for s in ev_sc]), ev_t, ev_n, True)
-    line = f"step {step:4d} x0 err own {own.mean():.4f} swapped {sw.mean():.4f} (own < swapped: {(own < sw).float().mean():.2f})"
-    for name, m in ((A, is_a), (B, ~is_a)):
-        line += f" | {name[:18]}: {own[m].mean():.4f} / {sw[m].mean():.4f}"
+    line = f"step {step:4d}"
+    for name, (sc, z0, e, sw_e, t, noise) in evals.items():
+        own = x0err(z0, apply(e, sc), t, noise, True)
+        sw = x0err(z0, apply(sw_e, [other(s) for s in sc]), t, noise, True)
+        line += f" | {name} own {own.mean():.4f} swapped {sw.mean():.4f} ({(own < sw).float().mean():.2f})"
     print(line + f" ({time.time() - t0:.0f}s)", flush=True)
 
 

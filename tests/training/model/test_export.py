@@ -134,7 +134,13 @@ def test_config_falls_back_to_config_yaml(trained, tmp_path):
 
 @pytest.mark.parametrize(
     "text_conditioning, frame_text",
-    [("none", "tokens"), ("cross_attention", "tokens"), ("film", "tokens"), ("none", "residual")],
+    [
+        ("none", "tokens"),
+        ("cross_attention", "tokens"),
+        ("film", "tokens"),
+        ("none", "residual"),
+        ("none", "basis"),
+    ],
 )
 def test_loaded_weights_are_the_exported_ones(make_video_model, tmp_path, text_conditioning, frame_text):
     overrides = {**TINY, "model.text_conditioning": text_conditioning, "harivo.frame_text": frame_text}

@@ -45,7 +45,7 @@ def test_only_temporal_and_harivo_parameters_train(make_video_model):
     assert not model.unet.training and model.motion_adapter.training
 
 
-@pytest.mark.parametrize("frame_text", ["off", "residual"])
+@pytest.mark.parametrize("frame_text", ["off", "residual", "basis"])
 @pytest.mark.parametrize("text_conditioning", TEXT_CONDITIONING)
 @pytest.mark.parametrize("flavor", ["sd", "sd21"])
 @torch.no_grad()
@@ -55,7 +55,7 @@ def test_zero_init_video_model_equals_image_model_per_frame(
     # HARIVO's frame tokens (frame_text=tokens) add K tokens to every frame's cross-attention, by design never
     # neutral; our per-frame residual on the text states starts at zero.
     overrides = {"harivo.frame_tokens": frame_text != "off", "model.num_frames": 16}
-    overrides["harivo.frame_text"] = "residual"
+    overrides["harivo.frame_text"] = "residual" if frame_text == "off" else frame_text
     model, _ = make_video_model(flavor, **overrides, **{"model.text_conditioning": text_conditioning})
     assert (model.temporal_text is None) == (text_conditioning == "none")
     latents, timesteps, text = inputs(2, 16, text_dim=model.unet.config.cross_attention_dim)
@@ -142,6 +142,34 @@ def test_frame_text_residual_frame_embedding_is_as_large_as_the_text():
     states = torch.randn(4, 77, 128)  # unit-scale states, as the world's text tower's (|e| / sqrt(D) ~ 1)
     text = module.state(states) + module.context(states.mean(1, keepdim=True))
     assert module.frame_embedding.std() / text.std() > 0.5
+
+
+@torch.no_grad()
+def test_frame_text_basis_is_a_time_polynomial_times_the_text_once_trained(make_video_model):
+    from training.model.harivo import FrameTextBasis, legendre
+
+    tau = torch.linspace(-1, 1, 9, dtype=torch.float64)  # closed forms of P_0 .. P_3
+    want = torch.stack([torch.ones_like(tau), tau, (3 * tau**2 - 1) / 2, (5 * tau**3 - 3 * tau) / 2], 1)
+    assert torch.allclose(legendre(tau, 4), want)
+    overrides = {"model.num_frames": 4, "harivo.mapping_network": False, "harivo.frame_text": "basis"}
+    model, _ = make_video_model(**overrides)
+    assert isinstance(model.frame_tokens, FrameTextBasis)
+    latents, timesteps, text = inputs(1, 1)
+    assert model.frame_tokens(text).shape == (1, 4, 77, 32) and not model.frame_tokens(text).any()
+    torch.nn.init.normal_(model.frame_tokens.mlp[-1].weight, std=0.1)
+    r = model.frame_tokens(text)  # (B, F, M, D)
+    h = model.frame_tokens.mlp(
+        model.frame_tokens.state(text) + model.frame_tokens.context(text.mean(1, True))
+    )
+    h = h.unflatten(-1, (4, 32))  # (B, M, K, D)
+    p = legendre(torch.linspace(-1, 1, 4, dtype=torch.float64), 4).float()
+    assert torch.allclose(r[0, 0], (p[0, :, None, None] * h[0].transpose(0, 1)).sum(0), atol=1e-6)
+    trend = r[:, -1] - r[:, 0]  # the linear term flips with the text term's sign, the constant one does not
+    model.frame_tokens.mlp[-1].weight.data = -model.frame_tokens.mlp[-1].weight.data
+    assert torch.allclose(model.frame_tokens(text)[:, -1] - model.frame_tokens(text)[:, 0], -trend)
+    same_frames = latents.expand(1, 4, 4, 8, 8).contiguous()
+    out = model(same_frames, timesteps, text)
+    assert (out[:, :, 1:] - out[:, :, :1]).abs().max() > 0  # each frame asked for its own state
 
 
 @torch.no_grad()

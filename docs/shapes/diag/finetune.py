@@ -3,7 +3,7 @@ a video pilot's model on rendered clips of the six motions (x0 error of the v-pr
 only its frame-text module (`which=frame_text`, temporal layers frozen) or everything training.run trains
 (`which=all`), and measure the caption swap of each pair (`swap.py`'s measure) every 100 steps.
 
-    python docs/shapes/diag/finetune.py PILOT_DIR BASE_DIR STEPS LR frame_text|all [T_LO T_HI]"""
+    python docs/shapes/diag/finetune.py PILOT_DIR BASE_DIR STEPS LR frame_text|frame_text_no_temporal|all [T_LO T_HI]"""
 import sys, time, numpy as np, torch
 from pipeline.configlib import load_config
 from shapes.base import base_pipeline
@@ -22,8 +22,13 @@ ac = ddpm_scheduler(vp.train_cfg.diffusion).alphas_cumprod
 vae, F = base_pipeline(base).vae, vp.num_frames
 sf = vae.config.scaling_factor
 rng = np.random.default_rng(0)
-if which == "frame_text":
+if which.startswith("frame_text"):
     params = list(model.frame_tokens.parameters())
+    if which == "frame_text_no_temporal":  # the motion modules' output layers zeroed: each one the identity
+        zeroed = [p for n, p in model.motion_adapter.named_parameters() if "proj_out" in n]
+        for p in zeroed:
+            p.data.zero_()
+        print("zeroed", len(zeroed), "motion-module output tensors", flush=True)
 else:
     keys = set(model.trainable_state_dict())
     params = [p for k, p in model.named_parameters() if k in keys]

@@ -21,7 +21,7 @@ stages after it, and runs them again):
 7. latents/videos   the videos through `pipeline.run` with the world's CLIP / aesthetic thresholds, and the
                filters' precision and recall (`shapes.filter_report`);
 8. video/      the world's video model on the frozen base through `training.run` (shapes_video_motion.yaml: the
-               pilots' best, per-frame text residual, no auxiliary losses);
+               pilots' best, per-frame text as a time basis, no auxiliary losses);
 9. harivo/     the HARIVO-faithful variant (shapes_video.yaml: frame tokens, L_TRS / L_reg / L_DC), reported beside;
 10. eval/      `training.evaluate` of both video models and of the frame-by-frame baseline on the held-out
                prompts (domain FVD, motion / attribute accuracy, CLIPSIM) against real/ (clean videos of the
@@ -71,9 +71,8 @@ class Preset:
     base_check: int = 128  # held-out captions the base draws for its check
     video_steps: int = 1000  # each of the two video models
     eval_prompts: int = 128
-    eval_videos_per_prompt: int = (
-        2  # seeds: 256 videos (the domain FVD's minimum is 512: recorded as below it)
-    )
+    # seeds per prompt: 256 videos (the domain FVD's minimum is 512: recorded as below it)
+    eval_videos_per_prompt: int = 2
     sample_steps: int = 20
     expected_s: dict = field(default_factory=dict)  # stage -> seconds measured on 2 cores (progress / ETA)
 

@@ -290,13 +290,22 @@ def stage_harivo(out: Path, p: Preset, env: dict) -> dict:
     return _train("shapes_video.yaml", videos, out / "harivo", out / "base", p.video_steps, env)
 
 
+def real_set(d: Path, n: int) -> Path:
+    """The evaluation's real set at `d`: >= 512 clean videos of the held-out combinations (written once)."""
+    from fixtures.synth import write_shards
+
+    if not (d / "manifest.json").exists():
+        write_shards(d, 2, max(512, n) // 2, frames=24, fps=8, height=64, width=64, seed=2, split="val")
+    return d
+
+
 def stage_eval(out: Path, p: Preset, env: dict) -> dict:
     from shapes.strip import write_strip
 
     d, prompts = out / "eval", out / "shards" / "eval_prompts.txt"
-    overrides = sample_overrides(
-        out, p.eval_prompts * p.eval_videos_per_prompt, p.eval_videos_per_prompt, p.sample_steps
-    )
+    videos = p.eval_prompts * p.eval_videos_per_prompt
+    real = real_set(d / "real", videos)
+    overrides = sample_overrides(out, real, videos, p.eval_videos_per_prompt, p.sample_steps)
     rows = {}
     for name, run, extra in (
         ("video", "video", []),

@@ -1,5 +1,5 @@
 """The world's held-out evaluation, shared by `make shapes` and its pilots: prompts of combinations no model of the
-world trained on, the real set the domain FVD compares with, the sampler's overrides, and issue 34's targets."""
+world trained on, the sampler's overrides, and issue 34's targets."""
 
 from __future__ import annotations
 
@@ -20,22 +20,15 @@ def eval_prompts(n: int, seed: int = 0) -> list[str]:
     return list(out)
 
 
-def real_set(d: Path, n: int) -> Path:
-    """The evaluation's real set at `d`: >= 512 clean videos of the held-out combinations (written once)."""
-    from fixtures.synth import write_shards
-
-    if not (d / "manifest.json").exists():
-        write_shards(d, 2, max(512, n) // 2, frames=24, fps=8, height=64, width=64, seed=2, split="val")
-    return d
-
-
-def sample_overrides(world: Path, videos: int, videos_per_prompt: int, sample_steps: int) -> list[str]:
-    """KEY=VALUE overrides of training/configs/sample_shapes.yaml: the world's evaluator, real clips and CLIP, for
-    an evaluation of `videos` videos."""
+def sample_overrides(
+    world: Path, real: Path, videos: int, videos_per_prompt: int, sample_steps: int
+) -> list[str]:
+    """KEY=VALUE overrides of training/configs/sample_shapes.yaml: the world's evaluator and CLIP, the real set
+    `real` (`shapes.build.real_set`), for an evaluation of `videos` videos."""
     few = videos < 512  # the domain FVD's minimum
     return [
         f"eval.domain_evaluator={world / 'evaluator'}",
-        f"eval.reference={real_set(world / 'eval' / 'real', videos)}",
+        f"eval.reference={real}",
         f"eval.clip_model=local-dir:{world / 'clip' / 'clip'}",
         f"output.videos_per_prompt={videos_per_prompt}",
         f"sampler.steps={sample_steps}",

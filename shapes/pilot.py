@@ -84,11 +84,12 @@ def _evaluate(
     world: Path, checkpoint: Path, prompts: Path, out: Path, sample_steps: int, baseline: bool
 ) -> dict:
     """`training.evaluate` of `checkpoint` (or its frame baseline) on `prompts` with the world's evaluator."""
+    from shapes.build import real_set
     from shapes.heldout import sample_overrides
 
     args = ["--config", SAMPLE_CONFIG, "--checkpoint", str(checkpoint), "--prompts", str(prompts)]
     args += ["--output", str(out), *(["--baseline", "frames"] if baseline else [])]
-    args += sample_overrides(world, 0, 1, sample_steps)
+    args += sample_overrides(world, real_set(world / "eval" / "real", 0), 0, 1, sample_steps)
     if subprocess.call([sys.executable, "-m", "training.evaluate", *args]):
         raise SystemExit(f"shapes.pilot: training.evaluate of {checkpoint} failed")
     return json.loads((out / "report.json").read_text())["metrics"]

@@ -112,6 +112,7 @@ def test_the_eval_scores_both_video_models_and_the_baseline_alike_and_judges_the
     monkeypatch.setattr(B, "_run", run)
     monkeypatch.setattr(shapes.strip, "write_strip", lambda *a: None)
     monkeypatch.setattr(B, "sample_overrides", lambda *a: ["sampler.steps=3"])
+    monkeypatch.setattr(B, "real_set", lambda d, n: d)  # (writes 512 real videos otherwise)
     report = B.stage_eval(tmp_path, B.PRESETS["small"], {})
     checkpoint = {
         Path(c[c.index("--output") + 1]).name: Path(c[c.index("--checkpoint") + 1]).name for c in calls

@@ -107,7 +107,14 @@ def check_local_model(field: str, spec: str) -> str:
         return spec
     path = Path(spec).expanduser()
     if not path.exists():
-        world = next((p for p in path.parents if p.name.startswith("shapes")), None)
+        world = next(  # a shapes world: runs/shapes* as `make shapes` names it, or one with a build record
+            (
+                p
+                for p in path.parents
+                if p.name.startswith("shapes") and (p.parent.name == "runs" or (p / "build.json").exists())
+            ),
+            None,
+        )
         build = (
             f"build the shapes world with `python -m shapes.build --out {world}` (`make shapes`: runs/shapes)"
         )

@@ -77,7 +77,12 @@ def test_a_missing_model_says_what_builds_it(tmp_path):
         FileNotFoundError, match=r"model.pretrained=.*shapes.build --out \S*runs/shapes-small`"
     ):
         check_local_model("model.pretrained", str(tmp_path / "runs" / "shapes-small" / "base"))
-    with pytest.raises(FileNotFoundError, match="pipeline.zoo --out DIR") as missing:
-        check_local_model("model.pretrained", str(tmp_path / "weights" / "sd"))
-    assert "shapes" not in str(missing.value)
+    for elsewhere in ("weights/sd", "shapes-lab/weights/sd"):  # (a folder merely named shapes* is no world)
+        with pytest.raises(FileNotFoundError, match="pipeline.zoo --out DIR") as missing:
+            check_local_model("model.pretrained", str(tmp_path / elsewhere))
+        assert "shapes.build" not in str(missing.value)
+    (tmp_path / "my-world" / "shapes").mkdir(parents=True)
+    (tmp_path / "my-world" / "shapes" / "build.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"shapes.build --out \S*my-world/shapes`"):
+        check_local_model("model.pretrained", str(tmp_path / "my-world" / "shapes" / "base"))
     assert check_local_model("model.pretrained", "org/name") == "org/name"  # a hub id passes through

@@ -107,7 +107,28 @@ class FrameTokenGenerator(nn.Module):
         return tokens.reshape(b, self.num_frames, self.tokens_per_frame, d)  # (B, F, K, D)
 
 
-class FrameTextResidual(nn.Module):
+class _CaptionStates(nn.Module):
+    """What both of our per-frame text modules read: each state projected with the caption's mean, W_s e_m + W_c
+    mean(e), and a two-layer MLP on it whose last layer is zero-initialised (at init: the base's own text)."""
+
+    def __init__(self, text_dim: int):
+        super().__init__()
+        self.state = nn.Linear(text_dim, text_dim)
+        self.context = nn.Linear(text_dim, text_dim, bias=False)
+
+    @staticmethod
+    def zero_out_mlp(text_dim: int, out_dim: int) -> nn.Sequential:
+        mlp = nn.Sequential(nn.SiLU(), nn.Linear(text_dim, text_dim), nn.SiLU(), nn.Linear(text_dim, out_dim))
+        nn.init.zeros_(mlp[-1].weight)
+        nn.init.zeros_(mlp[-1].bias)
+        return mlp
+
+    def project(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, M, D) -> W_s e_m + W_c mean(e) (B, M, D)."""
+        return self.state(encoder_hidden_states) + self.context(encoder_hidden_states.mean(1, keepdim=True))
+
+
+class FrameTextResidual(_CaptionStates):
     """Ours, `harivo.frame_text=residual`: (B, M, D) text states -> (B, F, M, D) per-frame residuals on them.
 
     Each state m of frame f: SiLU(W_s e_m + W_c mean(e) + p_f) -> Linear+SiLU -> Linear (zero-initialised),
@@ -120,26 +141,18 @@ class FrameTextResidual(nn.Module):
     D5)."""
 
     def __init__(self, text_dim: int, num_frames: int):
-        super().__init__()
+        super().__init__(text_dim)
         self.num_frames = num_frames
-        self.state = nn.Linear(text_dim, text_dim)
-        self.context = nn.Linear(text_dim, text_dim, bias=False)
         self.frame_embedding = nn.Parameter(torch.randn(num_frames, text_dim))
-        self.mlp = nn.Sequential(
-            nn.SiLU(), nn.Linear(text_dim, text_dim), nn.SiLU(), nn.Linear(text_dim, text_dim)
-        )
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
+        self.mlp = self.zero_out_mlp(text_dim, text_dim)
 
     def forward(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        x = self.state(encoder_hidden_states) + self.context(
-            encoder_hidden_states.mean(1, keepdim=True)
-        )  # (B, M, D)
+        x = self.project(encoder_hidden_states)  # (B, M, D)
         x = x[:, None] + self.frame_embedding[None, :, None].to(x.dtype)  # (B, F, M, D)
         return self.mlp(x)  # (B, F, M, D)
 
 
-class FrameTextBasis(nn.Module):
+class FrameTextBasis(_CaptionStates):
     """Ours, `harivo.frame_text=basis`: (B, M, D) text states -> (B, F, M, D) per-frame residuals on them, each a
     product of a time term and a text term: r_f = sum_k P_fk H_k(e), with H (B, M, K, D) = MLP(W_s e_m + W_c
     mean(e)) (last layer zero-initialised: the base's own text at init) and P (F, K) learned, initialised to the
@@ -151,21 +164,14 @@ class FrameTextBasis(nn.Module):
     D6)."""
 
     def __init__(self, text_dim: int, num_frames: int, num_basis: int = 4):
-        super().__init__()
+        super().__init__(text_dim)
         self.num_frames, self.num_basis = num_frames, num_basis
-        self.state = nn.Linear(text_dim, text_dim)
-        self.context = nn.Linear(text_dim, text_dim, bias=False)
-        self.mlp = nn.Sequential(
-            nn.SiLU(), nn.Linear(text_dim, text_dim), nn.SiLU(), nn.Linear(text_dim, num_basis * text_dim)
-        )
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
+        self.mlp = self.zero_out_mlp(text_dim, num_basis * text_dim)
         tau = torch.linspace(-1, 1, num_frames, dtype=torch.float64)
         self.basis = nn.Parameter(legendre(tau, num_basis).float())  # (F, K)
 
     def forward(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        x = self.state(encoder_hidden_states) + self.context(encoder_hidden_states.mean(1, keepdim=True))
-        h = self.mlp(x).unflatten(-1, (self.num_basis, -1))  # (B, M, K, D)
+        h = self.mlp(self.project(encoder_hidden_states)).unflatten(-1, (self.num_basis, -1))  # (B, M, K, D)
         return torch.einsum("fk,bmkd->bfmd", self.basis.to(h.dtype), h)  # (B, F, M, D)
 
 

@@ -102,6 +102,9 @@ class HarivoConfig:
     mean state and a learned frame embedding, so a frame's caption can move toward the state the frame shows and
     the model at init is the base frame by frame) or `basis` (ours: the same residual as a learned time basis of
     4 polynomials times zero-initialised text terms, so a word can set the sign of a trend over the frames)."""
+    frame_text_previous: bool = False
+    """`residual` / `basis` also read each caption state with the one before it (ours), so word order can set a
+    direction ("from left to right" against "from right to left": the same words)."""
     contrastive_head: bool = True
     """Build the projection g on the h-space needed by L_DC (sec. 3.4); training only."""
 
@@ -119,6 +122,8 @@ class LossConfig:
         "cond_drop_prob": between(0, 1),
         "trs_chunk_heads": at_least(0),
         "trs_chunk_frames": at_least(0),
+        "temporal_off_every": at_least(0),
+        "temporal_off_shift": above(0),
     }
 
     lambda_trs: float = 0.1
@@ -145,6 +150,17 @@ class LossConfig:
     so memory holds one chunk's maps, not (B, F, heads, HW, HW) per layer; the value and gradient are the same."""
     trs_chunk_frames: int = 0
     """... and this many consecutive frame pairs at a time (0: all)."""
+    temporal_off_every: int = 0
+    """Every this many optimiser steps (0: never) one trains with the temporal layers and the mapping network off
+    and the per-frame text (harivo.frame_tokens) on, L_simple only (ours, pilots.md D6d, V14): with them on, they
+    read a clip's trajectory off its noisy frames and the text route gets little loss to learn the motion's
+    direction from; on these steps the frame text alone has to draw each frame's state. The same steps on every
+    rank."""
+    temporal_off_shift: float | None = None
+    """The timestep shift of those steps' noise levels (diffusion.timestep_shift's formula; None: that one). Where
+    the latent already shows the object, the frame text has nothing to add, and the v-loss weighs those levels most:
+    with the shift at 3 the off steps did not learn up from down in 200 steps, at 30 (84% of draws at t >= 850)
+    they did (pilots.md V14c-d)."""
     cond_drop_prob: float = 0.1
     """Caption dropout for classifier-free guidance: the probability that a training caption's embedding is
     replaced by the empty prompt's (AnimateDiff: 0.1; JVID 4.1: 0.3); 0 never trains the unconditional branch."""
@@ -312,16 +328,28 @@ class TrainConfig:
             )
         if self.loss.lambda_dc > 0 and not self.harivo.contrastive_head:
             raise ValueError(f"loss.lambda_dc={self.loss.lambda_dc} needs harivo.contrastive_head=true")
+        if self.harivo.frame_text_previous and self.harivo.frame_text == "tokens":
+            raise ValueError("harivo.frame_text_previous=true needs harivo.frame_text=residual or basis")
+        if self.loss.temporal_off_every > 0 and not self.harivo.frame_tokens:
+            raise ValueError(
+                f"loss.temporal_off_every={self.loss.temporal_off_every} trains the per-frame text alone: it needs "
+                "harivo.frame_tokens=true"
+            )
         if self.edm.sigmas_from == "uniform_t" and self.edm.kind != "sd21":
             raise ValueError(
                 f"edm.sigma_sampling=uniform_t needs the discrete levels of edm.kind=sd21, got edm.kind={self.edm.kind}"
             )
         d = self.diffusion
-        if d.timestep_shift != 1 and d.objective == "edm" and self.edm.sigmas_from != "uniform_t":
-            raise ValueError(
-                f"diffusion.timestep_shift={d.timestep_shift} shifts discrete timesteps: it needs diffusion.objective=ddpm "
-                "or edm.sigma_sampling=uniform_t (lognormal sigmas move with edm.p_mean)"
-            )
+        shifts = {
+            "diffusion.timestep_shift": d.timestep_shift,
+            "loss.temporal_off_shift": self.loss.temporal_off_shift,
+        }
+        for name, shift in shifts.items():
+            if shift not in (None, 1) and d.objective == "edm" and self.edm.sigmas_from != "uniform_t":
+                raise ValueError(
+                    f"{name}={shift} shifts discrete timesteps: it needs diffusion.objective=ddpm "
+                    "or edm.sigma_sampling=uniform_t (lognormal sigmas move with edm.p_mean)"
+                )
         if not 0 < d.beta_start < d.beta_end < 1:
             raise ValueError(
                 f"need 0 < diffusion.beta_start={d.beta_start} < diffusion.beta_end={d.beta_end} < 1"

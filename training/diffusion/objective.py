@@ -87,11 +87,15 @@ class HarivoObjective(nn.Module):
         prediction_type = d.prediction_type if e.kind == "sd21" else "epsilon"
         return Denoiser(model, e.kind, e.sigma_data, self.sigmas, prediction_type)
 
-    def training_sigmas(self, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
-        """(n,) training noise levels: sigma_t at t ~ U{0, T-1} ('uniform_t') or ln sigma ~ N(P_mean, P_std^2)."""
+    def training_sigmas(
+        self, n: int, generator: torch.Generator | None, device, shift: float | None = None
+    ) -> torch.Tensor:
+        """(n,) training noise levels: sigma_t at t ~ U{0, T-1} ('uniform_t') or ln sigma ~ N(P_mean, P_std^2).
+        `shift`: the timestep shift (default diffusion.timestep_shift)."""
         e = self.cfg.edm
         if e.sigmas_from == "uniform_t":
-            t = shifted_timesteps(n, len(self.sigmas), self.cfg.diffusion.timestep_shift, generator, device)
+            shift = self.cfg.diffusion.timestep_shift if shift is None else shift
+            t = shifted_timesteps(n, len(self.sigmas), shift, generator, device)
             return self.sigmas.to(t.device)[t]
         return sample_sigmas(n, e.p_mean, e.p_std, generator, device)
 
@@ -99,12 +103,16 @@ class HarivoObjective(nn.Module):
     def discrete(self) -> bool:
         return self.cfg.diffusion.objective == "ddpm"
 
-    def training_levels(self, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
-        """(n,) noise levels: timesteps t ~ U{0, T-1} (int64, 'ddpm') or sigmas (`training_sigmas`, 'edm')."""
+    def training_levels(
+        self, n: int, generator: torch.Generator | None, device, shift: float | None = None
+    ) -> torch.Tensor:
+        """(n,) noise levels: timesteps t ~ U{0, T-1} (int64, 'ddpm') or sigmas (`training_sigmas`, 'edm'), with
+        the timestep shift `shift` (default diffusion.timestep_shift)."""
         d = self.cfg.diffusion
         if self.discrete:
-            return shifted_timesteps(n, d.num_train_timesteps, d.timestep_shift, generator, device)
-        return self.training_sigmas(n, generator, device)
+            shift = d.timestep_shift if shift is None else shift
+            return shifted_timesteps(n, d.num_train_timesteps, shift, generator, device)
+        return self.training_sigmas(n, generator, device, shift)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         """The noisy input: sqrt(abar_t) x0 + sqrt(1 - abar_t) noise ('ddpm') or x0 + sigma noise ('edm')."""
@@ -150,17 +158,20 @@ class HarivoObjective(nn.Module):
         cond_latents: torch.Tensor | None = None,
         images: torch.Tensor | None = None,
         image_text: torch.Tensor | None = None,
+        temporal: bool = True,
     ) -> LossTerms:
         """All loss terms for clean latents (B, C, F, H, W) and text embeddings (B, M, D).
 
         `image_mode`: an image batch (F = 1, or frames to treat independently): temporal layers and
         frame tokens are skipped and only L_simple is computed (data.image_only).
+        `temporal=False`: the clip with its temporal layers and mapping network off and its per-frame text on,
+        L_simple only (a step of loss.temporal_off_every): the frame-text module alone has to draw each frame's state.
         `generator` drives every random draw (noise, timesteps, positive frames): one per rank.
         `cond_latents` (B, C, F, h, w): the SR stage's low-resolution latents of the same frames.
         `images` (B, C, N, H, W) and `image_text` (B, N, M, D): N images per clip (joint training).
         """
         cfg, b, f = self.cfg, latents.shape[0], latents.shape[2]
-        video = not image_mode and f > 1
+        video = not image_mode and f > 1 and temporal  # the auxiliary terms need the temporal layers
         zero = latents.new_zeros((), dtype=torch.float32)
         need_reg = video and cfg.loss.lambda_reg > 0
         need_trs = video and cfg.loss.lambda_trs > 0
@@ -175,6 +186,8 @@ class HarivoObjective(nn.Module):
         # Cascade conditioning (none for HARIVO / the base stage), drawn before the noise.
         cond, cond_level = training_condition(cfg.cascade, latents, cond_latents, generator)
         stage_kwargs = {"cond": cond, "cond_level": cond_level} if cond is not None else {}
+        if not temporal:
+            stage_kwargs = {**stage_kwargs, "temporal": False}
         joint_kwargs = {**stage_kwargs, "image_text": image_text} if images is not None else stage_kwargs
 
         # Noise: the configured prior, correlated along F (i.i.d. for HARIVO, PYoCo mixed/progressive).
@@ -196,7 +209,10 @@ class HarivoObjective(nn.Module):
             noise = torch.cat([noise, image_noise.to(latents.device, latents.dtype)], dim=2)
             return torch.cat([latents, images.to(latents.dtype)], dim=2), noise  # (B, C, F + N, H, W)
 
-        level = self.training_levels(b, generator, gen_device).to(latents.device)  # (B,) t or sigma
+        shift = (
+            None if temporal else cfg.loss.temporal_off_shift
+        )  # off steps: toward the levels that set the layout
+        level = self.training_levels(b, generator, gen_device, shift).to(latents.device)  # (B,) t or sigma
         latents, noise = with_images(latents, noise)
         if cfg.diffusion.noise_offset > 0:  # drawn last: with 0 the random stream is unchanged
             offset = torch.randn((b, noise.shape[1], 1, 1, 1), generator=generator, device=gen_device)

@@ -130,8 +130,17 @@ def train_fn_per_worker(config: dict) -> None:
         for batch in epoch_batches(train_rows, cfg, state, rank, world):
             t_step = time.perf_counter()
             b = feed(batch)
+            temporal = not temporal_off(cfg, state)
             terms = objective(
-                engine.module, b.latents, b.text, generator, b.image_mode, b.cond, b.images, b.image_text
+                engine.module,
+                b.latents,
+                b.text,
+                generator,
+                b.image_mode,
+                b.cond,
+                b.images,
+                b.image_text,
+                temporal,
             )
             grad_norms = {}
             if measure_grad_norms(cfg, state, first_micro):  # before backward: autograd.grad keeps the graph
@@ -191,6 +200,13 @@ def micro_step(engine, loss: torch.Tensor) -> bool:
     engine.backward(loss)
     engine.step()  # DeepSpeed only updates at the accumulation boundary
     return boundary
+
+
+def temporal_off(cfg: TrainConfig, state) -> bool:
+    """Whether this micro-batch's optimiser step trains without the temporal layers (loss.temporal_off_every):
+    every k-th step, counted from 1 like the step being taken, so the same steps on every rank and after a resume."""
+    every, step = cfg.loss.temporal_off_every, state.step + 1
+    return every > 0 and step % every == 0
 
 
 def measure_grad_norms(cfg: TrainConfig, state, first_micro: bool) -> bool:

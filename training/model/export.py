@@ -182,6 +182,7 @@ class HarivoModules(ModelMixin, ConfigMixin):
         tokens_per_frame: int = 3,
         num_frames: int = 24,
         frame_text: str = "tokens",
+        frame_text_previous: bool = False,
     ):
         super().__init__()
         harivo = HarivoConfig(
@@ -192,6 +193,7 @@ class HarivoModules(ModelMixin, ConfigMixin):
             frame_tokens=use_frame_tokens,
             tokens_per_frame=tokens_per_frame,
             frame_text=frame_text,
+            frame_text_previous=frame_text_previous,
         )
         self.mapping_network, self.frame_tokens = harivo_modules(
             harivo, in_channels, cross_attention_dim, max_text_len, num_frames
@@ -221,6 +223,7 @@ class HarivoModules(ModelMixin, ConfigMixin):
             else "residual"
             if residual
             else "tokens",
+            frame_text_previous="frame_tokens.previous.weight" in state_dict,
         )
         modules.load_state_dict(state_dict)
         return modules

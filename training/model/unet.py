@@ -275,6 +275,7 @@ class VideoUNet(nn.Module):
         cond: torch.Tensor | None = None,
         cond_level: torch.Tensor | None = None,
         image_text: torch.Tensor | None = None,
+        temporal: bool = True,
     ) -> torch.Tensor:
         """model_pred (B, C, F, H, W) for noisy latents (B, C, F, H, W), timesteps (B,) and text (B, M, D).
 
@@ -282,6 +283,9 @@ class VideoUNet(nn.Module):
         by the extra conv_in channels, and (SR) `cond_level` (B,), the conditioning's augmentation sigma.
         `image_text` (B, N, M, D): the last N of the frames are images with these captions (joint training).
         The temporal text layers (model.text_conditioning) get `text` itself, without HARIVO's frame tokens.
+        `temporal=False`: the clip without anything that looks across its frames (temporal layers, temporal text
+        layers, the mapping network) but with its per-frame text, so the frames differ only by what the text asks
+        of each (loss.temporal_off_every).
         """
         b, c, total, h, w = noisy_latents.shape  # (B, C, F + N, H, W)
         n = 0 if image_text is None else image_text.shape[1]
@@ -293,7 +297,7 @@ class VideoUNet(nn.Module):
         if not image_mode and f > self.cfg.max_frames:
             raise ValueError(f"{f} frames exceed model.max_frames={self.cfg.max_frames}")
         self._check_condition(noisy_latents, cond, cond_level)
-        if self.mapping_network is not None:  # on the clip only: images are not frames of it
+        if self.mapping_network is not None and temporal:  # on the clip only: images are not frames of it
             clip = self.mapping_network(noisy_latents[:, :, :f])  # (B, C, F, H, W)
             noisy_latents = torch.cat([clip, noisy_latents[:, :, f:]], dim=2) if n else clip
         sample = fold_frames(noisy_latents)  # (B (F + N), C, H, W)
@@ -301,7 +305,7 @@ class VideoUNet(nn.Module):
         timesteps = per_frame(timesteps, total)  # (B (F + N),)
         text, mask = self._frame_text(encoder_hidden_states, f, not image_mode, image_text)
         state = self._state
-        state.num_frames, state.video_frames, state.temporal = total, f, not image_mode
+        state.num_frames, state.video_frames, state.temporal = total, f, temporal and not image_mode
         if self.temporal_text is not None:
             state.text = encoder_hidden_states  # (B, M, D): the clip's caption, without frame tokens
         if cond is not None:

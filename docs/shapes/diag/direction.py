@@ -6,7 +6,7 @@ better from its own caption (x0 error own < swapped); one that learned only the 
     python docs/shapes/diag/direction.py BASE PAIR STEPS LR MODE      # PAIR: left_right | up_down | grows_shrinks
                                                                       #   | all (the six motions mixed, each pair scored)
     MODE: residual (FrameTextResidual as shipped) | basis (r_f = sum_k P_fk H_k(e), P polynomial in the frame's
-          time) | free (free per-frame offsets per motion: the ceiling, it is told the motion)"""
+          time) | basis_bigram (the same, each state read with the one before it: W_p e_(m-1) added) | free (free per-frame offsets per motion: the ceiling, it is told the motion)"""
 import sys, time, numpy as np, torch, torch.nn as nn
 from shapes.base import base_pipeline
 from shapes.text import OPPOSITE_MOTIONS
@@ -43,18 +43,22 @@ M, D = enc(["x"]).shape[1:]
 if mode == "residual":
     mod = FrameTextResidual(D, F)
     apply = lambda e, sc: e[:, None] + mod(e)
-elif mode == "basis":
+elif mode in ("basis", "basis_bigram"):
     class Basis(nn.Module):
         def __init__(self, K=4):
             super().__init__()
             self.K = K
             self.state, self.context = nn.Linear(D, D), nn.Linear(D, D, bias=False)
+            self.prev = nn.Linear(D, D, bias=False) if mode == "basis_bigram" else None
             self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(D, D), nn.SiLU(), nn.Linear(D, K * D))
             nn.init.zeros_(self.mlp[-1].weight); nn.init.zeros_(self.mlp[-1].bias)
             tau = torch.linspace(-1, 1, F)
             self.P = nn.Parameter(torch.stack([torch.ones(F), tau, tau**2 - 1 / 3, tau**3], 1))
         def forward(self, e):
-            h = self.mlp(self.state(e) + self.context(e.mean(1, keepdim=True))).unflatten(-1, (self.K, D))
+            x = self.state(e) + self.context(e.mean(1, keepdim=True))
+            if self.prev is not None:  # the state before each one (the start token's: zeros)
+                x = x + self.prev(torch.nn.functional.pad(e, (0, 0, 1, 0))[:, :-1])
+            h = self.mlp(x).unflatten(-1, (self.K, D))
             return torch.einsum("fk,bmkd->bfmd", self.P, h)
     mod = Basis()
     apply = lambda e, sc: e[:, None] + mod(e)

@@ -3,7 +3,9 @@ noise and t) of clips of each pair of opposite motions, drawn by the video model
 from the opposite motion's caption and from the empty caption (CFG's unconditional branch). A model that reads the
 direction draws a clip better from its own caption than from the swapped one.
 
-    python docs/shapes/diag/swap.py PILOT_DIR BASE_DIR [N per pair] [T_LO T_HI]"""
+    python docs/shapes/diag/swap.py PILOT_DIR BASE_DIR [N per pair] [T_LO T_HI] [off]
+
+"off": the video model with its temporal layers off and its per-frame text on (loss.temporal_off_every's forward)."""
 import sys, numpy as np, torch
 from pipeline.configlib import load_config
 from shapes.base import base_pipeline
@@ -16,6 +18,7 @@ from training.sampling.loading import load_pipeline
 pilot, base = sys.argv[1], sys.argv[2]
 n = int(sys.argv[3]) if len(sys.argv) > 3 else 16
 t_lo, t_hi = (int(sys.argv[4]), int(sys.argv[5])) if len(sys.argv) > 5 else (850, 1000)
+temporal = not (len(sys.argv) > 6 and sys.argv[6] == "off")
 vp = load_pipeline(f"{pilot}/train", load_config(SampleConfig, "training/configs/sample_shapes.yaml", {}))
 assert vp.train_cfg.diffusion.prediction_type == "v_prediction"
 ac = ddpm_scheduler(vp.train_cfg.diffusion).alphas_cumprod
@@ -29,7 +32,7 @@ empty = vp.encode_prompt([""]).float()
 def x0err(z0, text, t, noise):
     a, b = ac[t].sqrt()[:, None, None, None, None], (1 - ac[t]).sqrt()[:, None, None, None, None]
     zt = a * z0 + b * noise
-    v = vp.video(zt, t, text).float()
+    v = vp.video(zt, t, text, temporal=temporal).float()
     return ((a * zt - b * v - z0) ** 2).mean((1, 2, 3, 4))
 
 

@@ -133,20 +133,32 @@ def test_config_falls_back_to_config_yaml(trained, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text_conditioning, frame_text",
+    "text_conditioning, frame_text, previous",
     [
-        ("none", "tokens"),
-        ("cross_attention", "tokens"),
-        ("film", "tokens"),
-        ("none", "residual"),
-        ("none", "basis"),
+        ("none", "tokens", False),
+        ("cross_attention", "tokens", False),
+        ("film", "tokens", False),
+        ("none", "residual", False),
+        ("none", "basis", False),
+        ("none", "basis", True),
     ],
 )
-def test_loaded_weights_are_the_exported_ones(make_video_model, tmp_path, text_conditioning, frame_text):
-    overrides = {**TINY, "model.text_conditioning": text_conditioning, "harivo.frame_text": frame_text}
+def test_loaded_weights_are_the_exported_ones(
+    make_video_model, tmp_path, text_conditioning, frame_text, previous
+):
+    overrides = {
+        **TINY,
+        "model.text_conditioning": text_conditioning,
+        "harivo.frame_text": frame_text,
+        "harivo.frame_text_previous": previous,
+    }
     model, cfg = make_video_model(**overrides)
     perturb_all(model, seed=1)
-    export(model, cfg, tmp_path / "e")
+    export(
+        model, cfg, tmp_path / "e"
+    )  # the pipeline folder's HarivoModules: read off the keys, loaded strictly
+    harivo = HarivoModules.from_pretrained(tmp_path / "e" / HARIVO_DIR)
+    assert (getattr(harivo.frame_tokens, "previous", None) is not None) == previous
     fresh, _ = make_video_model(**overrides)
     expected, before = model.trainable_state_dict(), fresh.trainable_state_dict()
     assert any(not torch.equal(before[k], expected[k]) for k in expected)

@@ -209,9 +209,8 @@ class HarivoObjective(nn.Module):
             noise = torch.cat([noise, image_noise.to(latents.device, latents.dtype)], dim=2)
             return torch.cat([latents, images.to(latents.dtype)], dim=2), noise  # (B, C, F + N, H, W)
 
-        shift = (
-            None if temporal else cfg.loss.temporal_off_shift
-        )  # off steps: toward the levels that set the layout
+        # An off step draws its own levels: toward the ones where the caption sets the layout.
+        shift = None if temporal else cfg.loss.temporal_off_shift
         level = self.training_levels(b, generator, gen_device, shift).to(latents.device)  # (B,) t or sigma
         latents, noise = with_images(latents, noise)
         if cfg.diffusion.noise_offset > 0:  # drawn last: with 0 the random stream is unchanged

@@ -12,8 +12,9 @@ import torch
 
 from training.config import TrainConfig
 
-TERMS = ("loss_simple", "loss_reg", "loss_trs", "loss_dc")
-"""The loss terms of eq. 5 the progress line shows next to L_all (TensorBoard gets every metric)."""
+TERMS = ("loss_simple", "loss_reg", "loss_trs", "loss_dc", "loss_temporal_off")
+"""The loss terms of eq. 5 the progress line shows next to L_all, and L_simple of the steps without the temporal
+layers (loss.temporal_off_every; its mean over those steps alone). TensorBoard gets every metric."""
 
 
 @dataclass
@@ -54,6 +55,7 @@ class StepLogger:
 
     def _reset(self) -> None:
         self.terms: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}  # micro-batches that reported each term
         self.grad_norms: dict[str, torch.Tensor] = {}
         self.batches = self.samples = 0
         self.data_s = self.step_s = 0.0
@@ -62,6 +64,7 @@ class StepLogger:
         """One micro-batch: its detached loss terms, samples over all ranks, data wait and compute time."""
         for k, v in terms.items():
             self.terms[k] = self.terms.get(k, 0) + v.float()
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.batches += 1
         self.samples += samples
         self.data_s += data_s
@@ -74,7 +77,9 @@ class StepLogger:
     def metrics(self, step: int, epoch: int, lr: float, device: torch.device) -> dict[str, float]:
         """Means since the last report (then reset), throughput, and where the run is."""
         n = max(self.batches, 1)
-        out = {k: float(v) / n for k, v in self.terms.items()}
+        out = {
+            k: float(v) / self.counts[k] for k, v in self.terms.items()
+        }  # each over the batches that had it
         out.update({k: float(v) for k, v in self.grad_norms.items()})
         wall = self.data_s + self.step_s
         out["samples_per_s"] = self.samples / wall if wall else 0.0

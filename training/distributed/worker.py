@@ -150,8 +150,10 @@ def train_fn_per_worker(config: dict) -> None:
             first_micro = micro_step(engine, terms.total)
             state.batches_in_epoch += 1
             detached = terms.detached()
+            # An off step's L_simple also on its own (of the model without temporal layers), averaged over those.
+            logged = detached if temporal else {**detached, "loss_temporal_off": detached["loss_simple"]}
             t_end = clock(device)  # the step's kernels done: compute time, not launch time
-            logger.add(detached, b.latents.shape[0] * world, t_step - t_data, t_end - t_step)
+            logger.add(logged, b.latents.shape[0] * world, t_step - t_data, t_end - t_step)
             logger.add_grad_norms(grad_norms)
             guard.add(detached)
             t_data = time.perf_counter()

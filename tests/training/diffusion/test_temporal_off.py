@@ -114,3 +114,15 @@ def test_off_steps_draw_their_levels_with_their_own_shift(make_video_model, pert
                 "edm.sigma_sampling": "lognormal",
             },
         )
+
+
+def test_the_off_steps_loss_is_reported_as_the_mean_of_those_steps(tiny_zoo):
+    from training.distributed.progress import StepLogger
+
+    cfg = load_config(TrainConfig, None, {"model.pretrained": tiny_zoo.sd, "loss.temporal_off_every": 2})
+    logger = StepLogger(cfg, rank=1, tensorboard_dir=None, start_step=0)
+    one = lambda v: torch.tensor(v)  # noqa: E731
+    logger.add({"loss": one(1.0), "loss_simple": one(1.0)}, 2, 0.0, 1.0)
+    logger.add({"loss": one(3.0), "loss_simple": one(3.0), "loss_temporal_off": one(3.0)}, 2, 0.0, 1.0)
+    m = logger.metrics(2, 0, 1e-3, torch.device("cpu"))
+    assert m["loss"] == 2.0 and m["loss_simple"] == 2.0 and m["loss_temporal_off"] == 3.0

@@ -21,7 +21,8 @@ stages after it, and runs them again):
 7. latents/videos   the videos through `pipeline.run` with the world's CLIP / aesthetic thresholds, and the
                filters' precision and recall (`shapes.filter_report`);
 8. video/      the world's video model on the frozen base through `training.run` (shapes_video_motion.yaml: the
-               pilots' best, per-frame text as a time basis, no auxiliary losses);
+               pilots' best, per-frame text as a time basis reading word order, every second step without the
+               temporal layers at the top noise levels, no auxiliary losses);
 9. harivo/     the HARIVO-faithful variant (shapes_video.yaml: frame tokens, L_TRS / L_reg / L_DC), reported beside;
 10. eval/      `training.evaluate` of both video models and of the frame-by-frame baseline on the held-out
                prompts (domain FVD, motion / attribute accuracy, CLIPSIM) against real/ (clean videos of the

@@ -1,5 +1,6 @@
 """Per-motion breakdown of an eval dir: the world's evaluator's motion call per video, and the drawn object's
-pixel trajectory (centroid x / y and sqrt(area) of pixels far from the border colour, first vs last frame)."""
+pixel trajectory (centroid x / y and sqrt(area) of pixels far from the border colour, first vs last frame), and
+the fraction of videos whose trajectory has the sign the caption asks for on its axis ("sign ok").""" 
 import sys, collections, json
 from pathlib import Path
 import decord, numpy as np, torch
@@ -24,7 +25,10 @@ with torch.no_grad():
     o = ev(torch.stack(vids))["motion"].argmax(-1).tolist()
 calls = collections.defaultdict(collections.Counter)
 for p, m in zip(o, motions): calls[m][ATTRIBUTES["motion"][p]] += 1
+WANT = {"moves from left to right": (0, 1), "moves from right to left": (0, -1), "moves up": (1, -1),
+        "moves down": (1, 1), "grows": (2, 1), "shrinks": (2, -1)}  # (axis, sign) in image coordinates
 for m in ATTRIBUTES["motion"]:
     if m in rows:
-        d = np.array(rows[m]).mean(0)
-        print(f"{m:26s} n={len(rows[m]):2d} last-first dx {d[0]:+5.1f} dy {d[1]:+5.1f} dsize {d[2]:+5.1f} | called {dict(calls[m])}")
+        r = np.array(rows[m]); d = r.mean(0)
+        ok = f" sign ok {(np.sign(r[:, WANT[m][0]]) == WANT[m][1]).mean():.2f}" if m in WANT else ""
+        print(f"{m:26s} n={len(rows[m]):2d} last-first dx {d[0]:+5.1f} dy {d[1]:+5.1f} dsize {d[2]:+5.1f}{ok} | called {dict(calls[m])}")

@@ -77,9 +77,8 @@ class StepLogger:
     def metrics(self, step: int, epoch: int, lr: float, device: torch.device) -> dict[str, float]:
         """Means since the last report (then reset), throughput, and where the run is."""
         n = max(self.batches, 1)
-        out = {
-            k: float(v) / self.counts[k] for k, v in self.terms.items()
-        }  # each over the batches that had it
+        # Each term over the micro-batches that reported it (loss_temporal_off: the off steps' alone).
+        out = {k: float(v) / self.counts[k] for k, v in self.terms.items()}
         out.update({k: float(v) for k, v in self.grad_norms.items()})
         wall = self.data_s + self.step_s
         out["samples_per_s"] = self.samples / wall if wall else 0.0

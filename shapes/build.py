@@ -2,7 +2,7 @@
 
     python -m shapes.build --out runs/shapes                 # the full build (README: minutes per stage)
     python -m shapes.build --out runs/shapes-small --preset small   # a reduced world: the same stages, smaller
-    python -m shapes.build --out runs/shapes-down4 --vae-down 4     # a VAE with 4x downsampling (16x16 latents)
+    python -m shapes.build --out runs/shapes-down8 --vae-down 8     # SD's 8x VAE (8x8 latents: the first design's)
 
 Stages, each a directory under OUT (a re-run skips finished stages; `--redo STAGE` empties it and the
 stages after it, and runs them again):
@@ -65,12 +65,15 @@ class Preset:
     aesthetic_clips: int = 2000
     evaluator_clips: int = 5000
     evaluator_steps: int = 600
-    vae_steps: int = 1500
-    vae_down: int = 8  # the VAE's downsampling (`shapes.base.VAE_BLOCKS`): 8 (4x8x8 latents) or 4 (4x16x16)
+    vae_steps: int = 700  # at 4x: reconstructions read colour 0.98, shape 0.95 (pilots.md P2; 2026-12-07)
+    # the VAE's downsampling (`shapes.base.VAE_BLOCKS`): 4 (4x16x16 latents) or 8 (4x8x8, SD's; its
+    # reconstructions read back colour 0.72 / shape 0.84 with the same weight: pilots.md P3)
+    vae_down: int = 4
     vae_object_weight: float = 4.0  # the object's pixels count 1 + this in the VAE's loss (pilots.md P2)
     base_steps: int = 1500
     base_check: int = 128  # held-out captions the base draws for its check
-    video_steps: int = 1000  # each of the two video models
+    video_steps: int = 1000  # the world's video model (shapes_video_motion.yaml)
+    harivo_steps: int = 300  # the HARIVO-faithful variant: ~3.3x a video step with its three losses at 16x16
     eval_prompts: int = 128
     # seeds per prompt: 256 videos (the domain FVD's minimum is 512: recorded as below it)
     eval_videos_per_prompt: int = 2
@@ -78,29 +81,32 @@ class Preset:
     expected_s: dict = field(default_factory=dict)  # stage -> seconds measured on 2 cores (progress / ETA)
 
 
-MEASURED_S = dict(  # the full build on the 2-core machine, 2026-12-02 (eval: half of its run beside a CI run)
-    shards=34,
+MEASURED_S = dict(  # seconds per stage on the 2-core machine of 2026-12-02 (progress and ETA only)
+    shards=34,  # measured by that day's full build (8 x 8 latents): stages that do not read the latents
     clip=228,
     evaluator=372,
-    base=583,
-    stills=76,
-    base_train=1077,
     latents=168,
-    video=1113,  # measured for shapes_video.yaml (now harivo/); the motion recipe has no L_TRS / L_reg: not more
-    harivo=1113,
-    eval=2100,  # 700 for two evaluations of 128 videos; three of 256 now (not measured)
+    # estimated from the pilots' step times at 16 x 16 on that machine (no 16 x 16 full build has run):
+    base=290,  # VAE, 700 steps x 0.39 s (pilots.md, 2026-12-07)
+    stills=76,
+    base_train=1700,  # 1,500 steps x 1.1 s + the check
+    video=1100,  # 1,000 steps x 1.1 s (V15)
+    harivo=1080,  # 300 steps x 3.6 s (V1)
+    eval=4000,  # 3 x 256 videos: 6.0 s a video model's video, 3.5 s the baseline's (E15)
 )
-SMALL_MEASURED_S = dict(  # the small preset on the 2-core machine, alone, 2026-12-02: 1,473 s in all
-    shards=6,
-    clip=165,  # 300 steps (2026-12-06)
-    evaluator=180,
-    base=184,
-    stills=61,
-    base_train=459,
-    latents=72,
-    video=316,  # as harivo's (not measured for the motion recipe)
-    harivo=316,
-    eval=130,  # 85 for two evaluations; three now
+# The small preset at 16 x 16, alone, on the 2-core machine of 2026-12-07 (its two cores give ~1.25x one core's
+# throughput: pilots.md S1): measured up to latents.
+SMALL_MEASURED_S = dict(
+    shards=10,
+    clip=246,
+    evaluator=175,
+    base=283,
+    stills=34,
+    latents=40,
+    base_train=950,  # estimated from B1's 2.2 s a step (400 steps + the check)
+    video=450,  # estimated: 200 steps x ~2.2 s
+    harivo=700,  # estimated: 100 steps x ~7 s
+    eval=250,
 )
 PRESETS = {
     "full": Preset(expected_s=MEASURED_S),
@@ -113,9 +119,9 @@ PRESETS = {
         clip_steps=300,  # its text states: pilots.md C1 (100 steps keep shape 0.28, position 0.20; 300: 0.40, 0.35)
         evaluator_clips=2000,
         evaluator_steps=300,
-        vae_steps=700,  # 400 read back the right colour from 21% of reconstructions (README)
         base_steps=400,
         video_steps=200,
+        harivo_steps=100,
         eval_prompts=8,
         eval_videos_per_prompt=1,
         sample_steps=15,
@@ -288,7 +294,7 @@ def stage_video(out: Path, p: Preset, env: dict) -> dict:
 
 def stage_harivo(out: Path, p: Preset, env: dict) -> dict:
     videos = out / "latents" / "videos"
-    return _train("shapes_video.yaml", videos, out / "harivo", out / "base", p.video_steps, env)
+    return _train("shapes_video.yaml", videos, out / "harivo", out / "base", p.harivo_steps, env)
 
 
 def real_set(d: Path, n: int) -> Path:
@@ -414,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--vae-down",
         type=int,
         choices=sorted(VAE_BLOCKS),
-        help="the base VAE's downsampling (default: what OUT was built with, else 8); 4: 16x16 latents for 64 px",
+        help="the base VAE's downsampling (default: what OUT was built with, else 4: 16x16 latents for 64 px)",
     )
     a = ap.parse_args(argv)
     record = build(a.out, a.preset, tuple(a.redo), a.until, tuple(a.skip), a.vae_down)

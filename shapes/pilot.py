@@ -13,7 +13,8 @@ docs/shapes/pilots.md.
 `--video BASE_PILOT` pilots the video model instead: training/configs/shapes_video.yaml + the overrides on the base
 that pilot trained, on WORLD/latents/videos (`shapes.build --until latents`), then `training.evaluate` with the
 world's evaluator on `--prompts` held-out prompts, beside the frame-by-frame baseline of the same base with the same
-sampler, CFG and MG (computed once per base pilot and prompt count):
+sampler, CFG and MG (computed once per base pilot, prompt count and seeds; `--prompts N --seeds S`: N prompts x
+S videos each):
 
     python -m shapes.pilot --world runs/pilot --name xattn --video v_600 --steps 300 model.text_conditioning=cross_attention
     python -m shapes.pilot --world runs/pilot --name motion --video v_600 --steps 300 \\
@@ -81,15 +82,16 @@ def pilot(
 
 
 def _evaluate(
-    world: Path, checkpoint: Path, prompts: Path, out: Path, sample_steps: int, baseline: bool
+    world: Path, checkpoint: Path, prompts: Path, out: Path, sample_steps: int, baseline: bool, seeds: int = 1
 ) -> dict:
-    """`training.evaluate` of `checkpoint` (or its frame baseline) on `prompts` with the world's evaluator."""
+    """`training.evaluate` of `checkpoint` (or its frame baseline) on `prompts` with the world's evaluator,
+    `seeds` videos per prompt."""
     from shapes.build import real_set
     from shapes.heldout import sample_overrides
 
     args = ["--config", SAMPLE_CONFIG, "--checkpoint", str(checkpoint), "--prompts", str(prompts)]
     args += ["--output", str(out), *(["--baseline", "frames"] if baseline else [])]
-    args += sample_overrides(world, real_set(world / "eval" / "real", 0), 0, 1, sample_steps)
+    args += sample_overrides(world, real_set(world / "eval" / "real", 0), 0, seeds, sample_steps)
     if subprocess.call([sys.executable, "-m", "training.evaluate", *args]):
         raise SystemExit(f"shapes.pilot: training.evaluate of {checkpoint} failed")
     return json.loads((out / "report.json").read_text())["metrics"]
@@ -115,6 +117,7 @@ def video_pilot(
     sample_steps: int,
     start: str | None = None,
     config: str | None = None,
+    seeds: int = 1,
 ) -> dict:
     """Train the video model (`config`, default shapes_video.yaml) on `base_pilot`'s base and score it beside that
     base's frame baseline. `start`: an earlier video pilot whose last checkpoint this one resumes (weights,
@@ -146,12 +149,13 @@ def video_pilot(
     if subprocess.call([sys.executable, "-m", "training.run", *args, *overrides]):
         raise SystemExit("shapes.pilot: training.run failed")
     t_train = time.perf_counter() - t0
-    video = _evaluate(world, run_dir, prompts, out / "eval", sample_steps, baseline=False)
+    video = _evaluate(world, run_dir, prompts, out / "eval", sample_steps, baseline=False, seeds=seeds)
     frames_dir = world / "pilots" / base_pilot / f"frames_{n_prompts}_{sample_steps}"
+    frames_dir = frames_dir.with_name(frames_dir.name + (f"_x{seeds}" if seeds > 1 else ""))
     if (frames_dir / "report.json").exists():
         frames = json.loads((frames_dir / "report.json").read_text())["metrics"]
     else:
-        frames = _evaluate(world, run_dir, prompts, frames_dir, sample_steps, baseline=True)
+        frames = _evaluate(world, run_dir, prompts, frames_dir, sample_steps, baseline=True, seeds=seeds)
     pick = lambda m: {k: round(m[k], 4) for k in METRICS if k in m}  # noqa: E731
     record = dict(
         name=name,
@@ -164,6 +168,7 @@ def video_pilot(
         video=pick(video),
         frame_baseline=pick(frames),
         prompts=n_prompts,
+        seeds=seeds,
         train_s=round(t_train, 1),
         seconds=round(time.perf_counter() - t0, 1),
     )
@@ -185,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--video", metavar="BASE_PILOT", help="pilot the video model on this base pilot's base")
     p.add_argument("--prompts", type=int, default=32, help="held-out prompts a video pilot is scored on")
+    p.add_argument("--seeds", type=int, default=1, help="videos per prompt a video pilot is scored on")
     p.add_argument(
         "--config",
         help="a video pilot's training config (default: the --from pilot's, else " + VIDEO_TRAIN_CONFIG + ")",
@@ -205,7 +211,16 @@ def main(argv: list[str] | None = None) -> dict:
         if a.start and not (world / "pilots" / a.start / "pilot.json").is_file():
             p.error(f"{world}/pilots/{a.start} is not a finished pilot")
         record = video_pilot(
-            world, a.name, a.video, a.steps, a.overrides, a.prompts, a.sample_steps, a.start, a.config
+            world,
+            a.name,
+            a.video,
+            a.steps,
+            a.overrides,
+            a.prompts,
+            a.sample_steps,
+            a.start,
+            a.config,
+            a.seeds,
         )
         print(
             json.dumps(

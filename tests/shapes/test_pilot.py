@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from shapes.pilot import main
@@ -47,3 +49,38 @@ def test_a_base_pilot_refuses_a_training_config(tmp_path, capsys):
     assert exit_.value.code == 2
     assert "--config is for video pilots" in capsys.readouterr().err
     assert not (tmp_path / "pilots").exists()
+
+
+def test_a_video_pilot_scores_the_model_and_its_baseline_on_the_same_seeds(tmp_path, monkeypatch):
+    """`--seeds S`: both `training.evaluate` runs draw S videos per prompt; the baseline is kept per seed count."""
+    import json
+    import sys
+
+    import shapes.build
+    import shapes.pilot
+
+    for d in ("evaluator", "latents/videos", "pilots/b/base/vae"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "pilots/b/base/vae/config.json").write_text(json.dumps({"block_out_channels": [16, 32, 64]}))
+    calls = []
+
+    def run(cmd):  # stands in for the two commands: writes what each leaves behind
+        assert cmd[:2] == [sys.executable, "-m"]
+        out = Path(cmd[cmd.index("--output") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        calls.append((cmd[2], out, cmd))
+        if cmd[2] == "training.run":
+            (out / "result.json").write_text(json.dumps({"metrics": {"loss": 0.1}}))
+        else:
+            (out / "report.json").write_text(json.dumps({"metrics": {"motion_accuracy": 0.5}}))
+        return 0
+
+    monkeypatch.setattr(shapes.pilot.subprocess, "call", run)
+    monkeypatch.setattr(shapes.build, "real_set", lambda d, n: d)
+    record = main(["--world", str(tmp_path), "--name", "x", "--video", "b", "--prompts", "4", "--seeds", "2"])
+    evaluations = [(out, cmd) for kind, out, cmd in calls if kind == "training.evaluate"]
+    assert [out.name for out, _ in evaluations] == ["eval", "frames_4_15_x2"]
+    assert all("output.videos_per_prompt=2" in cmd for _, cmd in evaluations)
+    assert "--baseline" in evaluations[1][1] and "--baseline" not in evaluations[0][1]
+    assert record["seeds"] == 2 and record["video"] == {"motion_accuracy": 0.5}
+    assert "model.latent_size=16" in calls[0][2]  # 64 px through the 4x VAE

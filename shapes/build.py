@@ -106,7 +106,7 @@ SMALL_MEASURED_S = dict(
     base_train=950,  # estimated from B1's 2.2 s a step (400 steps + the check)
     video=450,  # estimated: 200 steps x ~2.2 s
     harivo=700,  # estimated: 100 steps x ~7 s
-    eval=250,
+    eval=250,  # estimated: 3 x 8 videos
 )
 PRESETS = {
     "full": Preset(expected_s=MEASURED_S),

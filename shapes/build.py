@@ -87,7 +87,7 @@ MEASURED_S = dict(  # seconds per stage on the 2-core machine of 2026-12-02 (pro
     evaluator=372,
     latents=168,
     # estimated from the pilots' step times at 16 x 16 on that machine (no 16 x 16 full build has run):
-    base=290,  # VAE, 700 steps x 0.39 s (pilots.md, 2026-12-07)
+    base=290,  # VAE, 700 steps x 0.39 s (measured alone on 2026-12-07's machine)
     stills=76,
     base_train=1700,  # 1,500 steps x 1.1 s + the check
     video=1100,  # 1,000 steps x 1.1 s (V15)

@@ -150,8 +150,8 @@ def video_pilot(
         raise SystemExit("shapes.pilot: training.run failed")
     t_train = time.perf_counter() - t0
     video = _evaluate(world, run_dir, prompts, out / "eval", sample_steps, baseline=False, seeds=seeds)
-    frames_dir = world / "pilots" / base_pilot / f"frames_{n_prompts}_{sample_steps}"
-    frames_dir = frames_dir.with_name(frames_dir.name + (f"_x{seeds}" if seeds > 1 else ""))
+    per_seeds = f"_x{seeds}" if seeds > 1 else ""
+    frames_dir = world / "pilots" / base_pilot / f"frames_{n_prompts}_{sample_steps}{per_seeds}"
     if (frames_dir / "report.json").exists():
         frames = json.loads((frames_dir / "report.json").read_text())["metrics"]
     else:
@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     a = p.parse_args(argv)
     world = Path(a.world).resolve()
+    if a.prompts < 1 or a.seeds < 1:
+        p.error(f"--prompts and --seeds must be at least 1 (got {a.prompts}, {a.seeds})")
     if a.video:
         missing = [
             d for d in ("evaluator", "latents/videos", f"pilots/{a.video}/base") if not (world / d).is_dir()

@@ -84,3 +84,12 @@ def test_a_video_pilot_scores_the_model_and_its_baseline_on_the_same_seeds(tmp_p
     assert "--baseline" in evaluations[1][1] and "--baseline" not in evaluations[0][1]
     assert record["seeds"] == 2 and record["video"] == {"motion_accuracy": 0.5}
     assert "model.latent_size=16" in calls[0][2]  # 64 px through the 4x VAE
+
+
+@pytest.mark.parametrize("flag", ["--prompts", "--seeds"])
+def test_a_video_pilot_refuses_no_prompts_or_seeds(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--world", str(tmp_path), "--name", "x", "--video", "b", flag, "0"])
+    assert exit_.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "pilots").exists()

@@ -11,10 +11,11 @@ stages after it, and runs them again):
                position: "a small red circle at the left on a grey background"), both of the
                training combinations only; eval_prompts.txt: prompts of the held-out combinations;
 2. clip/       the world's open_clip model + LAION-layout aesthetic head + thresholds (`shapes.clip`);
-3. evaluator/  the world's I3D (`shapes.evaluator`);
-4. base/       the text-to-image base in SD 1.5's layout: trained VAE (`--vae-down` 8 or 4), the CLIP's text
+3. base/       the text-to-image base in SD 1.5's layout: trained VAE (`--vae-down` 8 or 4), the CLIP's text
                tower, the scheduler of shapes_base.yaml's schedule (`shapes.base`); the stages after it read the
                latent size from its VAE (`model.latent_size` of the training runs);
+4. evaluator/  the world's I3D (`shapes.evaluator`), half its training clips through the base's VAE and back, so
+               that it reads shapes as the decoder draws them (its card: held-out accuracy rendered and decoded);
 5. latents/stills   the stills through `pipeline.run` (filters off: stills are clean by construction);
 6. base_train/ its UNet trained through `training.run` (shapes_base.yaml), installed into base/unet, then
                checked: held-out captions drawn by `StableDiffusionPipeline`, read back by `shapes.pixels`;
@@ -48,7 +49,7 @@ from pathlib import Path
 
 from shapes.heldout import eval_prompts, sample_overrides, targets
 
-STAGES = ("shards", "clip", "evaluator", "base", "stills", "base_train", "latents", "video", "harivo", "eval")
+STAGES = ("shards", "clip", "base", "evaluator", "stills", "base_train", "latents", "video", "harivo", "eval")
 OUTPUTS = {"stills": "latents/stills", "latents": "latents/videos"}
 """Each stage's directory under OUT (the stage's name where not listed); `--redo` empties it first."""
 
@@ -71,7 +72,7 @@ class Preset:
     vae_down: int = 4
     vae_object_weight: float = 4.0  # the object's pixels count 1 + this in the VAE's loss (pilots.md P2)
     base_steps: int = 1500
-    base_check: int = 128  # held-out captions the base draws for its check
+    base_check: int = 256  # held-out captions the base draws for its check (the issue's 128 x 2 seeds)
     video_steps: int = 1000  # the world's video model (shapes_video_motion.yaml)
     harivo_steps: int = 300  # the HARIVO-faithful variant: ~3.3x a video step with its three losses at 16x16
     eval_prompts: int = 128
@@ -84,12 +85,12 @@ class Preset:
 MEASURED_S = dict(  # seconds per stage on the 2-core machine of 2026-12-02 (progress and ETA only)
     shards=34,  # measured by that day's full build (8 x 8 latents): stages that do not read the latents
     clip=228,
-    evaluator=372,
+    evaluator=580,  # 372 measured; + ~210 estimated for its 3,500 clips through the VAE (pilots.md J3)
     latents=168,
     # estimated from the pilots' step times at 16 x 16 on that machine (no 16 x 16 full build has run):
     base=290,  # VAE, 700 steps x 0.39 s (measured alone on 2026-12-07's machine)
     stills=76,
-    base_train=1700,  # 1,500 steps x 1.1 s + the check
+    base_train=1760,  # 1,500 steps x 1.1 s + the check on 256 captions (~2 min)
     video=1100,  # 1,000 steps x 1.1 s (V15)
     harivo=1080,  # 300 steps x 3.6 s (V1)
     eval=4000,  # 3 x 256 videos: 6.0 s a video model's video, 3.5 s the baseline's (E15)
@@ -99,7 +100,7 @@ MEASURED_S = dict(  # seconds per stage on the 2-core machine of 2026-12-02 (pro
 SMALL_MEASURED_S = dict(
     shards=10,
     clip=246,
-    evaluator=175,
+    evaluator=300,  # 175 measured; + its 2,000 clips through the VAE (J3: 350 s beside another job)
     base=283,
     stills=34,
     latents=40,
@@ -120,6 +121,7 @@ PRESETS = {
         evaluator_clips=2000,
         evaluator_steps=300,
         base_steps=400,
+        base_check=128,
         video_steps=200,
         harivo_steps=100,
         eval_prompts=8,
@@ -243,9 +245,11 @@ def stage_clip(out: Path, p: Preset, env: dict) -> dict:
 def stage_evaluator(out: Path, p: Preset, env: dict) -> dict:
     from shapes import evaluator
 
-    model, record = evaluator.train(clips=p.evaluator_clips, steps=p.evaluator_steps)
+    codec = evaluator.vae_round_trip(out / "base" / "vae")
+    model, record = evaluator.train(clips=p.evaluator_clips, steps=p.evaluator_steps, codec=codec)
     evaluator.save(model, out / "evaluator", record)
-    return dict(heldout_accuracy=record["heldout_accuracy"], seconds=record["seconds"])
+    keep = ("heldout_accuracy", "heldout_accuracy_decoded", "seconds")
+    return {k: record[k] for k in keep}
 
 
 def stage_base(out: Path, p: Preset, env: dict) -> dict:

@@ -86,6 +86,21 @@ def zoo_overrides(zoo) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def shapes_clip(tmp_path_factory):
+    """(dir, card) of the shapes world's CLIP and aesthetic head, briefly trained, calibrated and saved (the CLI
+    trains 300 steps; 50 were too few once a third of each batch became stills with their own captions); its
+    text tower is also the reduced world's text encoder (tests/shapes/test_base_learns.py)."""
+    import torch
+
+    from shapes import clip
+
+    torch.set_num_threads(2)
+    out = tmp_path_factory.mktemp("shapes-clip")
+    card = clip.build(out, steps=100, aesthetic_clips=600, aesthetic_steps=600, heldout=120)
+    return out, card
+
+
+@pytest.fixture(scope="session")
 def run_pipeline(ray_local, tiny_zoo):
     """run_pipeline(input, output, *overrides) -> summary, in-process on the session's local Ray."""
     from pipeline.config import PipelineConfig

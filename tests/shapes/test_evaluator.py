@@ -58,3 +58,39 @@ def test_a_briefly_trained_evaluator_sees_motion_and_attributes(tmp_path):
     (tmp_path / "ev" / "evaluator.pt").write_bytes((tmp_path / "ev" / "evaluator.pt").read_bytes() + b"x")
     with pytest.raises(ValueError, match="differs from its card"):
         load(tmp_path / "ev")
+
+
+def test_the_decoded_share_of_training_clips_goes_through_the_codec_and_is_scored_apart():
+    seen: list[torch.Tensor] = []
+
+    def codec(videos):  # stands for the VAE round trip: any uint8 -> uint8 map of the same shape
+        seen.append(videos.clone())
+        return 255 - videos
+
+    _, record = train(clips=10, steps=1, batch=4, val_clips=6, codec=codec, decoded_fraction=0.3)
+    videos, _ = make_clips(10, seed=0, split="train")
+    val, _ = make_clips(6, seed=1_000_003, split="val")
+    assert [len(v) for v in seen] == [3, 6] and torch.equal(seen[0], videos[:3]) and torch.equal(seen[1], val)
+    assert record["train"]["decoded_clips"] == 3 and set(record["heldout_accuracy_decoded"]) == set(
+        ATTRIBUTES
+    )
+    _, plain = train(clips=10, steps=1, batch=4, val_clips=6)
+    assert "heldout_accuracy_decoded" not in plain and plain["train"]["decoded_clips"] == 0
+
+
+def test_the_vae_round_trip_is_encode_mode_decode_in_uint8(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from shapes.base import vae_config
+    from shapes.evaluator import vae_round_trip
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**(vae_config(4) | dict(block_out_channels=(8, 8, 8)))).eval()
+    vae.save_pretrained(tmp_path / "vae")
+    videos, _ = make_clips(3, seed=5)
+    out = vae_round_trip(tmp_path / "vae", chunk=5)(videos)  # chunks across clip boundaries
+    assert out.shape == videos.shape and out.dtype == torch.uint8
+    with torch.no_grad():
+        x = videos[1, 2][None].float() / 127.5 - 1
+        ref = ((vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1) + 1) * 127.5).round().byte()
+    assert (out[1, 2].int() - ref[0].int()).abs().max() <= 1  # batch vs single-frame convolutions

@@ -233,19 +233,9 @@ def test_filter_report_counts_precision_and_recall(tmp_path):
     assert r["caught"] == dict(bad_samples=4, rejected_by_a_model_filter=3, good_rejected_by_a_model_filter=1)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A briefly trained CLIP and head, calibrated and saved (the CLI trains 300 steps; 50 were too few once a
-    third of each batch became stills with their own captions)."""
-    torch.set_num_threads(2)
-    out = tmp_path_factory.mktemp("shapes-clip")
-    card = C.build(out, steps=100, aesthetic_clips=600, aesthetic_steps=600, heldout=120)
-    return out, card
-
-
 @pytest.mark.slow
-def test_a_briefly_trained_clip_and_head_separate_bad_from_good(trained):
-    out, card = trained
+def test_a_briefly_trained_clip_and_head_separate_bad_from_good(shapes_clip):
+    out, card = shapes_clip
     model, preprocess, tokenizer = load_clip(card["clip_model"], "")
     head = load_aesthetic_head(out / C.AESTHETIC_FILE)
     scores = C.clip_scores(model, preprocess, tokenizer, 100, seed=7)  # held-out combinations
@@ -261,20 +251,20 @@ def test_a_briefly_trained_clip_and_head_separate_bad_from_good(trained):
 
 
 @pytest.mark.slow
-def test_the_clips_text_states_keep_the_shape_and_the_motions_direction(trained):
+def test_the_clips_text_states_keep_the_shape_and_the_motions_direction(shapes_clip):
     """Without the token-identity loss 100 steps leave shape at ~0.13 and left / right at ~0.02 of a random
     caption's change (pilots.md D2: the contrastive loss folds them into colour and background); with it ~0.28 and
     ~0.15."""
-    _, card = trained
+    _, card = shapes_clip
     states = card["text_states"]
     assert states["shape"] >= 0.2 and states["left_right"] >= 0.08 and states["up_down"] >= 0.06, states
 
 
 @pytest.mark.slow
-def test_the_pipeline_rejects_what_they_were_trained_to_reject(trained, run_pipeline, tmp_path):
+def test_the_pipeline_rejects_what_they_were_trained_to_reject(shapes_clip, run_pipeline, tmp_path):
     """End to end: labelled shards through `pipeline.run` with these models and thresholds, read back by
     `filter_report`."""
-    out, card = trained
+    out, card = shapes_clip
     write_shards(tmp_path / "shards", shards=2, per_shard=6, seed=5, model_bad=2)
     t = card["thresholds"]
     run_pipeline(

@@ -276,7 +276,8 @@ def base_pipeline(base: str | Path):
 
 CHECK_GUIDANCE = 2.0
 """The base check's CFG scale: chosen on 128 held-out captions over 1-12 and confirmed on 128 others (pilots.md G1:
-shape 0.90 at 1.5-2 against 0.85 at 5, which over-guides this base; the video evaluation keeps its own, G2)."""
+shape 0.90 at 1.5-2 against 0.85 at 5, which over-guides this base; 1.5 and 2 are within noise of each other, 2 the
+nearer to the scales the video evaluation uses; that evaluation keeps its own, G2)."""
 
 
 @torch.no_grad()

@@ -14,13 +14,15 @@ stages after it, and runs them again):
 3. base/       the text-to-image base in SD 1.5's layout: trained VAE (`--vae-down` 8 or 4), the CLIP's text
                tower, the scheduler of shapes_base.yaml's schedule (`shapes.base`); the stages after it read the
                latent size from its VAE (`model.latent_size` of the training runs);
-4. evaluator/  the world's I3D (`shapes.evaluator`), half its training clips through the base's VAE and back, so
-               that it reads shapes as the decoder draws them (its card: held-out accuracy rendered and decoded);
-5. latents/stills   the stills through `pipeline.run` (filters off: stills are clean by construction);
-6. base_train/ its UNet trained through `training.run` (shapes_base.yaml), installed into base/unet, then
-               checked: held-out captions drawn by `StableDiffusionPipeline`, read back by `shapes.pixels`;
-7. latents/videos   the videos through `pipeline.run` with the world's CLIP / aesthetic thresholds, and the
+4. latents/stills   the stills through `pipeline.run` (filters off: stills are clean by construction);
+5. base_train/ its UNet trained through `training.run` (shapes_base.yaml), installed into base/unet, then
+               checked: held-out captions drawn by `StableDiffusionPipeline` (CFG `shapes.base.CHECK_GUIDANCE`),
+               read back by `shapes.pixels`;
+6. latents/videos   the videos through `pipeline.run` with the world's CLIP / aesthetic thresholds, and the
                filters' precision and recall (`shapes.filter_report`);
+7. evaluator/  the world's I3D (`shapes.evaluator`), half its training clips through the base's VAE and back, so
+               that it reads shapes as the decoder draws them (its card: held-out accuracy rendered and decoded);
+               only eval/ and the video pilots read it, so `--redo evaluator` keeps the base and the latents;
 8. video/      the world's video model on the frozen base through `training.run` (shapes_video_motion.yaml: the
                pilots' best, per-frame text as a time basis reading word order, every second step without the
                temporal layers at the top noise levels, no auxiliary losses);
@@ -49,7 +51,7 @@ from pathlib import Path
 
 from shapes.heldout import eval_prompts, sample_overrides, targets
 
-STAGES = ("shards", "clip", "base", "evaluator", "stills", "base_train", "latents", "video", "harivo", "eval")
+STAGES = ("shards", "clip", "base", "stills", "base_train", "latents", "evaluator", "video", "harivo", "eval")
 OUTPUTS = {"stills": "latents/stills", "latents": "latents/videos"}
 """Each stage's directory under OUT (the stage's name where not listed); `--redo` empties it first."""
 
@@ -72,7 +74,9 @@ class Preset:
     vae_down: int = 4
     vae_object_weight: float = 4.0  # the object's pixels count 1 + this in the VAE's loss (pilots.md P2)
     base_steps: int = 1500
-    base_check: int = 256  # held-out captions the base draws for its check (the issue's 128 x 2 seeds)
+    # held-out captions the base draws for its check: 256 from one stream (the issue's 128 x 2 in count; its first
+    # 128 are the ones pilots.md G1 chose the CFG on); at `sample_steps` DDIM steps (G1 measured 15)
+    base_check: int = 256
     video_steps: int = 1000  # the world's video model (shapes_video_motion.yaml)
     harivo_steps: int = 300  # the HARIVO-faithful variant: ~3.3x a video step with its three losses at 16x16
     eval_prompts: int = 128
@@ -96,7 +100,7 @@ MEASURED_S = dict(  # seconds per stage on the 2-core machine of 2026-12-02 (pro
     eval=4000,  # 3 x 256 videos: 6.0 s a video model's video, 3.5 s the baseline's (E15)
 )
 # The small preset at 16 x 16, alone, on the 2-core machine of 2026-12-07 (its two cores give ~1.25x one core's
-# throughput: pilots.md S1): measured up to latents.
+# throughput: pilots.md S1): measured up to latents, but for the evaluator's round trips.
 SMALL_MEASURED_S = dict(
     shards=10,
     clip=246,
@@ -245,6 +249,10 @@ def stage_clip(out: Path, p: Preset, env: dict) -> dict:
 def stage_evaluator(out: Path, p: Preset, env: dict) -> dict:
     from shapes import evaluator
 
+    if not (out / "base" / "vae").is_dir():
+        raise SystemExit(
+            f"shapes.build: the evaluator trains on clips through the base's VAE: {out}/base has none"
+        )
     codec = evaluator.vae_round_trip(out / "base" / "vae")
     model, record = evaluator.train(clips=p.evaluator_clips, steps=p.evaluator_steps, codec=codec)
     evaluator.save(model, out / "evaluator", record)

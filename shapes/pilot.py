@@ -11,9 +11,9 @@ the overrides, steps, final training metrics, check summary and seconds. Append 
 docs/shapes/pilots.md.
 
 `--video BASE_PILOT` pilots the video model instead: training/configs/shapes_video.yaml + the overrides on the base
-that pilot trained, on WORLD/latents/videos (`shapes.build --until latents`), then `training.evaluate` with the
+that pilot trained, on WORLD/latents/videos (`shapes.build --until evaluator`), then `training.evaluate` with the
 world's evaluator on `--prompts` held-out prompts, beside the frame-by-frame baseline of the same base with the same
-sampler, CFG and MG (computed once per base pilot, prompt count and seeds; `--prompts N --seeds S`: N prompts x
+sampler, CFG and MG (computed once per base pilot, prompt count, seeds and evaluator; `--prompts N --seeds S`: N prompts x
 S videos each):
 
     python -m shapes.pilot --world runs/pilot --name xattn --video v_600 --steps 300 model.text_conditioning=cross_attention
@@ -151,7 +151,10 @@ def video_pilot(
     t_train = time.perf_counter() - t0
     video = _evaluate(world, run_dir, prompts, out / "eval", sample_steps, baseline=False, seeds=seeds)
     per_seeds = f"_x{seeds}" if seeds > 1 else ""
-    frames_dir = world / "pilots" / base_pilot / f"frames_{n_prompts}_{sample_steps}{per_seeds}"
+    judge = json.loads((world / "evaluator" / "evaluator.json").read_text())["sha256"][
+        :8
+    ]  # a new judge: a new baseline
+    frames_dir = world / "pilots" / base_pilot / f"frames_{n_prompts}_{sample_steps}{per_seeds}_ev{judge}"
     if (frames_dir / "report.json").exists():
         frames = json.loads((frames_dir / "report.json").read_text())["metrics"]
     else:
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         ]
         if missing:
             p.error(
-                f"{world} has no {' or '.join(missing)}: python -m shapes.build --out {a.world} --until latents"
+                f"{world} has no {' or '.join(missing)}: python -m shapes.build --out {a.world} --until evaluator"
             )
         if a.start and not (world / "pilots" / a.start / "pilot.json").is_file():
             p.error(f"{world}/pilots/{a.start} is not a finished pilot")

@@ -92,6 +92,30 @@ def test_the_vae_downsampling_is_kept_per_world(tmp_path, monkeypatch):
     assert seen == [4, 8]
 
 
+def test_the_evaluator_trains_through_the_bases_vae_after_the_base_and_is_redone_alone(tmp_path, monkeypatch):
+    from shapes import evaluator
+
+    assert B.STAGES.index("base") < B.STAGES.index("evaluator") < B.STAGES.index("eval")
+    assert B.STAGES.index("evaluator") > B.STAGES.index(
+        "base_train"
+    )  # --redo evaluator keeps the base's training
+    with pytest.raises(SystemExit, match="base has none"):
+        B.stage_evaluator(tmp_path, B.PRESETS["small"], {})
+    (tmp_path / "base" / "vae").mkdir(parents=True)
+    seen = {}
+    monkeypatch.setattr(evaluator, "vae_round_trip", lambda d: ("codec of", d))
+    monkeypatch.setattr(evaluator, "save", lambda model, out, record: seen.update(out=out))
+
+    def train(clips, steps, codec):
+        seen.update(clips=clips, codec=codec)
+        return None, dict(heldout_accuracy={}, heldout_accuracy_decoded={}, seconds=1.0)
+
+    monkeypatch.setattr(evaluator, "train", train)
+    result = B.stage_evaluator(tmp_path, B.PRESETS["small"], {})
+    assert seen == dict(clips=2000, codec=("codec of", tmp_path / "base" / "vae"), out=tmp_path / "evaluator")
+    assert set(result) == {"heldout_accuracy", "heldout_accuracy_decoded", "seconds"}
+
+
 def test_the_eval_scores_both_video_models_and_the_baseline_alike_and_judges_the_worlds(
     tmp_path, monkeypatch
 ):

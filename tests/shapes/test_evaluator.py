@@ -60,17 +60,26 @@ def test_a_briefly_trained_evaluator_sees_motion_and_attributes(tmp_path):
         load(tmp_path / "ev")
 
 
-def test_the_decoded_share_of_training_clips_goes_through_the_codec_and_is_scored_apart():
+def test_the_decoded_share_of_training_clips_goes_through_the_codec_and_is_scored_apart(monkeypatch):
+    import shapes.evaluator
+
     seen: list[torch.Tensor] = []
+    batches: list[torch.Tensor] = []
 
     def codec(videos):  # stands for the VAE round trip: any uint8 -> uint8 map of the same shape
         seen.append(videos.clone())
         return 255 - videos
 
-    _, record = train(clips=10, steps=1, batch=4, val_clips=6, codec=codec, decoded_fraction=0.3)
+    monkeypatch.setattr(shapes.evaluator, "augment", lambda v, g: batches.append(v.clone()) or v)
+    _, record = train(clips=10, steps=3, batch=8, val_clips=6, codec=codec, decoded_fraction=0.3)
     videos, _ = make_clips(10, seed=0, split="train")
     val, _ = make_clips(6, seed=1_000_003, split="val")
     assert [len(v) for v in seen] == [3, 6] and torch.equal(seen[0], videos[:3]) and torch.equal(seen[1], val)
+    # what training draws: the round trip of the first 3 clips (never their rendered frames), the others as rendered
+    trained_on = torch.cat([255 - videos[:3], videos[3:]]).float() / 255
+    drawn = torch.cat(batches)
+    which = [next(i for i in range(10) if torch.equal(v, trained_on[i])) for v in drawn]
+    assert min(which) < 3 <= max(which)
     assert record["train"]["decoded_clips"] == 3 and set(record["heldout_accuracy_decoded"]) == set(
         ATTRIBUTES
     )

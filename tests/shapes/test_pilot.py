@@ -25,7 +25,9 @@ def test_a_video_pilot_needs_the_evaluator_videos_and_a_finished_base_pilot(tmp_
         main(["--world", str(tmp_path), "--name", "x", "--video", "b"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "latents/videos" in err and "pilots/b/base" in err and "evaluator" not in err.split("has no")[1]
+    missing = err.split("has no")[1].split(":")[0]
+    assert "latents/videos" in missing and "pilots/b/base" in missing and "evaluator" not in missing
+    assert "--until evaluator" in err
     assert not (tmp_path / "pilots" / "x").exists()
 
 
@@ -62,6 +64,7 @@ def test_a_video_pilot_scores_the_model_and_its_baseline_on_the_same_seeds(tmp_p
     for d in ("evaluator", "latents/videos", "pilots/b/base/vae"):
         (tmp_path / d).mkdir(parents=True)
     (tmp_path / "pilots/b/base/vae/config.json").write_text(json.dumps({"block_out_channels": [16, 32, 64]}))
+    (tmp_path / "evaluator/evaluator.json").write_text(json.dumps({"sha256": "0123456789abcdef"}))
     calls = []
 
     def run(cmd):  # stands in for the two commands: writes what each leaves behind
@@ -79,7 +82,10 @@ def test_a_video_pilot_scores_the_model_and_its_baseline_on_the_same_seeds(tmp_p
     monkeypatch.setattr(shapes.build, "real_set", lambda d, n: d)
     record = main(["--world", str(tmp_path), "--name", "x", "--video", "b", "--prompts", "4", "--seeds", "2"])
     evaluations = [(out, cmd) for kind, out, cmd in calls if kind == "training.evaluate"]
-    assert [out.name for out, _ in evaluations] == ["eval", "frames_4_15_x2"]
+    assert [out.name for out, _ in evaluations] == [
+        "eval",
+        "frames_4_15_x2_ev01234567",
+    ]  # per seeds and judge
     assert all("output.videos_per_prompt=2" in cmd for _, cmd in evaluations)
     assert "--baseline" in evaluations[1][1] and "--baseline" not in evaluations[0][1]
     assert record["seeds"] == 2 and record["video"] == {"motion_accuracy": 0.5}

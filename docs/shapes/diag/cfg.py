@@ -1,5 +1,5 @@
 """The world's CFG scale: a base pilot's check, or a video pilot's evaluation beside its frame baseline, at other
-guidance scales than the one it was scored with (pilots.md G1-G3).
+guidance scales than the one it was scored with (pilots.md G1, G2, J1).
 
     python docs/shapes/diag/cfg.py base WORLD/pilots/B/base G1,G2,... [SEED=0] [N=128]
     python docs/shapes/diag/cfg.py video WORLD VIDEO_PILOT G [PROMPTS=32] [SEEDS=1] [KEY=VALUE ...]

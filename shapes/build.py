@@ -256,7 +256,7 @@ def stage_evaluator(out: Path, p: Preset, env: dict) -> dict:
     codec = evaluator.vae_round_trip(out / "base" / "vae")
     model, record = evaluator.train(clips=p.evaluator_clips, steps=p.evaluator_steps, codec=codec)
     evaluator.save(model, out / "evaluator", record)
-    keep = ("heldout_accuracy", "heldout_accuracy_decoded", "seconds")
+    keep = ("heldout_accuracy", "heldout_accuracy_decoded", "seconds", "codec_s")
     return {k: record[k] for k in keep}
 
 

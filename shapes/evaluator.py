@@ -279,6 +279,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--vae", help="a diffusers AutoencoderKL dir: half the training clips go through it and back"
     )
     a = p.parse_args(argv)
+    if a.vae and not (Path(a.vae) / "config.json").is_file():
+        p.error(
+            f"--vae {a.vae}: not a diffusers AutoencoderKL directory (no config.json), e.g. runs/shapes/base/vae"
+        )
     model, record = train(a.clips, a.steps, seed=a.seed, codec=vae_round_trip(a.vae) if a.vae else None)
     save(model, a.out, record)
     print(json.dumps({"out": a.out, **record}, indent=1))

@@ -108,12 +108,12 @@ def test_the_evaluator_trains_through_the_bases_vae_after_the_base_and_is_redone
 
     def train(clips, steps, codec):
         seen.update(clips=clips, codec=codec)
-        return None, dict(heldout_accuracy={}, heldout_accuracy_decoded={}, seconds=1.0)
+        return None, dict(heldout_accuracy={}, heldout_accuracy_decoded={}, seconds=1.0, codec_s=0.5)
 
     monkeypatch.setattr(evaluator, "train", train)
     result = B.stage_evaluator(tmp_path, B.PRESETS["small"], {})
     assert seen == dict(clips=2000, codec=("codec of", tmp_path / "base" / "vae"), out=tmp_path / "evaluator")
-    assert set(result) == {"heldout_accuracy", "heldout_accuracy_decoded", "seconds"}
+    assert set(result) == {"heldout_accuracy", "heldout_accuracy_decoded", "seconds", "codec_s"}
 
 
 def test_the_eval_scores_both_video_models_and_the_baseline_alike_and_judges_the_worlds(

@@ -11,22 +11,14 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
 
-from shapes.evaluator import accuracy, load, make_clips
+from shapes.evaluator import accuracy, load, make_clips, vae_round_trip
 from shapes.world import ATTRIBUTES
 
 world, n = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 256
 ev, _ = load(f"{world}/evaluator")
-vae = AutoencoderKL.from_pretrained(f"{world}/base/vae").eval()
+round_trip = vae_round_trip(f"{world}/base/vae")
 videos, y = make_clips(n, seed=1234, split="val")  # (N, F, 3, H, W) uint8
-
-
-@torch.no_grad()
-def round_trip(v: torch.Tensor) -> torch.Tensor:
-    x = v.flatten(0, 1).float() / 127.5 - 1
-    out = torch.cat([vae.decode(vae.encode(c).latent_dist.mode()).sample for c in x.split(64)])
-    return ((out.clamp(-1, 1) + 1) * 127.5).round().byte().view_as(v)
 
 
 @torch.no_grad()

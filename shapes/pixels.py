@@ -14,7 +14,9 @@ On the world's own frames it is right on every still it is tested on (tests/shap
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -35,6 +37,8 @@ class Reading:
     shape: str | None
     pixels: int  # object pixels found
     iou: float  # the chosen shape's silhouette IoU (0 with no object)
+    x: float = 0.5  # the object pixels' centroid, as a fraction of the width (0.5 with no object)
+    y: float = 0.5  # ... and of the height
 
 
 def _backgrounds(h: int, w: int) -> dict[tuple[str, bool], np.ndarray]:
@@ -107,4 +111,115 @@ def read_frame(frame: np.ndarray) -> Reading:
     mask[fg] = nearest == colour
     ious = shape_ious(mask)
     shape = max(SHAPES, key=ious.get)
-    return Reading(background, list(COLOURS)[colour], shape, int(mask.sum()), round(ious[shape], 4))
+    ys, xs = np.nonzero(mask)
+    return Reading(
+        background,
+        list(COLOURS)[colour],
+        shape,
+        int(mask.sum()),
+        round(ious[shape], 4),
+        float((xs.mean() + 0.5) / w),
+        float((ys.mean() + 0.5) / h),
+    )
+
+
+# --- a video, read frame by frame ------------------------------------------------------------------------------
+
+TRAVEL = {"x": 0.6, "y": 0.6, "size": 0.31}
+"""The least each motion changes over a clip (`shapes.world.geometry`): the centre moves 0.6 of the frame; the
+square root of the object's area goes from 0.4x to 1.4x the base radius (0.31 of the frame for a triangle, 0.39 a
+circle, 0.44 a square)."""
+MIN_MOTION = 0.25
+"""A trajectory's slope, as a fraction of `TRAVEL`, below which the video is read as still (no motion)."""
+SLOPE_MOTIONS = {
+    ("x", 1): "moves from left to right",
+    ("x", -1): "moves from right to left",
+    ("y", -1): "moves up",
+    ("y", 1): "moves down",
+    ("size", 1): "grows",
+    ("size", -1): "shrinks",
+}
+
+
+@dataclass(frozen=True)
+class VideoReading:
+    shape: str | None  # the most frequent shape over the frames that show an object
+    colour: str | None  # the colour of most object pixels in the first half of the object frames (a prompt
+    # states the colour a clip starts with)
+    motion: str | None  # `shapes.world.MOTIONS`, "still", or None with fewer than two object frames
+    object_frames: int
+
+
+def read_video(frames: np.ndarray) -> VideoReading:
+    """What uint8 `frames` (F, H, W, 3) show, each frame by `read_frame`: the motion is "changes colour" when the
+    colours of most object pixels in the first and the second half of the object frames differ, otherwise the largest least-squares slope over the clip of the
+    object's centre x, y and sqrt(area), each as a fraction of its `TRAVEL` (below `MIN_MOTION`: "still")."""
+    f, h, w, _ = frames.shape
+    seen = [(i, r) for i, r in enumerate(map(read_frame, frames)) if r.colour is not None]
+    if not seen:
+        return VideoReading(None, None, None, 0)
+    shapes = [r.shape for _, r in seen]
+    shape = max(SHAPES, key=shapes.count)
+    half = (len(seen) + 1) // 2
+    early, late = _colour_of(seen[:half]), _colour_of(seen[half:] or seen[-1:])
+    if len(seen) < 2:
+        return VideoReading(shape, early, None, 1)
+    if early != late:
+        return VideoReading(shape, early, "changes colour", len(seen))
+    t = np.array([i for i, _ in seen], np.float64) / max(f - 1, 1)
+    track = {
+        "x": [r.x for _, r in seen],
+        "y": [r.y for _, r in seen],
+        "size": [np.sqrt(r.pixels) / min(h, w) for _, r in seen],
+    }
+    slopes = {k: np.polyfit(t, v, 1)[0] / TRAVEL[k] for k, v in track.items()}
+    axis = max(slopes, key=lambda k: abs(slopes[k]))
+    if abs(slopes[axis]) < MIN_MOTION:
+        return VideoReading(shape, early, "still", len(seen))
+    return VideoReading(shape, early, SLOPE_MOTIONS[axis, int(np.sign(slopes[axis]))], len(seen))
+
+
+def _colour_of(seen: list[tuple[int, Reading]]) -> str:
+    """The colour most object pixels of `seen` frames take (a tiny object's few pixels weigh little)."""
+    votes: dict[str, int] = {}
+    for _, r in seen:
+        votes[r.colour] = votes.get(r.colour, 0) + r.pixels
+    return max(votes, key=votes.get)
+
+
+def judge_videos(videos: list[np.ndarray], prompts: list[str]) -> dict:
+    """The pixel judge's accuracy of uint8 videos (F, H, W, 3) against the motion, colour and shape their prompts
+    (the world's captions) state: {'pixel_motion_accuracy', 'pixel_colour_accuracy', 'pixel_shape_accuracy',
+    'pixel_videos', 'pixel_shape_confusion' (rows stated circle / square / triangle; columns read, then none)}."""
+    from shapes.world import ATTRIBUTES
+    from training.evaluation.domain import parse_prompt, prompt_grammar
+
+    if len(videos) != len(prompts) or not videos:
+        raise ValueError(f"judge_videos needs one prompt per video, got {len(videos)} / {len(prompts)}")
+    vocabulary = {k: list(v) for k, v in ATTRIBUTES.items()}
+    grammar = prompt_grammar(vocabulary)
+    right = {k: 0 for k in ("motion", "colour", "shape")}
+    confusion = np.zeros((len(SHAPES), len(SHAPES) + 1), int)
+    for video, prompt in zip(videos, prompts):
+        stated = parse_prompt(prompt, vocabulary, grammar)
+        if any(stated[k] is None for k in right):
+            raise ValueError(f"not a shapes-world caption: {prompt!r}")
+        read = read_video(video)
+        for k in right:
+            right[k] += getattr(read, k) == vocabulary[k][stated[k]]
+        confusion[stated["shape"], SHAPES.index(read.shape) if read.shape else len(SHAPES)] += 1
+    out = {f"pixel_{k}_accuracy": n / len(videos) for k, n in right.items()}
+    return out | {"pixel_videos": len(videos), "pixel_shape_confusion": confusion.tolist()}
+
+
+def judge_dir(eval_dir: str | Path) -> dict:
+    """`judge_videos` on the mp4s a `training.evaluate` output dir holds (videos/*.mp4, each with its .json)."""
+    from training.sampling.video_io import read_video as read_file
+
+    videos, prompts = [], []
+    for mp4 in sorted((Path(eval_dir) / "videos").glob("*.mp4")):
+        videos.append((read_file(mp4).permute(0, 2, 3, 1) * 255).round().byte().numpy())
+        prompts.append(json.loads(mp4.with_suffix(".json").read_text())["prompt"])
+    if not videos:
+        raise FileNotFoundError(f"no videos/*.mp4 in {eval_dir}")
+    return judge_videos(videos, prompts)

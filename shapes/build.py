@@ -319,6 +319,7 @@ def real_set(d: Path, n: int) -> Path:
 
 
 def stage_eval(out: Path, p: Preset, env: dict) -> dict:
+    from shapes.pixels import judge_dir
     from shapes.strip import write_strip
 
     d, prompts = out / "eval", out / "shards" / "eval_prompts.txt"
@@ -337,7 +338,7 @@ def stage_eval(out: Path, p: Preset, env: dict) -> dict:
             + [*extra, *overrides],
             env,
         )
-        rows[name] = json.loads((d / name / "report.json").read_text())["metrics"]
+        rows[name] = json.loads((d / name / "report.json").read_text())["metrics"] | judge_dir(d / name)
     write_strip(d / "video", d / "strip.png", d / "frames")
     report = dict(
         video=rows["video"], harivo=rows["harivo"], frame_baseline=rows["frames"], targets=targets(rows)

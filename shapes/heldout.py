@@ -35,18 +35,26 @@ def sample_overrides(
     ] + (["eval.allow_few_videos=true"] if few else [])
 
 
+JUDGES = {"evaluator": "", "pixel judge": "pixel_"}
+"""The two judges of a video's motion, colour and shape, by their metrics' prefix: the world's evaluator (a trained
+network; `shapes.evaluator`) and the pixel judge (`shapes.pixels.judge_dir`: the palette and geometry, no model).
+The evaluator reads shape 0.83-0.89 on held-out real clips, the pixel judge 0.98-1.00 (pilots.md K1), so a shape
+target of 0.80 is only meaningful by the pixel judge; both are printed, neither replaces the other."""
+
+
 def targets(rows: dict) -> dict:
-    """Issue 34's targets on the world's video model against the measured rows (printed; never used to change a
-    metric; the HARIVO-faithful row is reported beside, not judged)."""
+    """Issue 34's targets on the world's video model against the measured rows, by each judge whose metrics the
+    rows hold (printed; never used to change a metric; the HARIVO-faithful row is reported beside, not judged)."""
     v, f = rows["video"], rows["frames"]
-    out = {
-        "motion_accuracy >= 0.70": v.get("motion_accuracy", 0) >= 0.70,
-        "frame baseline motion_accuracy <= 0.25": f.get("motion_accuracy", 1) <= 0.25,
-        "attribute accuracy (colour, shape) >= 0.80": min(
-            v.get("colour_accuracy", 0), v.get("shape_accuracy", 0)
+    out = {}
+    for judge, p in JUDGES.items():
+        if f"{p}motion_accuracy" not in v:
+            continue
+        out[f"{judge}: motion_accuracy >= 0.70"] = v[f"{p}motion_accuracy"] >= 0.70
+        out[f"{judge}: frame baseline motion_accuracy <= 0.25"] = f.get(f"{p}motion_accuracy", 1) <= 0.25
+        out[f"{judge}: colour and shape accuracy >= 0.80"] = (
+            min(v.get(f"{p}colour_accuracy", 0), v.get(f"{p}shape_accuracy", 0)) >= 0.80
         )
-        >= 0.80,
-    }
     if "domain_fvd" in v and "domain_fvd" in f:
         out["domain FVD below the frame baseline's"] = v["domain_fvd"] < f["domain_fvd"]
     return out

@@ -85,19 +85,23 @@ def _evaluate(
     world: Path, checkpoint: Path, prompts: Path, out: Path, sample_steps: int, baseline: bool, seeds: int = 1
 ) -> dict:
     """`training.evaluate` of `checkpoint` (or its frame baseline) on `prompts` with the world's evaluator,
-    `seeds` videos per prompt."""
+    `seeds` videos per prompt, and the pixel judge's reading of the same mp4s."""
     from shapes.build import real_set
     from shapes.heldout import sample_overrides
+    from shapes.pixels import judge_dir
 
     args = ["--config", SAMPLE_CONFIG, "--checkpoint", str(checkpoint), "--prompts", str(prompts)]
     args += ["--output", str(out), *(["--baseline", "frames"] if baseline else [])]
     args += sample_overrides(world, real_set(world / "eval" / "real", 0), 0, seeds, sample_steps)
     if subprocess.call([sys.executable, "-m", "training.evaluate", *args]):
         raise SystemExit(f"shapes.pilot: training.evaluate of {checkpoint} failed")
-    return json.loads((out / "report.json").read_text())["metrics"]
+    return json.loads((out / "report.json").read_text())["metrics"] | judge_dir(out)
 
 
 METRICS = (
+    "pixel_motion_accuracy",
+    "pixel_colour_accuracy",
+    "pixel_shape_accuracy",
     "motion_accuracy",
     "colour_accuracy",
     "shape_accuracy",
@@ -123,6 +127,7 @@ def video_pilot(
     base's frame baseline. `start`: an earlier video pilot whose last checkpoint this one resumes (weights,
     optimiser, step, and its config unless `config` names one), `steps` more steps."""
     from shapes.heldout import eval_prompts
+    from shapes.pixels import judge_dir
 
     t0 = time.perf_counter()
     out, base = world / "pilots" / name, world / "pilots" / base_pilot / "base"
@@ -156,7 +161,7 @@ def video_pilot(
     ]  # a new judge: a new baseline
     frames_dir = world / "pilots" / base_pilot / f"frames_{n_prompts}_{sample_steps}{per_seeds}_ev{judge}"
     if (frames_dir / "report.json").exists():
-        frames = json.loads((frames_dir / "report.json").read_text())["metrics"]
+        frames = json.loads((frames_dir / "report.json").read_text())["metrics"] | judge_dir(frames_dir)
     else:
         frames = _evaluate(world, run_dir, prompts, frames_dir, sample_steps, baseline=True, seeds=seeds)
     pick = lambda m: {k: round(m[k], 4) for k in METRICS if k in m}  # noqa: E731

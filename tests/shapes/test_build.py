@@ -119,6 +119,7 @@ def test_the_evaluator_trains_through_the_bases_vae_after_the_base_and_is_redone
 def test_the_eval_scores_both_video_models_and_the_baseline_alike_and_judges_the_worlds(
     tmp_path, monkeypatch
 ):
+    import shapes.pixels
     import shapes.strip
 
     calls: list[list[str]] = []
@@ -137,6 +138,15 @@ def test_the_eval_scores_both_video_models_and_the_baseline_alike_and_judges_the
     monkeypatch.setattr(shapes.strip, "write_strip", lambda *a: None)
     monkeypatch.setattr(B, "sample_overrides", lambda *a: ["sampler.steps=3"])
     monkeypatch.setattr(B, "real_set", lambda d, n: d)  # (writes 512 real videos otherwise)
+    pixel = {"video": 0.8, "harivo": 0.1, "frames": 0.1}  # the pixel judge's reading of each dir's mp4s
+    monkeypatch.setattr(
+        shapes.pixels,
+        "judge_dir",
+        lambda d: {
+            f"pixel_{k}_accuracy": pixel[d.name] if k == "motion" else 0.9
+            for k in ("motion", "colour", "shape")
+        },
+    )
     report = B.stage_eval(tmp_path, B.PRESETS["small"], {})
     checkpoint = {
         Path(c[c.index("--output") + 1]).name: Path(c[c.index("--checkpoint") + 1]).name for c in calls
@@ -149,5 +159,13 @@ def test_the_eval_scores_both_video_models_and_the_baseline_alike_and_judges_the
     assert all(c[-1] == "sampler.steps=3" for c in calls)  # one sampler for all three
     assert ["--baseline" in c for c in calls] == [False, False, True]
     assert report["harivo"]["motion_accuracy"] == 0.1 and all(report["targets"].values())  # judged on video/
+    assert report["frame_baseline"]["pixel_motion_accuracy"] == 0.1
+    assert len(report["targets"]) == 7  # three by each judge, and the FVD's
     motion["video"] = 0.65
-    assert not B.stage_eval(tmp_path / "again", B.PRESETS["small"], {})["targets"]["motion_accuracy >= 0.70"]
+    targets = B.stage_eval(tmp_path / "again", B.PRESETS["small"], {})["targets"]
+    assert (
+        not targets["evaluator: motion_accuracy >= 0.70"] and targets["pixel judge: motion_accuracy >= 0.70"]
+    )
+    pixel["video"] = 0.6
+    targets = B.stage_eval(tmp_path / "again2", B.PRESETS["small"], {})["targets"]
+    assert not targets["pixel judge: motion_accuracy >= 0.70"]

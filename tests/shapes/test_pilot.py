@@ -60,6 +60,7 @@ def test_a_video_pilot_scores_the_model_and_its_baseline_on_the_same_seeds(tmp_p
 
     import shapes.build
     import shapes.pilot
+    import shapes.pixels
 
     for d in ("evaluator", "latents/videos", "pilots/b/base/vae"):
         (tmp_path / d).mkdir(parents=True)
@@ -80,6 +81,10 @@ def test_a_video_pilot_scores_the_model_and_its_baseline_on_the_same_seeds(tmp_p
 
     monkeypatch.setattr(shapes.pilot.subprocess, "call", run)
     monkeypatch.setattr(shapes.build, "real_set", lambda d, n: d)
+    # the pixel judge reads each evaluation's own mp4s (tests/shapes/test_pixels.py)
+    monkeypatch.setattr(
+        shapes.pixels, "judge_dir", lambda d: {"pixel_motion_accuracy": len(Path(d).name) / 100}
+    )
     record = main(["--world", str(tmp_path), "--name", "x", "--video", "b", "--prompts", "4", "--seeds", "2"])
     evaluations = [(out, cmd) for kind, out, cmd in calls if kind == "training.evaluate"]
     assert [out.name for out, _ in evaluations] == [
@@ -88,7 +93,10 @@ def test_a_video_pilot_scores_the_model_and_its_baseline_on_the_same_seeds(tmp_p
     ]  # per seeds and judge
     assert all("output.videos_per_prompt=2" in cmd for _, cmd in evaluations)
     assert "--baseline" in evaluations[1][1] and "--baseline" not in evaluations[0][1]
-    assert record["seeds"] == 2 and record["video"] == {"motion_accuracy": 0.5}
+    assert record["seeds"] == 2 and record["video"] == {"motion_accuracy": 0.5, "pixel_motion_accuracy": 0.04}
+    assert record["frame_baseline"]["pixel_motion_accuracy"] == 0.25  # its own dir's
+    again = main(["--world", str(tmp_path), "--name", "y", "--video", "b", "--prompts", "4", "--seeds", "2"])
+    assert again["frame_baseline"]["pixel_motion_accuracy"] == 0.25  # the cached baseline judged again
     assert "model.latent_size=16" in calls[0][2]  # 64 px through the 4x VAE
 
 

@@ -10,6 +10,10 @@ knows only the world's palette and geometry (`shapes.world`):
 3. shape: the object colour's mask against each shape's silhouette fitted to the mask's bounding box (circle,
    square, upward triangle; a box cut by the frame border is completed on the cut side), by IoU.
 On the world's own frames it is right on every still it is tested on (tests/shapes/test_pixels.py).
+
+`read_video` reads a video frame by frame the same way (its shape, starting colour and motion, from the object's
+trajectory), and `judge_dir` scores an eval dir's mp4s against their captions: the world's second judge of video
+models beside its trained evaluator (pilots.md K1-K3).
 """
 
 from __future__ import annotations
@@ -151,9 +155,10 @@ class VideoReading:
 
 
 def read_video(frames: np.ndarray) -> VideoReading:
-    """What uint8 `frames` (F, H, W, 3) show, each frame by `read_frame`: the motion is "changes colour" when the
-    colours of most object pixels in the first and the second half of the object frames differ, otherwise the largest least-squares slope over the clip of the
-    object's centre x, y and sqrt(area), each as a fraction of its `TRAVEL` (below `MIN_MOTION`: "still")."""
+    """What uint8 `frames` (F, H, W, 3) show, each frame by `read_frame`. The motion is "changes colour" when the
+    colours of most object pixels in the first and the second half of the object frames differ; otherwise the
+    largest least-squares slope over the clip of the object's centre x, y and sqrt(area), each as a fraction of its
+    `TRAVEL` (below `MIN_MOTION`: "still")."""
     f, h, w, _ = frames.shape
     seen = [(i, r) for i, r in enumerate(map(read_frame, frames)) if r.colour is not None]
     if not seen:

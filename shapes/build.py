@@ -31,8 +31,8 @@ stages after it, and runs them again):
                prompts (domain FVD, motion / attribute accuracy, CLIPSIM) against real/ (clean videos of the
                held-out combinations, written here) + strip.png.
 OUT/build.json records each stage's result and seconds (written atomically after each stage). The stages that
-run `pipeline.run` / `training.run` resume inside themselves (finished shards, the latest checkpoint); the others
-take minutes and start again. A progress line per stage prints the elapsed time against the stage's measured
+run `pipeline.run` / `training.run` resume inside themselves (finished shards, the latest checkpoint), eval/ keeps
+each model it has evaluated (its report.json); the others take minutes and start again. A progress line per stage prints the elapsed time against the stage's measured
 duration (`Preset.expected_s`) and the build's ETA.
 """
 
@@ -77,12 +77,12 @@ class Preset:
     # held-out captions the base draws for its check: 256 from one stream (the issue's 128 x 2 in count; its first
     # 128 are the ones pilots.md G1 chose the CFG on); at `sample_steps` DDIM steps (G1 measured 15)
     base_check: int = 256
-    video_steps: int = 1000  # the world's video model (shapes_video_motion.yaml)
+    video_steps: int = 600  # the world's video model (shapes_video_motion.yaml): V16's steps (pilots.md K2)
     harivo_steps: int = 300  # the HARIVO-faithful variant: ~3.3x a video step with its three losses at 16x16
     eval_prompts: int = 128
     # seeds per prompt: 256 videos (the domain FVD's minimum is 512: recorded as below it)
     eval_videos_per_prompt: int = 2
-    sample_steps: int = 20
+    sample_steps: int = 15  # DDIM steps of every check and evaluation: the pilots' (G1, K2)
     expected_s: dict = field(default_factory=dict)  # stage -> seconds measured on 2 cores (progress / ETA)
 
 
@@ -332,12 +332,15 @@ def stage_eval(out: Path, p: Preset, env: dict) -> dict:
         ("harivo", "harivo", []),
         ("frames", "video", ["--baseline", "frames"]),
     ):
-        _run(
-            ["python", "-m", "training.evaluate", "--config", "training/configs/sample_shapes.yaml"]
-            + ["--checkpoint", str(out / run), "--prompts", str(prompts), "--output", str(d / name)]
-            + [*extra, *overrides],
-            env,
-        )
+        if (d / name / "report.json").exists():  # evaluated by an earlier, interrupted run of this stage
+            print(f"    {name}: evaluated earlier ({d / name / 'report.json'}), kept", flush=True)
+        else:
+            _run(
+                ["python", "-m", "training.evaluate", "--config", "training/configs/sample_shapes.yaml"]
+                + ["--checkpoint", str(out / run), "--prompts", str(prompts), "--output", str(d / name)]
+                + [*extra, *overrides],
+                env,
+            )
         rows[name] = json.loads((d / name / "report.json").read_text())["metrics"] | judge_dir(d / name)
     write_strip(d / "video", d / "strip.png", d / "frames")
     report = dict(

@@ -128,7 +128,7 @@ def test_the_eval_scores_both_video_models_and_the_baseline_alike_and_judges_the
     def run(args, env):
         calls.append(args)
         out = Path(args[args.index("--output") + 1])
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)  # as training.evaluate
         m = dict(motion_accuracy=motion[out.name], colour_accuracy=0.9, shape_accuracy=0.9)
         (out / "report.json").write_text(
             json.dumps({"metrics": m | {"domain_fvd": 100.0 * (out.name != "video")}})
@@ -161,6 +161,10 @@ def test_the_eval_scores_both_video_models_and_the_baseline_alike_and_judges_the
     assert report["harivo"]["motion_accuracy"] == 0.1 and all(report["targets"].values())  # judged on video/
     assert report["frame_baseline"]["pixel_motion_accuracy"] == 0.1
     assert len(report["targets"]) == 7  # three by each judge, and the FVD's
+    (tmp_path / "eval" / "harivo" / "report.json").unlink()  # as if killed while it evaluated harivo/
+    calls.clear()
+    assert B.stage_eval(tmp_path, B.PRESETS["small"], {}) == report  # resumed: video/ and frames/ kept
+    assert [Path(c[c.index("--output") + 1]).name for c in calls] == ["harivo"]
     motion["video"] = 0.65
     targets = B.stage_eval(tmp_path / "again", B.PRESETS["small"], {})["targets"]
     assert (

@@ -219,12 +219,15 @@ def same_files(dirs: list[Path]) -> tuple[bool, int]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m pipeline.bench_driver", description=__doc__.split("\n\n")[0])
     p.add_argument("--clips", type=int, default=1024, help="clips per driver")
-    p.add_argument("--batch", type=int, default=4, help="clips per batch (the SD preset's encode.batch_size)")
+    p.add_argument(
+        "--batch", type=int, default=None, help="clips per batch (default: the SD preset's encode.batch_size)"
+    )
     p.add_argument("--per-shard", type=int, default=64, help="clips per shard")
     p.add_argument(
         "--workdir", default=None, help="where the shards are written (removed after); default: /tmp"
     )
     a = p.parse_args(argv)
+    a.batch = a.batch or sd_config().encode.batch_size
     if a.per_shard % a.batch or a.clips % a.per_shard:
         p.error(f"--per-shard {a.per_shard} must be a multiple of --batch {a.batch}, --clips {a.clips} of it")
 

@@ -327,7 +327,7 @@ def check_base(
         n=n,
         steps=steps,
         guidance=guidance,
-        target="colour and shape >= 0.90 (issue 18)",
+        target="colour and shape >= 0.90 (issues 18, 34)",
     )
     return dict(summary=summary, rows=rows)
 

@@ -86,18 +86,18 @@ class Preset:
     expected_s: dict = field(default_factory=dict)  # stage -> seconds measured on 2 cores (progress / ETA)
 
 
-MEASURED_S = dict(  # seconds per stage on the 2-core machine of 2026-12-02 (progress and ETA only)
-    shards=34,  # measured by that day's full build (8 x 8 latents): stages that do not read the latents
-    clip=228,
-    evaluator=580,  # 372 measured; + ~210 estimated for its 3,500 clips through the VAE (pilots.md J3)
-    latents=168,
-    # estimated from the pilots' step times at 16 x 16 on that machine (no 16 x 16 full build has run):
-    base=290,  # VAE, 700 steps x 0.39 s (measured alone on 2026-12-07's machine)
-    stills=76,
-    base_train=1760,  # 1,500 steps x 1.1 s + the check on 256 captions (~2 min)
-    video=1100,  # 1,000 steps x 1.1 s (V15)
-    harivo=1080,  # 300 steps x 3.6 s (V1)
-    eval=4000,  # 3 x 256 videos: 6.0 s a video model's video, 3.5 s the baseline's (E15)
+# Seconds per stage: the full build alone on the 2-core machine of 2026-12-07 (pilots.md F1; progress and ETA only).
+MEASURED_S = dict(
+    shards=40,
+    clip=352,
+    base=464,
+    stills=91,
+    base_train=3325,  # 1,500 steps x 2.1 s + the check on 256 captions
+    latents=164,
+    evaluator=580,  # K3: 577 s on the same machine
+    video=1300,  # estimated: V16's 600 steps, 1,298 s in all on the same machine
+    harivo=1700,  # estimated: H1's 300 steps, 1,691 s
+    eval=5200,  # estimated: 2 x 256 videos at 7.9 s (K2's video model) + 256 at 4.4 s (its baseline)
 )
 # The small preset at 16 x 16, alone, on the 2-core machine of 2026-12-07 (its two cores give ~1.25x one core's
 # throughput: pilots.md S1): measured up to latents, but for the evaluator's round trips.

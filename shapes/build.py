@@ -32,8 +32,8 @@ stages after it, and runs them again):
                held-out combinations, written here) + strip.png.
 OUT/build.json records each stage's result and seconds (written atomically after each stage). The stages that
 run `pipeline.run` / `training.run` resume inside themselves (finished shards, the latest checkpoint), eval/ keeps
-each model it has evaluated (its report.json); the others take minutes and start again. A progress line per stage prints the elapsed time against the stage's measured
-duration (`Preset.expected_s`) and the build's ETA.
+each model it has evaluated (its report.json); the others take minutes and start again. A progress line per stage
+prints the elapsed time against the stage's measured duration (`Preset.expected_s`) and the build's ETA.
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ MEASURED_S = dict(
     stills=91,
     base_train=3325,  # 1,500 steps x 2.1 s + the check on 256 captions
     latents=164,
-    evaluator=580,  # K3: 577 s on the same machine
-    video=1300,  # estimated: V16's 600 steps, 1,298 s in all on the same machine
+    evaluator=1012,  # 681 s of it training, 303 s the VAE round trips
+    video=1303,  # 600 steps x 2.0 s
     harivo=1700,  # estimated: H1's 300 steps, 1,691 s
     eval=5200,  # estimated: 2 x 256 videos at 7.9 s (K2's video model) + 256 at 4.4 s (its baseline)
 )

@@ -155,7 +155,10 @@ def test_a_batch_of_videos_is_each_video_on_its_own(pipe, overrides):
     for prompt, seed, got in zip(prompts, seeds, together):
         alone = one.sample(prompt, seed)
         assert got.video_steps == alone.video_steps and got.latents.shape == alone.latents.shape
-        torch.testing.assert_close(got.latents, alone.latents, rtol=1e-4, atol=1e-4)
+        # rounding only: batched matmuls reduce in another order, and the sampler's steps carry it (a clean-clone
+        # run on 2026-12-07 saw 2.0e-4 on 5 of 1,024 elements of the stochastic Euler case); a wrong seed, noise or
+        # order moves latents by O(1)
+        torch.testing.assert_close(got.latents, alone.latents, rtol=1e-3, atol=1e-3)
     # Not the same video: different seeds differ, and so do different prompts at one seed.
     assert not torch.allclose(together[1].latents, together[2].latents)
     assert not torch.allclose(together[1].latents, together[3].latents)

@@ -96,8 +96,8 @@ MEASURED_S = dict(
     latents=164,
     evaluator=1012,  # 681 s of it training, 303 s the VAE round trips
     video=1303,  # 600 steps x 2.0 s
-    harivo=1700,  # estimated: H1's 300 steps, 1,691 s
-    eval=5200,  # estimated: 2 x 256 videos at 7.9 s (K2's video model) + 256 at 4.4 s (its baseline)
+    harivo=1527,  # 300 steps at 0.9 samples/s (the HARIVO losses), start-up, export
+    eval=5362,  # 256 videos each: the video model 1,965 s, the frame baseline 1,359 s, HARIVO ~1,960 s, judges
 )
 # The small preset at 16 x 16, alone, on the 2-core machine of 2026-12-07 (its two cores give ~1.25x one core's
 # throughput: pilots.md S1): measured up to latents, but for the evaluator's round trips.
